@@ -1,0 +1,37 @@
+"""shardwise: move deep-learning checkpoints between formats and layouts, streaming, verified and safe.
+
+The public API (everything else is implementation):
+
+- :func:`open` a checkpoint lazily (any format) -> :class:`Checkpoint`
+- :func:`convert` between formats, bit-exact unless a dtype is asked for
+- :func:`diff` two checkpoints tensor by tensor -> :class:`DiffReport`
+- :func:`inspect` a checkpoint -> plain dict (what ``shardwise inspect --json`` prints)
+- the errors in :mod:`shardwise.errors`
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine import ConvertResult, convert
+from .errors import (
+    FormatError,
+    IntegrityError,
+    LayoutError,
+    OptionError,
+    OutputExistsError,
+    ShardwiseError,
+    UnsafeCheckpointError,
+)
+from .formats import Checkpoint, open_checkpoint as open  # noqa: A001 - the documented name
+from .report import inspect_path as inspect
+from .tensors import StoredTensor, TensorInfo, TensorSource
+from .verify import DiffReport, Mismatch, diff
+
+__all__ = [
+    "__version__",
+    "open", "convert", "diff", "inspect",
+    "Checkpoint", "ConvertResult", "DiffReport", "Mismatch", "TensorInfo", "TensorSource", "StoredTensor",
+    "ShardwiseError", "FormatError", "UnsafeCheckpointError", "OutputExistsError", "IntegrityError",
+    "LayoutError", "OptionError",
+]

@@ -1,0 +1,150 @@
+"""The ``shardwise`` command line: each subcommand parses its options and calls one library function.
+
+Exit codes: 0 success; 1 a check that ran and found a difference (``diff``); 2 bad usage or bad
+input, reported as one line on stderr (``shardwise: error: ...``) and never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import ShardwiseError
+from .units import format_bytes
+
+app = typer.Typer(
+    name="shardwise",
+    help="Inspect, convert and compare deep-learning checkpoints, streaming and safely.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+TrustPickle = typer.Option(False, "--trust-pickle", help="Allow pickled globals outside the safe allow-list (runs code from the file).")
+Quiet = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"shardwise {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Inspect, convert and compare deep-learning checkpoints, streaming and safely."""
+
+
+def _progress(quiet: bool):
+    from .progress import terminal_progress
+
+    return terminal_progress(quiet=quiet)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A checkpoint file or folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
+    show_all: bool = typer.Option(False, "--all", help="List every tensor (the table shows the first 40)."),
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Show what a checkpoint is: format, tensors, parameters, dtypes, config, training state."""
+    from .report import inspect_path
+
+    summary = inspect_path(path, trust_pickle=trust_pickle)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        from .render import render_inspect
+
+        render_inspect(summary, show_all=show_all)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="The checkpoint to read (file or folder)."),
+    dst: Path = typer.Argument(..., help="Where to write (a file, or a folder for hf and sharded outputs)."),
+    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch or hf (default: from DST's suffix)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
+    quiet: bool = Quiet,
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Convert between formats, one tensor at a time; bit-exact unless --dtype is given."""
+    from .engine import convert as run
+
+    result = run(
+        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config,
+        overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+    )
+    for warning in result.warnings:
+        typer.echo(f"shardwise: warning: {warning}", err=True)
+    typer.echo(
+        f"wrote {result.path} ({result.format}): {result.num_tensors} tensors, "
+        f"{format_bytes(result.total_bytes)} in {len(result.files)} file(s), {result.seconds:.2f} s"
+    )
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., help="First checkpoint."),
+    b: Path = typer.Argument(..., help="Second checkpoint."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: bit-exact)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: bit-exact)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    quiet: bool = Quiet,
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Compare tensors by name; exit 0 when equal, 1 when not."""
+    from .verify.diff import diff as run
+
+    report = run(a, b, atol=atol, rtol=rtol, trust_pickle=trust_pickle, progress=_progress(quiet))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        from .render import render_diff
+
+        render_diff(report)
+    raise typer.Exit(0 if report.equal else 1)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning deliberate errors into one stderr line and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="shardwise", standalone_mode=False)
+    except ShardwiseError as e:
+        print(f"shardwise: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, full disks: name the file, not a traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"shardwise: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shardwise: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            return 130
+        raise
+    return code if isinstance(code, int) else 0
+
+
+def entry() -> None:
+    sys.exit(run())

@@ -1,0 +1,235 @@
+"""Executing conversion plans: stream every tensor from its source into its output file.
+
+Memory stays bounded by one chunk, not one model or even one tensor:
+
+- bytes that need no change are copied with ``os.copy_file_range`` (kernel to kernel) into
+  safetensors outputs, or through one reused 16 MiB buffer into torch zip members (which need a
+  CRC-32 of what passes);
+- dtype casts run chunk by chunk through the same buffer;
+- only tensors stored as strided views (rare, torch files only) are read whole before writing.
+
+Every output is written in a staging path and committed atomically (:mod:`shardwise.atomic`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .atomic import atomic_output, durable_close
+from .dtypes import dtype as dtype_row, parse_cast_dtype
+from .errors import FormatError, OptionError
+from .formats import Checkpoint, open_checkpoint
+from .formats.hf import read_config
+from .formats.safetensors import write_safetensors
+from .formats.torch_pickle import write_torch
+from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_output
+from .progress import NO_PROGRESS, Progress
+from .tensors import FileTensorSource, StoredTensor, TensorInfo, tensor_bytes
+from .units import parse_size
+
+__all__ = ["convert", "ConvertResult", "TensorStreamer", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 16 * 1024 * 1024
+_COPY_STEP = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion wrote: the output path, its format, files (relative), tensors and bytes."""
+
+    path: str
+    format: str
+    files: tuple[str, ...]
+    num_tensors: int
+    total_bytes: int
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+
+class TensorStreamer:
+    """Writes planned tensors from a file-backed source into output sinks, chunk by chunk.
+
+    One instance per conversion; it owns one reusable buffer. Not thread-safe.
+    """
+
+    def __init__(self, source: FileTensorSource, progress: Progress = NO_PROGRESS) -> None:
+        self.source = source
+        self.progress = progress
+        self._buffer = memoryview(bytearray(CHUNK_BYTES))
+        self._kernel_copy = hasattr(os, "copy_file_range")
+
+    def write(self, planned: PlannedTensor, sink: BinaryIO) -> None:
+        """Write ``planned.out.nbytes`` bytes of the tensor to ``sink``."""
+        entry = self.source.stored(planned.source_name)
+        if entry is None or not entry.contiguous:
+            self._write_materialized(planned, sink)
+        elif planned.cast is None:
+            self._copy(entry, sink)
+        else:
+            self._cast(entry, planned.cast, sink)
+
+    def _copy(self, entry: StoredTensor, sink: BinaryIO) -> None:
+        remaining, offset = entry.info.nbytes, entry.offset
+        if self._kernel_copy and isinstance(sink, io.FileIO):
+            src_fd = self.source.fileno(entry.path)
+            try:
+                while remaining:
+                    n = os.copy_file_range(src_fd, sink.fileno(), min(remaining, _COPY_STEP), offset)
+                    if n == 0:
+                        raise FormatError(f"{entry.path}: file is truncated: tensor '{entry.info.name}' is cut short")
+                    remaining -= n
+                    offset += n
+                    self.progress.advance(n)
+                return
+            except OSError:  # filesystems or kernels without it: fall back to buffered copying
+                self._kernel_copy = False
+        while remaining:
+            n = min(remaining, len(self._buffer))
+            chunk = self._buffer[:n]
+            self.source.read_into(entry, offset, chunk)
+            sink.write(chunk)
+            remaining -= n
+            offset += n
+            self.progress.advance(n)
+
+    def _cast(self, entry: StoredTensor, to: str, sink: BinaryIO) -> None:
+        import torch
+
+        src_dtype, dst_dtype = dtype_row(entry.info.dtype), dtype_row(to)
+        per_chunk = len(self._buffer) // src_dtype.itemsize
+        remaining, offset = entry.info.numel, entry.offset
+        while remaining:
+            count = min(remaining, per_chunk)
+            chunk = self._buffer[: count * src_dtype.itemsize]
+            self.source.read_into(entry, offset, chunk)
+            converted = torch.frombuffer(chunk, dtype=src_dtype.torch()).to(dst_dtype.torch())
+            sink.write(tensor_bytes(converted))
+            remaining -= count
+            offset += len(chunk)
+            self.progress.advance(count * dst_dtype.itemsize)
+
+    def _write_materialized(self, planned: PlannedTensor, sink: BinaryIO) -> None:
+        tensor = self.source.read(planned.source_name)
+        if planned.cast is not None:
+            tensor = tensor.to(dtype_row(planned.cast).torch())
+        sink.write(tensor_bytes(tensor.contiguous()))
+        self.progress.advance(planned.out.nbytes)
+
+
+def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
+    by_name = {t.out.name: t for t in planned_file.tensors}
+    infos = [t.out for t in planned_file.tensors]
+
+    def write_tensor(info: TensorInfo, sink: BinaryIO) -> None:
+        streamer.write(by_name[info.name], sink)
+
+    if planned_file.kind == "safetensors":
+        f = open(path, "wb", buffering=0)  # unbuffered: copy_file_range writes at the fd's position
+        try:
+            write_safetensors(f, infos, write_tensor, metadata=metadata)
+        except BaseException:
+            f.close()
+            raise
+    else:
+        f = open(path, "wb")
+        try:
+            write_torch(f, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
+        except BaseException:
+            f.close()
+            raise
+    durable_close(f)
+
+
+def _write_index(path: Path, plan: OutputPlan) -> None:
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_companions(ckpt: Checkpoint, stage: Path, config: str | os.PathLike | None) -> list[str]:
+    copied = []
+    folder = Path(ckpt.path)
+    for name in ckpt.companion_files if folder.is_dir() else ():
+        if name == "config.json" and config is not None:
+            continue
+        shutil.copyfile(folder / name, stage / name)
+        copied.append(name)
+    if config is not None:
+        shutil.copyfile(config, stage / "config.json")
+        copied.append("config.json")
+    for name in copied:
+        with open(stage / name, "rb") as f:
+            os.fsync(f.fileno())
+    return copied
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = None,
+    config: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> ConvertResult:
+    """Convert the checkpoint at ``src`` into ``dst``, streaming one tensor (chunk) at a time.
+
+    ``to`` is ``safetensors``, ``torch`` or ``hf`` (default: from ``dst``'s suffix). Without
+    ``dtype`` the output tensors are bit-identical to the input's; with it (``bf16``, ``fp16``,
+    ``fp32``) floating tensors are cast. ``max_shard_size`` (``"5GB"``, bytes) makes the output a
+    folder of HF-named shards with an index. ``config`` supplies config.json for ``hf`` outputs
+    (otherwise the source folder's is copied). ``dst`` must not exist unless ``overwrite``; it is
+    written atomically. Raises :class:`~shardwise.errors.ShardwiseError` subclasses on bad input.
+
+    >>> shardwise.convert("model.safetensors", "model.pt")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    dst = Path(dst)
+    to = to or infer_format(str(dst))
+    cast = parse_cast_dtype(dtype) if dtype else None
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    if config is not None:
+        read_config(Path(config))  # refuse a config that is not a JSON object before writing anything
+    with open_checkpoint(src, trust_pickle=trust_pickle) as ckpt:
+        plan = plan_output(ckpt.infos(), to=to, cast=cast, max_shard_size=limit)
+        if config is not None and not plan.is_dir:
+            raise OptionError(f"--config {config}: a config goes into a folder output; use --to hf or --max-shard-size")
+        warnings = _warnings(ckpt, plan, config)
+        metadata = {**ckpt.metadata, "format": "pt"}
+        streamer = TensorStreamer(ckpt.tensors, progress)
+        progress.start(plan.total_bytes, f"convert to {to}")
+        try:
+            with atomic_output(dst, is_dir=plan.is_dir, overwrite=overwrite) as stage:
+                for planned_file in plan.files:
+                    if plan.is_dir:
+                        _write_file(stage / planned_file.relpath, planned_file.relpath, planned_file, streamer, metadata)
+                    else:
+                        _write_file(stage, dst.name, planned_file, streamer, metadata)
+                if plan.index_name:
+                    _write_index(stage / plan.index_name, plan)
+                if plan.copy_companions or config is not None:
+                    _copy_companions(ckpt, stage, config)
+        finally:
+            progress.finish()
+    files = tuple(f.relpath for f in plan.files) + ((plan.index_name,) if plan.index_name else ())
+    return ConvertResult(
+        str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, warnings
+    )
+
+
+def _warnings(ckpt: Checkpoint, plan: OutputPlan, config: str | os.PathLike | None) -> tuple[str, ...]:
+    if plan.format == "hf" and config is None and "config.json" not in ckpt.companion_files:
+        return (f"{ckpt.path}: has no config.json, so the HF folder will hold weights only; pass --config to add one",)
+    return ()

@@ -1,0 +1,162 @@
+"""Opening any checkpoint: detect its format from content, return one lazy :class:`Checkpoint` view.
+
+Detection looks at bytes, not file names: a safetensors header, a zip archive holding
+``data.pkl``, torch's legacy pickle, or a folder (see :mod:`shardwise.formats.hf`). Whatever the
+format, the result exposes the same things: the tensors (a lazy source), the config, training
+state for Lightning files, and the files it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+from ..tensors import FileTensorSource, TensorInfo
+from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
+from .safetensors import SafetensorsFile, looks_like_safetensors
+from .torch_pickle import TorchFile, looks_like_torch
+
+__all__ = ["Checkpoint", "open_checkpoint", "MergedSource"]
+
+
+class MergedSource(FileTensorSource):
+    """Several file sources (the shards of one model) seen as one; duplicate names are an error."""
+
+    def __init__(self, parts: list[FileTensorSource]) -> None:
+        super().__init__()
+        self.metadata: dict[str, str] = {}
+        for part in parts:
+            self.metadata.update(getattr(part, "metadata", {}))
+            for name in part.keys():
+                if name in self._tensors:
+                    raise FormatError(f"{part.stored(name).path}: tensor '{name}' also appears in {self._tensors[name].path}")
+                self._tensors[name] = part.stored(name)
+            part.close()
+
+
+@dataclass
+class Checkpoint:
+    """A lazily opened checkpoint of any format.
+
+    ``format`` is one of ``safetensors``, ``torch``, ``lightning`` (a file) or ``hf`` (a folder with
+    config.json); ``weights_format`` says how the tensors are stored (``safetensors`` or ``torch``).
+    ``layout`` is None for unsharded checkpoints. Close it (or use ``with``) to release files.
+
+    >>> with shardwise.open("all-MiniLM-L6-v2") as ckpt:  # doctest: +SKIP
+    ...     ckpt.format, len(ckpt.tensors.keys())
+    ('hf', 101)
+    """
+
+    path: str
+    format: str
+    weights_format: str
+    tensors: FileTensorSource
+    files: list[str]
+    config: dict | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    companion_files: list[str] = field(default_factory=list)
+    tokenizer_files: list[str] = field(default_factory=list)
+    training_state: dict[str, Any] | None = None
+    layout: dict | None = None
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.tensors.info(name) for name in self.tensors.keys()]
+
+    def close(self) -> None:
+        self.tensors.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_file(path: Path, trust_pickle: bool) -> FileTensorSource:
+    size = path.stat().st_size
+    if size == 0:
+        raise FormatError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if looks_like_safetensors(head, size):
+        return SafetensorsFile(path)
+    if looks_like_torch(head):
+        return TorchFile(path, trust=trust_pickle)
+    if head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
+        raise FormatError(f"{path}: is a tar archive (a .nemo file?); this version of shardwise does not read archives")
+    if len(head) >= 8 and head[8:9] == b"{":
+        SafetensorsFile(path)  # raises the precise header error (truncated, oversized length)
+    raise FormatError(f"{path}: unknown format: neither safetensors, a torch checkpoint, nor a model folder")
+
+
+def _open_files(paths: tuple[Path, ...] | list[Path], trust_pickle: bool) -> FileTensorSource:
+    if len(paths) == 1:
+        return _open_file(paths[0], trust_pickle)
+    return MergedSource([_open_file(p, trust_pickle) for p in paths])
+
+
+def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
+    """Open a file or folder lazily; raises FormatError (or UnsafeCheckpointError) naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _open_folder(path, trust_pickle)
+    if path.name.endswith(".index.json"):
+        shards = read_index(path)
+        source = _open_files(shards, trust_pickle)
+        kind = _weights_kind(source)
+        return Checkpoint(str(path), kind, kind, source, [str(p) for p in shards], metadata=_first_metadata(source))
+    source = _open_file(path, trust_pickle)
+    return Checkpoint(
+        str(path),
+        getattr(source, "format_name", "safetensors"),
+        _weights_kind(source),
+        source,
+        [str(path)],
+        config=_lightning_config(source),
+        metadata=getattr(source, "metadata", {}),
+        training_state=getattr(source, "training_state", None),
+    )
+
+
+def _weights_kind(source: FileTensorSource) -> str:
+    if isinstance(source, TorchFile):
+        return "torch"
+    if isinstance(source, MergedSource):
+        first = next(iter(source.keys()), None)
+        return "safetensors" if first is None or source.stored(first).path.endswith(".safetensors") else "torch"
+    return "safetensors"
+
+
+def _first_metadata(source: FileTensorSource) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a single file or of a sharded model's files (merged)."""
+    return dict(getattr(source, "metadata", {}))
+
+
+def _lightning_config(source: FileTensorSource) -> dict | None:
+    if getattr(source, "format_name", None) != "lightning":
+        return None
+    hparams = source.training_state.get("hyper_parameters")
+    return hparams if isinstance(hparams, dict) else None
+
+
+def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
+    weights = find_weights(folder)
+    source = _open_files(weights.files, trust_pickle)
+    config_path = folder / "config.json"
+    companions = companion_files(folder)
+    return Checkpoint(
+        str(folder),
+        "hf" if config_path.is_file() else weights.kind,
+        weights.kind,
+        source,
+        [str(p) for p in weights.files],
+        config=read_config(config_path) if config_path.is_file() else None,
+        metadata=_first_metadata(source),
+        companion_files=[p.name for p in companions],
+        tokenizer_files=[p.name for p in companions if p.name in TOKENIZER_FILES],
+    )

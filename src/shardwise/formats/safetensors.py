@@ -1,0 +1,178 @@
+"""The safetensors format: an 8-byte header length, a JSON header, then raw little-endian data.
+
+Reading parses and validates only the header (no torch import, no data read), so describing a
+multi-GiB file takes milliseconds. Writing streams: the header is computed from the tensor
+descriptions alone, then each tensor's bytes are produced by a callback, one at a time. Files are
+byte-identical to what the ``safetensors`` library writes for the same tensors and metadata
+(same ordering: largest dtype first, then name; same JSON; same space padding to 8 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import BinaryIO, Callable
+
+from .. import dtypes
+from ..errors import FormatError
+from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+
+__all__ = ["SafetensorsFile", "looks_like_safetensors", "safetensors_order", "write_safetensors", "MAX_HEADER"]
+
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+def looks_like_safetensors(head: bytes, file_size: int) -> bool:
+    """True when the first bytes of a file are a plausible safetensors header start."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER and 8 + n <= max(file_size, 9) and head[8:9] == b"{"
+
+
+class SafetensorsFile(FileTensorSource):
+    """One ``.safetensors`` file as a lazy tensor source.
+
+    ``metadata`` holds the header's ``__metadata__`` (str -> str). Opening validates the header
+    completely: known dtypes, shapes that match byte lengths, offsets inside the data section and
+    not overlapping, and a file long enough to hold them; any violation is a FormatError naming the
+    file and the tensor.
+
+    >>> with SafetensorsFile("model.safetensors") as st:  # doctest: +SKIP
+    ...     st.info("embeddings.word_embeddings.weight")
+    """
+
+    format_name = "safetensors"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.metadata: dict[str, str] = {}
+        self._parse_header()
+
+    def _parse_header(self) -> None:
+        path = self.path
+        size = os.path.getsize(path)
+        if size == 0:
+            raise FormatError(f"{path}: file is empty")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: file is truncated: {len(head)} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise FormatError(f"{path}: corrupted safetensors header: declared header length {n} exceeds {MAX_HEADER}")
+            if 8 + n > size:
+                raise FormatError(
+                    f"{path}: file is truncated: the header declares {n} bytes but the file holds {size - 8} after the length"
+                )
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: corrupted safetensors header: not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{path}: corrupted safetensors header: the header is not a JSON object")
+        data_start = 8 + n
+        data_size = size - data_start
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise FormatError(f"{path}: corrupted safetensors header: __metadata__ must map strings to strings")
+        self.metadata = metadata
+        spans = []
+        for name, entry in header.items():
+            info, begin, end = self._parse_entry(name, entry)
+            if end > data_size:
+                raise FormatError(
+                    f"{path}: file is truncated: tensor '{name}' ends at data offset {end} "
+                    f"but the data section holds {data_size} bytes"
+                )
+            spans.append((begin, end, name))
+            self._tensors[name] = StoredTensor(info, path, data_start + begin)
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise FormatError(f"{path}: corrupted safetensors header: tensors '{n0}' and '{n1}' overlap")
+        # keep tensors in on-disk order, so that a full pass reads the file sequentially
+        self._tensors = {name: self._tensors[name] for _, _, name in spans}
+
+    def _parse_entry(self, name: str, entry: object) -> tuple[TensorInfo, int, int]:
+        path = self.path
+        bad = f"{path}: corrupted safetensors header: tensor '{name}'"
+        if not isinstance(entry, dict):
+            raise FormatError(f"{bad} is not described by an object")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        row = dtypes.from_safetensors(code) if isinstance(code, str) else None
+        if row is None:
+            raise FormatError(f"{bad} has dtype {code!r}, which shardwise does not read")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise FormatError(f"{bad} has shape {shape!r}; expected a list of non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise FormatError(f"{bad} has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
+        info = TensorInfo(name, tuple(shape), row.name)
+        if offsets[1] - offsets[0] != info.nbytes:
+            raise FormatError(
+                f"{bad} has shape {shape} of {row.name} ({info.nbytes} bytes) "
+                f"but its data_offsets span {offsets[1] - offsets[0]} bytes"
+            )
+        return info, offsets[0], offsets[1]
+
+
+def safetensors_order(infos: list[TensorInfo]) -> list[TensorInfo]:
+    """The order tensors take in a file: dtype by descending enum rank, then name (as the library does).
+
+    Largest element types first keeps every tensor aligned to its element size.
+    """
+    return sorted(infos, key=lambda t: (-dtypes.dtype(t.dtype).safetensors_rank, t.name))
+
+
+def header_bytes(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """The length-prefixed, space-padded header for ``infos`` and the on-disk order it implies."""
+    ordered = safetensors_order(infos)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for info in ordered:
+        code = dtypes.dtype(info.dtype).safetensors
+        if code is None:
+            raise FormatError(f"tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store")
+        header[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, ordered
+
+
+def write_safetensors(
+    f: BinaryIO,
+    infos: list[TensorInfo],
+    write_tensor: Callable[[TensorInfo, BinaryIO], None],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file to the open binary file ``f``, streaming tensor data.
+
+    ``write_tensor(info, f)`` is called once per tensor, in on-disk order, and must write exactly
+    ``info.nbytes`` little-endian row-major bytes at ``f``'s current position (it may use
+    ``os.copy_file_range`` on ``f.fileno()``, after which it must seek ``f`` past what it wrote).
+    Duplicate names are rejected before anything is written.
+    """
+    names = [t.name for t in infos]
+    if len(set(names)) != len(names):
+        raise FormatError("duplicate tensor names cannot be written to one safetensors file")
+    header, ordered = header_bytes(infos, metadata)
+    f.write(header)
+    for info in ordered:
+        start = f.tell()
+        write_tensor(info, f)
+        written = f.tell() - start
+        if written != info.nbytes:
+            raise FormatError(f"tensor '{info.name}' produced {written} bytes, expected {info.nbytes}")
+

@@ -1,0 +1,328 @@
+"""Torch's pickle checkpoints (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), read lazily and written by streaming.
+
+Reading: the pickle (``data.pkl`` in the zip format, the main pickle in torch's legacy format) is
+loaded with :class:`~shardwise.pickle_safety.RestrictedUnpickler`, which builds the object tree
+with :class:`LazyTensor` records instead of tensors; each storage's byte offset in the file is
+then located (zip local headers, or the size-prefixed records of the legacy format), so tensors
+are read on demand with ``preadv``. Nothing is executed and no tensor data is read to open a file.
+
+Writing: :func:`write_torch` produces torch's zip format for a flat state dict: ``data.pkl``
+(an ``OrderedDict`` rebuilt with ``torch._utils._rebuild_tensor_v2``/``_v3``, as ``torch.save``
+writes it), ``.format_version``, ``.storage_alignment``, ``byteorder``, one ``data/N`` record per
+tensor aligned to 64 bytes, and ``version``. Data is streamed one tensor at a time, and the
+result loads with ``torch.load(..., weights_only=True, mmap=True)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any, BinaryIO, Callable
+
+from .. import dtypes
+from ..errors import FormatError, UnsafeCheckpointError
+from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, storage_ref
+from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
+from .lightning import is_lightning, select_weights, training_state
+
+__all__ = ["TorchFile", "TorchPickle", "read_torch_pickle", "write_torch", "looks_like_torch"]
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ALIGNMENT = 64
+
+
+def looks_like_torch(head: bytes) -> bool:
+    """Zip archives (torch >= 1.6) and legacy pickles (protocol 2 header) both qualify."""
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80\x02")
+
+
+class TorchPickle:
+    """The unpickled object tree of a torch file plus where each tensor's bytes are.
+
+    ``root`` is the object ``torch.load`` would return, with :class:`LazyTensor` in place of tensors
+    and inert records in place of allow-listed objects. ``stored(lazy, name)`` locates a tensor.
+    """
+
+    def __init__(self, path: str, root: Any, storage_offsets: dict[str, tuple[int, int]]) -> None:
+        self.path = path
+        self.root = root
+        self._storage_offsets = storage_offsets  # key -> (byte offset in file, byte length)
+
+    def stored(self, lazy: LazyTensor, name: str) -> StoredTensor:
+        """Where ``lazy``'s elements are; FormatError if its view reaches past its storage."""
+        row = dtypes.dtype(lazy.dtype)
+        try:
+            start, length = self._storage_offsets[lazy.storage.key]
+        except KeyError:
+            raise FormatError(f"{self.path}: tensor '{name}' refers to storage {lazy.storage.key!r}, which the file lacks") from None
+        info = TensorInfo(name, lazy.shape, lazy.dtype)
+        entry = StoredTensor.make(info, self.path, start + lazy.storage_offset * row.itemsize, lazy.strides)
+        if lazy.storage_offset * row.itemsize + entry.span > length:
+            raise FormatError(
+                f"{self.path}: file is truncated or corrupted: tensor '{name}' needs "
+                f"{lazy.storage_offset * row.itemsize + entry.span} bytes of storage {lazy.storage.key!r}, "
+                f"which holds {length}"
+            )
+        return entry
+
+
+def read_torch_pickle(path: str | os.PathLike, *, trust: bool = False) -> TorchPickle:
+    """Unpickle a torch file safely (see module docstring); raises FormatError or UnsafeCheckpointError."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise FormatError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    try:
+        if head.startswith(b"PK"):
+            return _read_zip(path, trust)
+        return _read_legacy(path, trust)
+    except (UnsafeCheckpointError, FormatError):
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error) as e:
+        raise FormatError(f"{path}: not a readable torch checkpoint, or truncated ({type(e).__name__}: {e})") from None
+
+
+def _read_zip(path: str, trust: bool) -> TorchPickle:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise FormatError(f"{path}: file is truncated or corrupted: its zip directory cannot be read") from None
+    with archive, open(path, "rb") as raw:
+        members = {i.filename: i for i in archive.infolist()}
+        pkl = next((n for n in members if n.endswith("data.pkl") and n.count("/") <= 1), None)
+        if pkl is None:
+            raise FormatError(f"{path}: zip archive without data.pkl; not a torch checkpoint")
+        prefix = pkl[: -len("data.pkl")]
+        order = members.get(prefix + "byteorder")
+        if order is not None and archive.read(order).strip() not in (b"", b"little"):
+            raise FormatError(f"{path}: big-endian torch checkpoints are not supported")
+
+        def locate(key: str) -> tuple[int, int]:
+            info = members.get(f"{prefix}data/{key}")
+            if info is None:
+                raise FormatError(f"{path}: storage record data/{key} is missing from the archive")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise FormatError(f"{path}: storage data/{key} is compressed; shardwise reads torch's uncompressed archives")
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise FormatError(f"{path}: corrupted zip local header for data/{key}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+        refs: dict[str, StorageRef] = {}
+
+        def persistent(pid: Any) -> StorageRef:
+            ref = storage_ref(pid, path)
+            refs.setdefault(ref.key, ref)
+            return ref
+
+        try:
+            data = archive.read(pkl)
+        except zipfile.BadZipFile as e:
+            raise FormatError(f"{path}: corrupted archive member data.pkl ({e})") from None
+        root = RestrictedUnpickler(io.BytesIO(data), path=path, persistent_load=persistent, trust=trust).load()
+        offsets = {key: locate(key) for key in refs}
+        file_size = os.path.getsize(path)
+        for key, (start, length) in offsets.items():
+            if start + length > file_size:
+                raise FormatError(f"{path}: file is truncated: storage data/{key} ends past the end of the file")
+    return TorchPickle(path, root, offsets)
+
+
+def _read_legacy(path: str, trust: bool) -> TorchPickle:
+    """Torch's pre-1.6 format: magic, protocol, sys_info, main pickle, storage keys, then raw storages."""
+    refs: dict[str, StorageRef] = {}
+
+    def persistent(pid: Any) -> StorageRef:
+        ref = storage_ref(pid, path)
+        if len(pid) > 5 and pid[5] is not None:
+            raise FormatError(f"{path}: legacy storage views are not supported")
+        refs.setdefault(ref.key, ref)
+        return ref
+
+    with open(path, "rb") as f:
+        unpickle = lambda: RestrictedUnpickler(f, path=path, persistent_load=persistent, trust=trust).load()  # noqa: E731
+        if unpickle() != _LEGACY_MAGIC:
+            raise FormatError(f"{path}: not a torch checkpoint (neither a zip archive nor torch's legacy pickle format)")
+        unpickle()  # protocol version
+        sys_info = unpickle()
+        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+            raise FormatError(f"{path}: big-endian torch checkpoints are not supported")
+        root = unpickle()
+        keys = unpickle()
+        offsets: dict[str, tuple[int, int]] = {}
+        file_size = os.path.getsize(path)
+        pos = f.tell()
+        for key in keys:
+            ref = refs.get(key)
+            header = _pread(f, pos, 8)
+            if len(header) < 8:
+                raise FormatError(f"{path}: file is truncated: storage {key!r} is missing")
+            (numel,) = struct.unpack("<q", header)
+            itemsize = dtypes.dtype(ref.dtype).itemsize if ref is not None and ref.dtype else 1
+            offsets[key] = (pos + 8, numel * itemsize)
+            pos += 8 + numel * itemsize
+            if pos > file_size:
+                raise FormatError(f"{path}: file is truncated: storage {key!r} ends past the end of the file")
+    return TorchPickle(path, root, offsets)
+
+
+def _pread(f: BinaryIO, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
+
+
+# -- writing -----------------------------------------------------------------------------------
+class _Global:
+    """A reference written as a pickle GLOBAL opcode without importing its module."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle requires reduce functions to be callable
+        raise TypeError("placeholder")
+
+
+class _StorageStub:
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: tuple) -> None:
+        self.pid = pid
+
+
+class _TensorStub:
+    """Pickles exactly as ``torch.save`` pickles a contiguous tensor with its own storage."""
+
+    __slots__ = ("reduced",)
+
+    def __init__(self, key: str, info: TensorInfo) -> None:
+        row = dtypes.dtype(info.dtype)
+        stride = contiguous_strides(info.shape)
+        hooks = collections.OrderedDict()
+        if row.storage_class:
+            storage = _StorageStub(("storage", _Global("torch", row.storage_class), key, "cpu", info.numel))
+            self.reduced = (_Global("torch._utils", "_rebuild_tensor_v2"), (storage, 0, info.shape, stride, False, hooks))
+        else:
+            storage = _StorageStub(("storage", _Global("torch.storage", "UntypedStorage"), key, "cpu", info.nbytes))
+            dtype = _Global("torch", row.name)
+            self.reduced = (_Global("torch._utils", "_rebuild_tensor_v3"), (storage, 0, info.shape, stride, False, hooks, dtype))
+
+    def __reduce__(self):
+        return self.reduced
+
+
+class _StubPickler(pickle._Pickler):  # the pure-Python pickler lets us emit GLOBALs for _Global
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_global_ref(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.memoize(obj)
+
+    dispatch[_Global] = _save_global_ref
+
+    def persistent_id(self, obj: Any):
+        return obj.pid if isinstance(obj, _StorageStub) else None
+
+
+def state_dict_pickle(infos: list[TensorInfo]) -> bytes:
+    """``data.pkl`` for an ``OrderedDict`` of the given tensors; storage keys are "0", "1", ... in order."""
+    state = collections.OrderedDict((info.name, _TensorStub(str(i), info)) for i, info in enumerate(infos))
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=2).dump(state)
+    return buf.getvalue()
+
+
+def _aligned_zipinfo(name: str, offset: int, size: int) -> zipfile.ZipInfo:
+    """A stored ZipInfo whose local-header padding puts its data on a 64-byte boundary (as torch does)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule in ZipFile._open_to_write
+    header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0)
+    pad = -(offset + header + 4) % _ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding field, like torch's writer
+    return info
+
+
+class _CountingSink:
+    """A write-only file that counts what passes through to the zip member."""
+
+    def __init__(self, member: BinaryIO) -> None:
+        self._member = member
+        self.count = 0
+
+    def write(self, data) -> int:
+        n = self._member.write(data)
+        self.count += n
+        return n
+
+
+def write_torch(
+    f: BinaryIO,
+    archive_name: str,
+    infos: list[TensorInfo],
+    write_tensor: Callable[[TensorInfo, BinaryIO], None],
+) -> None:
+    """Write a flat state dict in torch's zip format to the seekable binary file ``f``.
+
+    ``archive_name`` is the folder inside the zip (torch uses the file's stem). ``write_tensor(info,
+    sink)`` is called once per tensor, in the order given, and must write exactly ``info.nbytes``
+    bytes to ``sink`` (a zip member: CRC-32 is computed as data goes through).
+    """
+    names = [t.name for t in infos]
+    if len(set(names)) != len(names):
+        raise FormatError("duplicate tensor names cannot be written to one torch file")
+    prefix = f"{archive_name}/"
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+
+        def record(name: str, payload: bytes) -> None:
+            with archive.open(_aligned_zipinfo(prefix + name, f.tell(), len(payload)), "w") as member:
+                member.write(payload)
+
+        record("data.pkl", state_dict_pickle(infos))
+        record(".format_version", b"1")
+        record(".storage_alignment", str(_ALIGNMENT).encode())
+        record("byteorder", b"little")
+        for key, info in enumerate(infos):
+            zinfo = _aligned_zipinfo(f"{prefix}data/{key}", f.tell(), info.nbytes)
+            with archive.open(zinfo, "w", force_zip64=info.nbytes * 1.05 > zipfile.ZIP64_LIMIT) as member:
+                sink = _CountingSink(member)
+                write_tensor(info, sink)
+                if sink.count != info.nbytes:
+                    raise FormatError(f"tensor '{info.name}' produced {sink.count} bytes, expected {info.nbytes}")
+        record("version", b"3\n")
+
+
+# -- the tensor source ---------------------------------------------------------------------------
+
+
+class TorchFile(FileTensorSource):
+    """A torch pickle file as a lazy tensor source (see :mod:`shardwise.formats.lightning` for
+    which part counts as weights).
+
+    ``format_name`` is ``"lightning"`` for Lightning ``.ckpt`` files, else ``"torch"``;
+    ``weights_key`` names the mapping the weights came from; ``training_state`` summarises the rest
+    (epoch, global_step, optimizer states, schedulers, hyper-parameters) as plain data.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, trust: bool = False) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        parsed = read_torch_pickle(self.path, trust=trust)
+        self.format_name = "lightning" if is_lightning(parsed.root) else "torch"
+        self.weights_key, tensors = select_weights(parsed.root)
+        for name, lazy in tensors:
+            if name in self._tensors:
+                raise FormatError(f"{self.path}: two tensors flatten to the same name '{name}'")
+            self._tensors[name] = parsed.stored(lazy, name)
+        self.training_state = training_state(parsed.root, self.weights_key)
+        self.root = parsed.root

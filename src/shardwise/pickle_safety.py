@@ -1,0 +1,391 @@
+"""Reading pickles without running them.
+
+:class:`RestrictedUnpickler` resolves every global a pickle names through an allow-list of
+stand-ins. Torch's tensor-rebuild functions become :class:`LazyTensor` records (storage key,
+offset, shape, strides: no data is read); containers that checkpoints commonly carry
+(``OrderedDict``, ``argparse.Namespace``, OmegaConf ``DictConfig``/``ListConfig``, Lightning's
+``AttributeDict``, ``pathlib`` paths, numpy scalars) become inert records that :func:`to_plain`
+turns into plain Python data. None of the named classes is imported, so no code from the file and
+no ``__setstate__`` of a third-party class runs. Any other global raises
+:class:`UnsafeCheckpointError` naming it, unless the caller passes ``trust=True``, which falls
+back to importing it (the ``--trust-pickle`` opt-in).
+
+This is stricter than ``torch.load(weights_only=True)``: the same tensors and containers load,
+but nothing is imported to do so.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import dtypes
+from .errors import FormatError, UnsafeCheckpointError
+
+__all__ = [
+    "RestrictedUnpickler",
+    "LazyTensor",
+    "StorageRef",
+    "PickledObject",
+    "to_plain",
+    "iter_tensors",
+]
+
+
+# -- records produced instead of real objects --------------------------------------------------
+@dataclass(frozen=True)
+class DTypeRef:
+    """A torch dtype named by a pickle (``torch.float32``) or implied by a typed storage class."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StorageClassRef:
+    """``torch.FloatStorage`` & co. (dtype known) or ``torch.storage.UntypedStorage`` (dtype None)."""
+
+    dtype: str | None
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage record in the file: ``key`` names its bytes, ``numel`` counts elements of ``dtype``
+    (bytes when ``dtype`` is None, as for UntypedStorage)."""
+
+    key: str
+    dtype: str | None
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor described by a pickle: a view (offset, shape, strides in elements) of a storage."""
+
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class PickledObject:
+    """An allow-listed object rebuilt as a record: its class name, constructor args and state."""
+
+    type_name: str
+    args: tuple = ()
+    state: Any = None
+    items: dict = field(default_factory=dict)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key, value) -> None:  # dict subclasses are pickled with SETITEMS
+        self.items[key] = value
+
+
+@dataclass(frozen=True)
+class TypeRef:
+    """A class mentioned as a value (OmegaConf stores ``typing.Any`` and ``dict`` in its metadata)."""
+
+    qualname: str
+
+
+# -- stand-ins for the allowed globals ---------------------------------------------------------
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if not isinstance(storage, StorageRef) or storage.dtype is None:
+        raise pickle.UnpicklingError("_rebuild_tensor_v2 expects a typed storage")
+    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    if not isinstance(storage, StorageRef) or not isinstance(dtype, DTypeRef):
+        raise pickle.UnpicklingError("_rebuild_tensor_v3 expects an untyped storage and a dtype")
+    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride), dtype.name)
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    return func(*args)
+
+
+def _make_class(qualname: str, base: type = PickledObject) -> type:
+    """A stand-in class for an allow-listed class: instances record args and state."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = base.__new__(cls) if base is not PickledObject else object.__new__(cls)
+        if base is PickledObject:
+            PickledObject.__init__(obj, qualname, args)
+        return obj
+
+    def __init__(self, *args, **kwargs):  # REDUCE calls cls(*args): record them, run nothing
+        if base is PickledObject:
+            PickledObject.__init__(self, qualname, args)
+
+    def __setstate__(self, state):
+        if base is PickledObject:
+            self.state = state
+        else:
+            self.pickled_state = state
+
+    attrs = {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__, "type_name": qualname}
+    return type(qualname.rsplit(".", 1)[-1], (base,), attrs)
+
+
+class _StandinDict(dict):
+    """Base for dict subclasses (AttributeDict): items arrive with SETITEMS."""
+
+    type_name = "dict"
+
+
+def _reconstructor(cls, base, state):
+    """copyreg._reconstructor for protocol 0/1 pickles, limited to allow-listed classes."""
+    if isinstance(cls, type) and issubclass(cls, (PickledObject, _StandinDict)):
+        return cls.__new__(cls)
+    if cls in _SAFE_BUILTIN_TYPES and base in _SAFE_BUILTIN_TYPES:
+        return base.__new__(cls, state)
+    raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not allowed")
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    # protocol-2 pickles store bytes as _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed on text")
+    return text.encode(encoding)
+
+
+def _path_from_parts(*parts):
+    return "/".join(str(p) for p in parts).replace("//", "/")
+
+
+def _torch_size(dims=()):
+    return tuple(dims)
+
+
+def _torch_device(kind, index=None):
+    return f"{kind}:{index}" if index is not None else str(kind)
+
+
+def _numpy_scalar(dtype, data=None):
+    return PickledObject("numpy.scalar", (dtype, data))
+
+
+def _typed_storage(name: str):
+    return StorageClassRef(dtypes.from_storage_class(name).name)
+
+
+def _untyped_storage_ref():
+    return StorageClassRef(None)
+
+
+_SAFE_BUILTIN_TYPES = (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray, bool, object, slice)
+
+_STANDIN_CLASSES = [
+    "argparse.Namespace",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "omegaconf.nodes.StringNode",
+    "omegaconf.nodes.IntegerNode",
+    "omegaconf.nodes.FloatNode",
+    "omegaconf.nodes.BooleanNode",
+    "omegaconf.nodes.BytesNode",
+    "omegaconf.nodes.PathNode",
+    "omegaconf.nodes.UnionNode",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "torch.torch_version.TorchVersion",
+]
+_STANDIN_DICTS = [
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+]
+_TYPE_REFS = ["typing.Any", "typing.Dict", "typing.List", "typing.Optional", "typing.Union", "builtins.NoneType"]
+
+
+def _build_allowlist() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("collections", "defaultdict"): lambda *args: {},  # the factory (resolved safely) is dropped
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch.nn.parameter", "Parameter"): TypeRef("torch.nn.Parameter"),
+        ("torch", "Tensor"): TypeRef("torch.Tensor"),
+        ("torch._tensor", "Tensor"): TypeRef("torch.Tensor"),
+        ("torch", "Size"): _torch_size,
+        ("torch", "device"): _torch_device,
+        ("torch.storage", "UntypedStorage"): _untyped_storage_ref(),
+        ("torch", "UntypedStorage"): _untyped_storage_ref(),
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("copy_reg", "_reconstructor"): _reconstructor,
+        ("_codecs", "encode"): _codecs_encode,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy.core.multiarray", "_reconstruct"): lambda *args: PickledObject("numpy.ndarray", args),
+        ("numpy._core.multiarray", "_reconstruct"): lambda *args: PickledObject("numpy.ndarray", args),
+        ("datetime", "datetime"): datetime.datetime,
+        ("datetime", "date"): datetime.date,
+        ("datetime", "timedelta"): datetime.timedelta,
+    }
+    for d in dtypes.DTYPES:
+        allowed[("torch", d.name)] = DTypeRef(d.name)
+        if d.storage_class:
+            allowed[("torch", d.storage_class)] = _typed_storage(d.storage_class)
+    for module in ("builtins", "__builtin__"):
+        for cls in _SAFE_BUILTIN_TYPES:
+            allowed[(module, cls.__name__)] = cls
+    for module in ("pathlib", "pathlib._local"):
+        for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
+            allowed[(module, name)] = _path_from_parts
+    for qualname in _STANDIN_CLASSES:
+        module, name = qualname.rsplit(".", 1)
+        allowed[(module, name)] = _make_class(qualname)
+    for qualname in _STANDIN_DICTS:
+        module, name = qualname.rsplit(".", 1)
+        allowed[(module, name)] = _make_class(qualname, base=_StandinDict)
+    for qualname in _TYPE_REFS:
+        module, name = qualname.rsplit(".", 1)
+        allowed[(module, name)] = TypeRef(qualname)
+    return allowed
+
+
+ALLOWED_GLOBALS = _build_allowlist()
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that only resolves allow-listed globals, each to an inert stand-in.
+
+    ``persistent_load`` receives torch's storage records; the caller maps them to
+    :class:`StorageRef`. ``path`` is named in every error. With ``trust=True`` unknown globals are
+    imported as the standard unpickler would (executing whatever they do); torch tensors still load
+    lazily.
+    """
+
+    def __init__(self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False):
+        super().__init__(file)
+        self._path = path
+        self._trust = trust
+        self._persistent = persistent_load
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = ALLOWED_GLOBALS.get((module, name))
+        if found is not None:
+            return found
+        if self._trust:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self._path}: refused to load: the pickle asks for the global '{module}.{name}', which is not on "
+            "shardwise's allow-list of safe types, and nothing in the file was executed; pass --trust-pickle "
+            "(trust_pickle=True) only if you trust where this file came from"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise pickle.UnpicklingError("unexpected persistent id in a plain pickle")
+        return self._persistent(pid)
+
+
+def storage_ref(pid: Any, path: str) -> StorageRef:
+    """Turn torch's persistent id ``('storage', storage_class, key, location, numel[, view])`` into a StorageRef."""
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+        raise FormatError(f"{path}: unexpected persistent id {pid!r:.80} in torch pickle")
+    storage_class = pid[1]
+    if not isinstance(storage_class, StorageClassRef):
+        raise FormatError(f"{path}: storage of unsupported type {storage_class!r:.80}")
+    return StorageRef(str(pid[2]), storage_class.dtype, int(pid[4]))
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
+    """All LazyTensors inside nested dicts/lists/tuples, with dotted names (``a.b.0.c``), in order."""
+    found: list[tuple[str, LazyTensor]] = []
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, LazyTensor):
+            found.append((name, value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{name}.{index}" if name else str(index))
+
+    walk(obj, prefix)
+    return found
+
+
+def _omegaconf_value(obj: PickledObject) -> Any:
+    state = obj.state if isinstance(obj.state, dict) else {}
+    if "_content" in state:
+        return to_plain(state["_content"])
+    if "_val" in state:
+        return to_plain(state["_val"])
+    return None
+
+
+def to_plain(obj: Any) -> Any:
+    """Turn unpickled records into JSON-friendly Python: dicts, lists, strings, numbers, None.
+
+    Tensors become ``{"tensor": {"shape": [...], "dtype": "..."}}``; OmegaConf containers their
+    content; Namespaces and other records their attribute dicts; classes their qualified names.
+    """
+    if isinstance(obj, LazyTensor):
+        return {"tensor": {"shape": list(obj.shape), "dtype": obj.dtype}}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, _StandinDict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return f"<{len(obj)} bytes>"
+    if isinstance(obj, (DTypeRef,)):
+        return f"torch.{obj.name}"
+    if isinstance(obj, TypeRef):
+        return obj.qualname
+    if isinstance(obj, type):
+        return getattr(obj, "type_name", f"{obj.__module__}.{obj.__qualname__}")
+    if isinstance(obj, (datetime.date, datetime.timedelta)):
+        return str(obj)
+    if isinstance(obj, PickledObject):
+        kind = obj.type_name
+        if kind.startswith("omegaconf."):
+            return _omegaconf_value(obj)
+        if kind == "torch.torch_version.TorchVersion":
+            return str(obj.args[0]) if obj.args else None
+        if kind == "numpy.scalar":
+            return _numpy_scalar_value(obj)
+        if isinstance(obj.state, dict):
+            return {str(k): to_plain(v) for k, v in obj.state.items()}
+        return f"<{kind}>"
+    if isinstance(obj, complex):
+        return str(obj)
+    return repr(obj)
+
+
+def _numpy_scalar_value(obj: PickledObject) -> Any:
+    """Decode a pickled numpy scalar of a plain numeric dtype; anything else stays a description."""
+    try:
+        import numpy as np
+
+        dtype_rec, data = obj.args
+        code = dtype_rec.args[0] if isinstance(dtype_rec, PickledObject) and dtype_rec.args else None
+        if isinstance(code, str) and np.dtype(code).kind in "biuf" and isinstance(data, bytes):
+            return np.frombuffer(data, dtype=np.dtype(code))[0].item()
+    except Exception:
+        pass
+    return "<numpy scalar>"

@@ -1,0 +1,271 @@
+"""Tensors as shardwise sees them: described without data, read on demand.
+
+A :class:`TensorSource` knows every tensor's name, shape and dtype from headers alone; data is read
+only when asked for, one tensor (or one byte range of it) at a time. Sources built on files expose
+each tensor as a :class:`StoredTensor` (file, byte offset, element strides) so that the conversion
+engine can move raw bytes without ever building a torch tensor, and so that nothing here needs
+torch until a caller asks for a ``torch.Tensor``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
+
+from .dtypes import DType, dtype as dtype_row
+from .errors import FormatError
+
+__all__ = [
+    "TensorInfo",
+    "StoredTensor",
+    "TensorSource",
+    "FileTensorSource",
+    "contiguous_strides",
+    "tensor_from_bytes",
+    "tensor_bytes",
+]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a tensor without reading it: name, shape, dtype (canonical torch name)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return dtype_row(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major element strides, computed as torch does (a dimension of size 0 counts as 1)."""
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    if math.prod(shape) == 0:
+        return True
+    expected = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor's elements live in a file.
+
+    ``offset`` is the byte offset of element ``[0, ..., 0]``; ``strides`` are element strides, or
+    None when the tensor is stored row-major and contiguous, in which case its bytes are exactly
+    ``file[offset : offset + info.nbytes]``, little-endian.
+    """
+
+    info: TensorInfo
+    path: str
+    offset: int
+    strides: tuple[int, ...] | None = None
+
+    @staticmethod
+    def make(info: TensorInfo, path: str, offset: int, strides: tuple[int, ...]) -> "StoredTensor":
+        """Build one, normalising strides to None when they describe a contiguous layout."""
+        return StoredTensor(info, path, offset, None if _is_contiguous(info.shape, strides) else tuple(strides))
+
+    @property
+    def contiguous(self) -> bool:
+        return self.strides is None
+
+    @property
+    def span(self) -> int:
+        """Bytes from ``offset`` to the end of the last element (what must be read to build it)."""
+        if self.info.numel == 0:
+            return 0
+        if self.strides is None:
+            return self.info.nbytes
+        last = sum((size - 1) * stride for size, stride in zip(self.info.shape, self.strides))
+        return (last + 1) * self.info.itemsize
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A lazy, read-only collection of named tensors.
+
+    ``keys()`` and ``info()`` never read tensor data. ``read()`` returns a new CPU ``torch.Tensor``
+    that owns its memory. ``stored()`` gives the file location of a tensor when the source is
+    file-backed (None otherwise), for byte-level copying. Sources hold open files: use them as
+    context managers or call ``close()``. Not thread-safe.
+    """
+
+    def keys(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def read(self, name: str): ...
+
+    def stored(self, name: str) -> StoredTensor | None: ...
+
+    def close(self) -> None: ...
+
+
+class FileTensorSource:
+    """A source whose tensors all live at known offsets in local files.
+
+    Subclasses fill ``self._tensors`` (name -> :class:`StoredTensor`, in on-disk order). Reads use
+    ``preadv`` into caller-owned or fresh buffers: no mmap, so reading a tensor never leaves the
+    file's pages counted in this process's resident memory.
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, StoredTensor] = {}
+        self._fds: dict[str, int] = {}
+
+    # -- the TensorSource protocol -------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._entry(name).info
+
+    def infos(self) -> list[TensorInfo]:
+        return [t.info for t in self._tensors.values()]
+
+    def stored(self, name: str) -> StoredTensor | None:
+        return self._entry(name)
+
+    def read(self, name: str):
+        """The whole tensor as a new contiguous CPU ``torch.Tensor``."""
+        entry = self._entry(name)
+        buf = bytearray(entry.span)
+        self.read_into(entry, entry.offset, memoryview(buf))
+        if entry.contiguous:
+            return tensor_from_bytes(buf, entry.info)
+        import torch
+
+        flat = tensor_from_bytes(buf, TensorInfo(name, (entry.span // entry.info.itemsize,), entry.info.dtype))
+        return torch.as_strided(flat, entry.info.shape, entry.strides).contiguous()
+
+    def read_rows(self, name: str, start: int, stop: int):
+        """Rows ``start:stop`` of dimension 0, reading only their bytes when the tensor is contiguous."""
+        entry = self._entry(name)
+        info = entry.info
+        if not info.shape:
+            raise IndexError(f"{name} is a 0-d tensor and has no rows")
+        start, stop, _ = slice(start, stop).indices(info.shape[0])
+        stop = max(start, stop)
+        if not entry.contiguous:
+            return self.read(name)[start:stop].clone()
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        part = TensorInfo(name, (stop - start, *info.shape[1:]), info.dtype)
+        buf = bytearray(part.nbytes)
+        self.read_into(entry, entry.offset + start * row_bytes, memoryview(buf))
+        return tensor_from_bytes(buf, part)
+
+    def read_into(self, entry: StoredTensor, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the file's bytes from ``offset``; a short file is a FormatError."""
+        fd = self._fd(entry.path)
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], offset + done)
+            if n == 0:
+                raise FormatError(
+                    f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset "
+                    f"{offset + len(out)} but the file ends at {offset + done}"
+                )
+            done += n
+
+    def fileno(self, path: str) -> int:
+        """An open read-only descriptor for one of this source's files (owned by the source)."""
+        return self._fd(path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close() must not leak descriptors
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _entry(self, name: str) -> StoredTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r}") from None
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+
+def tensor_from_bytes(buf: bytearray | memoryview, info: TensorInfo):
+    """A torch tensor of ``info``'s shape and dtype viewing ``buf`` (little-endian, row-major)."""
+    import torch
+
+    torch_dtype = dtype_row(info.dtype).torch()
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(torch_dtype).reshape(info.shape)
+
+
+def tensor_bytes(tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without copying and without numpy.
+
+    The view shares the tensor's memory and keeps the tensor alive for as long as it exists.
+    """
+    import ctypes
+
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    array.owner = tensor  # the memoryview keeps ``array`` alive, ``array`` keeps the tensor alive
+    return memoryview(array).cast("B")
+
+
+def dtype_of(tensor) -> DType:
+    """The dtype row of a torch tensor."""
+    return dtype_row(str(tensor.dtype).removeprefix("torch."))
