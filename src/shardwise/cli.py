@@ -134,14 +134,13 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except typer.Abort:
+        return 130
+    except Exception as e:
+        # usage errors (unknown option, missing argument) come from the click that typer bundles
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 130
         raise
     return code if isinstance(code, int) else 0
 

@@ -16,6 +16,7 @@ but nothing is imported to do so.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import datetime
 import pickle
@@ -230,7 +231,6 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         ("torch.storage", "UntypedStorage"): _untyped_storage_ref(),
         ("torch", "UntypedStorage"): _untyped_storage_ref(),
         ("copyreg", "_reconstructor"): _reconstructor,
-        ("copy_reg", "_reconstructor"): _reconstructor,
         ("_codecs", "encode"): _codecs_encode,
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
@@ -244,9 +244,8 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         allowed[("torch", d.name)] = DTypeRef(d.name)
         if d.storage_class:
             allowed[("torch", d.storage_class)] = _typed_storage(d.storage_class)
-    for module in ("builtins", "__builtin__"):
-        for cls in _SAFE_BUILTIN_TYPES:
-            allowed[(module, cls.__name__)] = cls
+    for cls in _SAFE_BUILTIN_TYPES:
+        allowed[("builtins", cls.__name__)] = cls
     for module in ("pathlib", "pathlib._local"):
         for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
             allowed[(module, name)] = _path_from_parts
@@ -281,6 +280,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 0-2 pickles name Python 2 globals (__builtin__.long, copy_reg); map them as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = ALLOWED_GLOBALS.get((module, name))
         if found is not None:
             return found

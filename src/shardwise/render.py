@@ -21,8 +21,8 @@ def _console() -> Console:
 def render_inspect(summary: dict, *, show_all: bool = False) -> None:
     console = _console()
     head = Table(show_header=False, box=None, pad_edge=False)
-    head.add_column(style="bold")
-    head.add_column()
+    head.add_column(style="bold", no_wrap=True)
+    head.add_column(overflow="fold")
     head.add_row("path", summary["path"])
     fmt = summary["format"] + (f" ({summary['weights_format']} weights)" if summary["format"] == "hf" else "")
     head.add_row("format", fmt)
