@@ -106,7 +106,7 @@ def diff(
     trust_pickle: bool = TrustPickle,
 ) -> None:
     """Compare tensors by name; exit 0 when equal, 1 when not."""
-    from .verify.diff import diff as run
+    from .verify.tensor_diff import diff as run
 
     report = run(a, b, atol=atol, rtol=rtol, trust_pickle=trust_pickle, progress=_progress(quiet))
     if as_json:

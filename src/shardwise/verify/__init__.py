@@ -1,5 +1,5 @@
 """Proving conversions: ``diff`` compares tensors bit for bit or within tolerances."""
 
-from .diff import DiffReport, Mismatch, diff
+from .tensor_diff import DiffReport, Mismatch, diff
 
 __all__ = ["diff", "DiffReport", "Mismatch"]

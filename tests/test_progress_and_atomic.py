@@ -1,0 +1,110 @@
+"""Progress bars appear only on terminals; outputs are committed atomically or not at all."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+from shardwise.atomic import atomic_output
+from shardwise.errors import OutputExistsError
+from shardwise.progress import NO_PROGRESS, terminal_progress
+
+from conftest import listing
+
+
+class _FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_silent_off_a_terminal_and_with_quiet():
+    assert terminal_progress(stream=io.StringIO()) is NO_PROGRESS
+    assert terminal_progress(quiet=True, stream=_FakeTTY()) is NO_PROGRESS
+
+
+def test_progress_on_a_terminal_shows_bytes_speed_and_time_left():
+    stream = _FakeTTY()
+    bar = terminal_progress(stream=stream)
+    bar.start(3 * 2**20, "convert to torch")
+    bar.advance(2**20)
+    bar.advance(2 * 2**20)
+    bar.finish()
+    shown = stream.getvalue()
+    assert "convert to torch" in shown and "3.0/3.0 MiB" in shown and "/s" in shown
+
+
+def test_cli_draws_a_bar_in_a_real_pseudo_terminal_and_not_in_a_pipe(st_file, tmp_path):
+    def run(args, use_pty):
+        if not use_pty:
+            return subprocess.run(args, capture_output=True, text=True).stderr
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen(args, stdin=follower, stdout=follower, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait()
+        os.close(leader)
+        return b"".join(chunks).decode(errors="replace")
+
+    base = [sys.executable, "-m", "shardwise", "convert", str(st_file)]
+    on_tty = run(base + [str(tmp_path / "a.pt")], use_pty=True)
+    piped = run(base + [str(tmp_path / "b.pt")], use_pty=False)
+    quiet = run(base + [str(tmp_path / "c.pt"), "--quiet"], use_pty=True)
+    assert "convert to torch" in on_tty
+    assert "convert to torch" not in piped and "convert to torch" not in quiet
+
+
+def test_atomic_file_appears_only_on_success(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target, is_dir=False) as stage:
+            stage.write_bytes(b"half")
+            raise RuntimeError("crash while writing")
+    assert listing(tmp_path) == []
+    with atomic_output(target, is_dir=False) as stage:
+        stage.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and listing(tmp_path) == ["out.bin"]
+
+
+def test_atomic_folder_replaces_old_one_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(target, is_dir=True, overwrite=True) as stage:
+            (stage / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert listing(tmp_path) == ["model", "model/old.txt"]
+    with atomic_output(target, is_dir=True, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert listing(tmp_path) == ["model", "model/new.txt"]
+
+
+def test_existing_output_is_refused_before_anything_is_staged(tmp_path):
+    target = tmp_path / "x"
+    target.write_text("keep")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        with atomic_output(target, is_dir=False):
+            pytest.fail("must not get here")
+    assert listing(tmp_path) == ["x"]
+
+
+def test_output_appearing_during_the_write_is_not_clobbered(tmp_path):
+    target = tmp_path / "race"
+    with pytest.raises(OutputExistsError):
+        with atomic_output(target, is_dir=False) as stage:
+            stage.write_text("mine")
+            target.write_text("someone else's")
+    assert target.read_text() == "someone else's" and listing(tmp_path) == ["race"]
