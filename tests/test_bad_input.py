@@ -198,3 +198,16 @@ def test_errors_from_a_real_subprocess_have_no_traceback(tmp_path):
     path = _truncated_torch(tmp_path)
     result = run_subprocess("convert", path, tmp_path / "o.safetensors")
     _assert_one_clear_line(result, path, "truncated")
+
+
+@pytest.mark.parametrize(
+    "sd, problem",
+    [({"__metadata__": torch.ones(1)}, "reserves that key"), ({"z": torch.zeros(2, dtype=torch.complex128)}, "complex128")],
+)
+def test_tensors_safetensors_cannot_hold_are_refused_naming_output_and_tensor(cli, tmp_path, sd, problem):
+    src = tmp_path / "src.pt"
+    torch.save(sd, src)
+    out = tmp_path / "out.safetensors"
+    result = cli("convert", src, out)
+    _assert_one_clear_line(result, out, problem)
+    assert listing(tmp_path) == ["src.pt"]

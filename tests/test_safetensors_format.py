@@ -155,3 +155,8 @@ def test_json_header_round_trips_through_the_reader(tmp_path):
     with SafetensorsFile(path) as src:
         assert {n: src.info(n).shape for n in src.keys()} == {"c": (), "b": (2,), "a": (1, 2)}
         assert src.metadata == {}
+
+
+def test_a_tensor_named_like_the_metadata_key_is_refused():
+    with pytest.raises(FormatError, match="__metadata__"):
+        write_with_shardwise({"__metadata__": torch.ones(1)}, {"format": "pt"})

@@ -27,7 +27,7 @@ from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
 from .formats.hf import read_config
-from .formats.safetensors import write_safetensors
+from .formats.safetensors import check_writable, write_safetensors
 from .formats.torch_pickle import write_torch
 from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_output
 from .progress import NO_PROGRESS, Progress
@@ -130,20 +130,16 @@ def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer
     def write_tensor(info: TensorInfo, sink: BinaryIO) -> None:
         streamer.write(by_name[info.name], sink)
 
-    if planned_file.kind == "safetensors":
-        f = open(path, "wb", buffering=0)  # unbuffered: copy_file_range writes at the fd's position
-        try:
+    # safetensors outputs are unbuffered: copy_file_range writes at the descriptor's own position
+    f = open(path, "wb", buffering=0 if planned_file.kind == "safetensors" else -1)
+    try:
+        if planned_file.kind == "safetensors":
             write_safetensors(f, infos, write_tensor, metadata=metadata)
-        except BaseException:
-            f.close()
-            raise
-    else:
-        f = open(path, "wb")
-        try:
+        else:
             write_torch(f, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
-        except BaseException:
-            f.close()
-            raise
+    except BaseException:
+        f.close()
+        raise
     durable_close(f)
 
 
@@ -206,6 +202,7 @@ def convert(
         plan = plan_output(ckpt.infos(), to=to, cast=cast, max_shard_size=limit)
         if config is not None and not plan.is_dir:
             raise OptionError(f"--config {config}: a config goes into a folder output; use --to hf or --max-shard-size")
+        _check_writable(plan, dst)
         warnings = _warnings(ckpt, plan, config)
         metadata = {**ckpt.metadata, "format": "pt"}
         streamer = TensorStreamer(ckpt.tensors, progress)
@@ -227,6 +224,16 @@ def convert(
     return ConvertResult(
         str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, warnings
     )
+
+
+def _check_writable(plan: OutputPlan, dst: Path) -> None:
+    """Refuse, before anything is staged, outputs the target format cannot represent."""
+    for planned_file in plan.files:
+        if planned_file.kind == "safetensors":
+            try:
+                check_writable([t.out for t in planned_file.tensors])
+            except FormatError as e:
+                raise FormatError(f"{dst}: cannot write safetensors: {e}") from None
 
 
 def _warnings(ckpt: Checkpoint, plan: OutputPlan, config: str | os.PathLike | None) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from .. import dtypes
 from ..errors import FormatError
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 
-__all__ = ["SafetensorsFile", "looks_like_safetensors", "safetensors_order", "write_safetensors", "MAX_HEADER"]
+__all__ = ["SafetensorsFile", "looks_like_safetensors", "safetensors_order", "check_writable", "write_safetensors", "MAX_HEADER"]
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -150,6 +150,18 @@ def header_bytes(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tu
     return struct.pack("<Q", len(text)) + text, ordered
 
 
+def check_writable(infos: list[TensorInfo]) -> None:
+    """Raise FormatError if these tensors cannot form one safetensors file (names or dtypes)."""
+    names = [t.name for t in infos]
+    if len(set(names)) != len(names):
+        raise FormatError("duplicate tensor names cannot be written to one safetensors file")
+    if "__metadata__" in names:
+        raise FormatError("a tensor named '__metadata__' cannot be written to safetensors, which reserves that key; rename it")
+    for info in infos:
+        if dtypes.dtype(info.dtype).safetensors is None:
+            raise FormatError(f"tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store")
+
+
 def write_safetensors(
     f: BinaryIO,
     infos: list[TensorInfo],
@@ -162,11 +174,9 @@ def write_safetensors(
     ``write_tensor(info, f)`` is called once per tensor, in on-disk order, and must write exactly
     ``info.nbytes`` little-endian row-major bytes at ``f``'s current position (it may use
     ``os.copy_file_range`` on ``f.fileno()``, after which it must seek ``f`` past what it wrote).
-    Duplicate names are rejected before anything is written.
+    Duplicate names, and the reserved name ``__metadata__``, are rejected before anything is written.
     """
-    names = [t.name for t in infos]
-    if len(set(names)) != len(names):
-        raise FormatError("duplicate tensor names cannot be written to one safetensors file")
+    check_writable(infos)
     header, ordered = header_bytes(infos, metadata)
     f.write(header)
     for info in ordered:
