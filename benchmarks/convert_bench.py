@@ -14,8 +14,9 @@ What is measured, all in one run and on the same machine state:
    ``torch.load(weights_only=True)`` + ``safetensors.torch.save_file``, each leg a subprocess. The
    naive script fsyncs its output too (as shardwise does) and reports how long that took, so the
    naive time is shown both durable (wall clock) and without the fsync.
-3. **Peak memory.** Every subprocess is reaped with ``os.wait4``, whose ``ru_maxrss`` is the peak
-   RSS of exactly that process (what ``/usr/bin/time -v`` reports). The conversion's peak RSS minus
+3. **Peak memory.** Every command is started by a tiny middleman interpreter that reaps it with
+   ``os.wait4``, whose ``ru_maxrss`` is the peak RSS of exactly that process (what ``/usr/bin/time
+   -v`` reports as "Maximum resident set size"). The conversion's peak RSS minus
    the RSS of ``shardwise --help`` (the interpreter and the CLI's imports) is compared with the
    largest tensor. Goal: at most 2x the largest tensor + 256 MiB. Because ``shardwise --help`` does
    not import torch, the RSS of ``python -c "import shardwise, torch"`` is shown as a second baseline.
@@ -23,7 +24,9 @@ What is measured, all in one run and on the same machine state:
 Cache state: before every timed step, pending writes are flushed (``sync``, untimed) and the step's
 input is read once (``--cache warm``, the default), or the page cache is dropped (``--cache cold``,
 needs root; falls back to warm with a note). cp and shardwise therefore start from the same state.
-Every measurement is repeated (``--repeat``, default 3) in round-robin order; medians are reported.
+Every measurement is repeated (``--repeat``, default 3) in round-robin order, after one untimed
+round (``--warmup``) that brings the page cache and the machine's memory to a steady state (on
+VMs, the first touch of memory can cost more than the copy itself); medians are reported.
 At the end ``shardwise diff ORIGINAL FINAL`` must exit 0 (bit-exact round trip).
 
     python benchmarks/convert_bench.py                 # 2 GiB, warm cache, 3 repeats
@@ -136,18 +139,30 @@ class Run:
     stderr: str = ""
 
 
+# A small middleman between this (large) process and each measured command. Linux carries a
+# process's peak RSS across exec, so a command spawned directly from here would report at least
+# this process's own RSS (torch, the random pool); spawned from a fresh, tiny interpreter, its
+# ru_maxrss (from wait4, as /usr/bin/time -v gets it) is its own.
+REAPER = r"""
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run(cmd: list[str], *, check: bool = True) -> Run:
-    """Run ``cmd`` and reap it with wait4, which reports the resource usage of that child alone."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = Run(cmd, seconds, usage.ru_maxrss * 1024, proc.returncode, out.read().decode(errors="replace"),
-                     err.read().decode(errors="replace"))
+    """Run ``cmd`` through REAPER; wall seconds are measured here, around the whole middleman."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err, rss = (Path(tmp) / name for name in ("stdout", "stderr", "maxrss"))
+        with open(out, "wb") as o, open(err, "wb") as e:
+            start = time.perf_counter()
+            code = subprocess.call([sys.executable, "-I", "-S", "-c", REAPER, str(rss), *cmd], stdout=o, stderr=e)
+            seconds = time.perf_counter() - start
+        result = Run(cmd, seconds, int(rss.read_text() or 0) if rss.exists() else 0, code,
+                     out.read_text(errors="replace"), err.read_text(errors="replace"))
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {result.returncode}:\n{result.stderr or result.stdout}")
     return result
@@ -224,12 +239,15 @@ class Bench:
         else:
             read_through(source)
 
-    def measure(self, step: Step) -> None:
+    def measure(self, step: Step, *, record: bool = True) -> None:
         remove(*step.outputs)
         self.prepare(step.source)
         start = time.perf_counter()
-        step.runs += [run(cmd) for cmd in step.commands]
-        step.seconds.append(time.perf_counter() - start)
+        runs = [run(cmd) for cmd in step.commands]
+        seconds = time.perf_counter() - start
+        if record:
+            step.runs += runs
+            step.seconds.append(seconds)
 
 
 # -- the naive route --------------------------------------------------------------------------------
@@ -369,7 +387,7 @@ def verdict(ok: bool) -> str:
 def print_report(ctx: dict, steps: dict[str, Step], base: dict, summary: dict, check: dict) -> None:
     print(f"\nshardwise convert benchmark: {ctx['size_bytes'] / GiB:.2f} GiB Llama-shaped bf16 checkpoint, "
           f"{ctx['layers']} layers, {ctx['num_tensors']} tensors, largest tensor {mib(ctx['largest_tensor'])}")
-    print(f"{ctx['cache']} page cache, median of {ctx['repeat']}; {ctx['machine']}")
+    print(f"{ctx['cache']} page cache, median of {ctx['repeat']} after {ctx['warmup']} warm-up round(s); {ctx['machine']}")
     if ctx["note"]:
         print(f"note: {ctx['note']}")
 
@@ -444,6 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=REPO / "bench-output",
                    help="parent folder for the run's files (default: bench-output/ in the repository)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions of each measurement (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of all steps first (default 1)")
     p.add_argument("--cache", choices=("warm", "cold"), default="warm",
                    help="warm: read each step's input first (default); cold: drop the page cache (root)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive load-everything route")
@@ -473,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             "largest_tensor": max(t.nbytes for t in infos),
             "cache": bench.cache,
             "repeat": args.repeat,
+            "warmup": args.warmup,
             "note": bench.note if naive or args.no_naive else (bench.note + "; safetensors missing: naive route skipped").lstrip("; "),
             "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}",
             "workdir": str(work),
@@ -483,10 +503,11 @@ def main(argv: list[str] | None = None) -> int:
               f"measuring ({args.cache} cache, {args.repeat} repeats)...", file=sys.stderr)
         base = baselines(cli)
         steps = make_steps(cli, work, src, naive)
-        for i in range(args.repeat):
+        for i in range(args.warmup + args.repeat):
             for step in steps.values():
-                bench.measure(step)
-            print(f"  repeat {i + 1}/{args.repeat} done", file=sys.stderr)
+                bench.measure(step, record=i >= args.warmup)
+            what = f"warm-up {i + 1}/{args.warmup}" if i < args.warmup else f"repeat {i + 1 - args.warmup}/{args.repeat}"
+            print(f"  {what} done", file=sys.stderr)
         check = verify(cli, src, work / "final.safetensors")
         summary = summarize(steps, base, ctx["largest_tensor"])
         print_report(ctx, steps, base, summary, check)

@@ -76,3 +76,16 @@ def test_strided_torch_views_compare_by_value(tmp_path):
     torch.save({"w": base.t()}, tmp_path / "view.pt")
     save_file({"w": base.t().contiguous()}, tmp_path / "c.safetensors")
     assert shardwise.diff(tmp_path / "view.pt", tmp_path / "c.safetensors").equal
+
+
+def test_infinities_are_only_close_to_the_same_infinity(tmp_path):
+    a, b = pair(tmp_path, {"w": torch.tensor([float("inf"), 1.0])}, {"w": torch.tensor([-float("inf"), float("inf")])})
+    report = shardwise.diff(a, b, rtol=1e-3, atol=1.0)
+    assert not report.equal and report.mismatches[0].mismatched_elements == 2
+    assert report.mismatches[0].max_abs_diff == float("inf")
+
+
+def test_large_integers_are_compared_exactly_even_with_tolerances(tmp_path):
+    a, b = pair(tmp_path, {"w": torch.tensor([2**62])}, {"w": torch.tensor([2**62 + 100])})
+    report = shardwise.diff(a, b, atol=0.0)
+    assert not report.equal and report.mismatches[0].max_abs_diff == 100.0

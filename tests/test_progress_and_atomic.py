@@ -108,3 +108,39 @@ def test_output_appearing_during_the_write_is_not_clobbered(tmp_path):
             stage.write_text("mine")
             target.write_text("someone else's")
     assert target.read_text() == "someone else's" and listing(tmp_path) == ["race"]
+
+
+def test_overwrite_never_replaces_a_folder_with_a_file_or_the_reverse(tmp_path):
+    folder = tmp_path / "precious.safetensors"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="is a folder"):
+        with atomic_output(folder, is_dir=False, overwrite=True) as stage:
+            stage.write_text("weights")
+    assert (folder / "thesis.tex").read_text() == "years of work"
+    afile = tmp_path / "out"
+    afile.write_text("a file")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        with atomic_output(afile, is_dir=True, overwrite=True):
+            pass
+    assert afile.read_text() == "a file" and listing(tmp_path) == ["out", "precious.safetensors", "precious.safetensors/thesis.tex"]
+
+
+def test_write_all_finishes_short_writes():
+    from shardwise.atomic import write_all
+
+    class Stingy(io.RawIOBase):
+        def __init__(self):
+            self.data = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            chunk = bytes(b[:3])  # like a capped write(2): fewer bytes than asked
+            self.data += chunk
+            return len(chunk)
+
+    sink = Stingy()
+    write_all(sink, b"0123456789" * 10)
+    assert bytes(sink.data) == b"0123456789" * 10

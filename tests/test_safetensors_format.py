@@ -160,3 +160,25 @@ def test_json_header_round_trips_through_the_reader(tmp_path):
 def test_a_tensor_named_like_the_metadata_key_is_refused():
     with pytest.raises(FormatError, match="__metadata__"):
         write_with_shardwise({"__metadata__": torch.ones(1)}, {"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "header, data, message",
+    [
+        (b'{"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "x": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', b"\0\0", "appears twice"),
+        (b'{"x": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}', b"\0\0", "unused bytes"),
+        (b'{"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}', b"\0\0\0", "after the last tensor"),
+        (b'{"x": {"dtype": "U8", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]}}', b"", "non-negative"),
+        (b"[" * 100_000 + b"]" * 100_000, b"", "nested too deeply"),
+    ],
+    ids=["duplicate key", "gap", "trailing bytes", "huge dimension", "deep nesting"],
+)
+def test_headers_the_reference_library_rejects_are_rejected(tmp_path, header, data, message):
+    path = _file_with_header(tmp_path, header, data)
+    with pytest.raises(FormatError, match=message):
+        SafetensorsFile(path)
+
+
+def test_empty_metadata_is_written_as_the_library_writes_it():
+    assert write_with_shardwise(GOLDEN_TENSORS, {}) == st_save(GOLDEN_TENSORS, metadata={})
+    assert write_with_shardwise(GOLDEN_TENSORS, None) == st_save(GOLDEN_TENSORS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import uuid
@@ -20,14 +21,26 @@ from typing import BinaryIO, Iterator
 
 from .errors import OutputExistsError
 
-__all__ = ["atomic_output", "durable_close", "fsync_dir", "staging_name"]
+__all__ = ["atomic_output", "durable_close", "fsync_dir", "staging_name", "write_all"]
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 
 
 def staging_name(dst: Path) -> Path:
     """A hidden sibling of ``dst`` used while writing it."""
     return dst.parent / f".{dst.name}.shardwise-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_all(f: BinaryIO, data) -> None:
+    """Write every byte of ``data``: unbuffered files may write less than asked (Linux caps one
+    write at about 2 GiB), so loop until done."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        if n is None:  # BufferedWriter writes everything or raises
+            return
+        view = view[n:]
 
 
 def durable_close(f: BinaryIO) -> None:
@@ -54,22 +67,32 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool | None:
+    """renameat2(2): True when done, False when refused (errno set), None where the system lacks it."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
-        return False
+        return None
     at_fdcwd = -100
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
+        return True
+    return None if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL) else False
 
 
-def check_output_free(dst: Path, overwrite: bool) -> None:
-    """Raise OutputExistsError when ``dst`` exists and ``overwrite`` is false."""
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
+def check_output_free(dst: Path, overwrite: bool, *, is_dir: bool) -> None:
+    """Raise OutputExistsError when ``dst`` exists and may not be replaced by an output of this kind.
+
+    Even with ``overwrite`` a folder is never replaced by a file or a file by a folder: that is
+    almost always a wrong path, and deleting a folder to put a file there would lose its contents.
+    """
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not overwrite:
         raise OutputExistsError(f"{dst}: output already exists; pass --overwrite (overwrite=True) to replace it")
+    if dst.is_dir() != is_dir:
+        have, want = ("a folder", "file") if dst.is_dir() else ("a file", "folder")
+        raise OutputExistsError(f"{dst}: exists and is {have}; --overwrite only replaces it with a {want} of the same kind")
 
 
 @contextlib.contextmanager
@@ -84,7 +107,7 @@ def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = Fal
     in place.
     """
     dst = Path(dst)
-    check_output_free(dst, overwrite)
+    check_output_free(dst, overwrite, is_dir=is_dir)
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = staging_name(dst)
     if is_dir:
@@ -101,16 +124,28 @@ def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = Fal
 
 
 def _commit(stage: Path, dst: Path, overwrite: bool) -> None:
-    exists = dst.exists() or dst.is_symlink()
-    if exists and not overwrite:  # appeared while we were writing
-        raise OutputExistsError(f"{dst}: output appeared while it was being written; nothing was replaced")
-    if not exists or (stage.is_file() and dst.is_file()):
+    appeared = OutputExistsError(f"{dst}: output appeared while it was being written; nothing was replaced")
+    if not overwrite:
+        done = _renameat2(stage, dst, _RENAME_NOREPLACE)  # atomic "rename unless it exists"
+        if done is False:
+            raise appeared
+        if done is None:
+            if dst.exists() or dst.is_symlink():
+                raise appeared
+            os.rename(stage, dst)
+        return
+    check_output_free(dst, overwrite, is_dir=stage.is_dir())
+    if not (dst.exists() or dst.is_symlink()) or (stage.is_file() and dst.is_file()):
         os.replace(stage, dst)
         return
-    if _exchange(stage, dst):
+    if _renameat2(stage, dst, _RENAME_EXCHANGE):
         _remove(stage)  # now holds the old output
         return
     old = staging_name(dst)
     os.rename(dst, old)
-    os.rename(stage, dst)
+    try:
+        os.rename(stage, dst)
+    except BaseException:
+        os.rename(old, dst)  # put the old output back before reporting the failure
+        raise
     _remove(old)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .atomic import atomic_output, durable_close
+from .atomic import atomic_output, durable_close, write_all
 from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
@@ -94,7 +94,7 @@ class TensorStreamer:
             n = min(remaining, len(self._buffer))
             chunk = self._buffer[:n]
             self.source.read_into(entry, offset, chunk)
-            sink.write(chunk)
+            write_all(sink, chunk)
             remaining -= n
             offset += n
             self.progress.advance(n)
@@ -110,7 +110,7 @@ class TensorStreamer:
             chunk = self._buffer[: count * src_dtype.itemsize]
             self.source.read_into(entry, offset, chunk)
             converted = torch.frombuffer(chunk, dtype=src_dtype.torch()).to(dst_dtype.torch())
-            sink.write(tensor_bytes(converted))
+            write_all(sink, tensor_bytes(converted))
             remaining -= count
             offset += len(chunk)
             self.progress.advance(count * dst_dtype.itemsize)
@@ -119,7 +119,7 @@ class TensorStreamer:
         tensor = self.source.read(planned.source_name)
         if planned.cast is not None:
             tensor = tensor.to(dtype_row(planned.cast).torch())
-        sink.write(tensor_bytes(tensor.contiguous()))
+        write_all(sink, tensor_bytes(tensor.contiguous()))
         self.progress.advance(planned.out.nbytes)
 
 

@@ -37,33 +37,46 @@ __all__ = [
 
 
 # -- records produced instead of real objects --------------------------------------------------
-@dataclass(frozen=True)
+def _refuse_setstate(self, state: Any) -> None:
+    # dataclass(slots=True, frozen=True) would otherwise add a __setstate__ that BUILD could use
+    raise pickle.UnpicklingError(f"a pickle tried to modify a {type(self).__name__} record")
+
+
+@dataclass(frozen=True, slots=True)
 class DTypeRef:
     """A torch dtype named by a pickle (``torch.float32``) or implied by a typed storage class."""
+
+    __setstate__ = _refuse_setstate
 
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageClassRef:
     """``torch.FloatStorage`` & co. (dtype known) or ``torch.storage.UntypedStorage`` (dtype None)."""
+
+    __setstate__ = _refuse_setstate
 
     dtype: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A storage record in the file: ``key`` names its bytes, ``numel`` counts elements of ``dtype``
     (bytes when ``dtype`` is None, as for UntypedStorage)."""
+
+    __setstate__ = _refuse_setstate
 
     key: str
     dtype: str | None
     numel: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LazyTensor:
     """A tensor described by a pickle: a view (offset, shape, strides in elements) of a storage."""
+
+    __setstate__ = _refuse_setstate
 
     storage: StorageRef
     storage_offset: int
@@ -88,24 +101,46 @@ class PickledObject:
         self.items[key] = value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TypeRef:
     """A class mentioned as a value (OmegaConf stores ``typing.Any`` and ``dict`` in its metadata)."""
+
+    __setstate__ = _refuse_setstate
 
     qualname: str
 
 
 # -- stand-ins for the allowed globals ---------------------------------------------------------
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**62
+
+
+def _view(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: str) -> LazyTensor:
+    """A LazyTensor after checking that offset, shape and strides are non-negative ints of one rank."""
+    if not (
+        _is_count(storage_offset)
+        and isinstance(size, (tuple, list))
+        and isinstance(stride, (tuple, list))
+        and len(size) == len(stride)
+        and all(map(_is_count, size))
+        and all(map(_is_count, stride))
+    ):
+        raise pickle.UnpicklingError(
+            f"invalid tensor view: offset {storage_offset!r:.40}, shape {size!r:.60}, stride {stride!r:.60}"
+        )
+    return LazyTensor(storage, storage_offset, tuple(size), tuple(stride), dtype)
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     if not isinstance(storage, StorageRef) or storage.dtype is None:
         raise pickle.UnpicklingError("_rebuild_tensor_v2 expects a typed storage")
-    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
+    return _view(storage, storage_offset, size, stride, storage.dtype)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     if not isinstance(storage, StorageRef) or not isinstance(dtype, DTypeRef):
         raise pickle.UnpicklingError("_rebuild_tensor_v3 expects an untyped storage and a dtype")
-    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride), dtype.name)
+    return _view(storage, storage_offset, size, stride, dtype.name)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
@@ -186,6 +221,40 @@ def _untyped_storage_ref():
 
 
 _SAFE_BUILTIN_TYPES = (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray, bool, object, slice)
+# what each builtin constructor may be called with: never a size (bytes(10**12)) or a structure
+# (str() of a self-sharing structure grows exponentially)
+_CONSTRUCTOR_ARGS = {
+    bytes: (str, bytes), bytearray: (str, bytes),
+    str: (str, bytes, int, float, bool), int: (str, bytes, int, float, bool),
+    float: (str, int, float, bool), complex: (str, int, float, bool),
+}
+
+
+class _Guarded:
+    """An allow-listed callable as pickles see it: it can be called, but BUILD cannot modify it.
+
+    Builtin constructors are limited to the argument types in ``_CONSTRUCTOR_ARGS``. A new set of
+    these objects is made for every load, so no file can change how another one is read.
+    """
+
+    __slots__ = ("_fn", "_arg_types", "type_name")
+
+    def __init__(self, fn: Callable, type_name: str) -> None:
+        self._fn = fn
+        self._arg_types = _CONSTRUCTOR_ARGS.get(fn)
+        self.type_name = type_name
+
+    def __call__(self, *args, **kwargs):
+        if self._arg_types is not None and not all(isinstance(a, self._arg_types) for a in (*args, *kwargs.values())):
+            raise pickle.UnpicklingError(f"{self.type_name}() is only allowed on {', '.join(t.__name__ for t in self._arg_types)}")
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"a pickle tried to modify the allow-listed {self.type_name}")
+
+    def __reduce__(self):
+        raise TypeError("allow-list entries are not picklable")
+
 
 _STANDIN_CLASSES = [
     "argparse.Namespace",
@@ -215,6 +284,7 @@ _TYPE_REFS = ["typing.Any", "typing.Dict", "typing.List", "typing.Optional", "ty
 
 
 def _build_allowlist() -> dict[tuple[str, str], Any]:
+    """A fresh allow-list (new stand-in classes and callables) for one load."""
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("collections", "defaultdict"): lambda *args: {},  # the factory (resolved safely) is dropped
@@ -236,6 +306,8 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
         ("numpy.core.multiarray", "_reconstruct"): lambda *args: PickledObject("numpy.ndarray", args),
         ("numpy._core.multiarray", "_reconstruct"): lambda *args: PickledObject("numpy.ndarray", args),
+        ("numpy.core.numeric", "_frombuffer"): lambda *args: PickledObject("numpy.ndarray", args),
+        ("numpy._core.numeric", "_frombuffer"): lambda *args: PickledObject("numpy.ndarray", args),
         ("datetime", "datetime"): datetime.datetime,
         ("datetime", "date"): datetime.date,
         ("datetime", "timedelta"): datetime.timedelta,
@@ -245,7 +317,7 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         if d.storage_class:
             allowed[("torch", d.storage_class)] = _typed_storage(d.storage_class)
     for cls in _SAFE_BUILTIN_TYPES:
-        allowed[("builtins", cls.__name__)] = cls
+        allowed[("builtins", cls.__name__)] = cls  # classes: what REDUCE calls is wrapped below
     for module in ("pathlib", "pathlib._local"):
         for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
             allowed[(module, name)] = _path_from_parts
@@ -258,11 +330,22 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
     for qualname in _TYPE_REFS:
         module, name = qualname.rsplit(".", 1)
         allowed[(module, name)] = TypeRef(qualname)
-    return allowed
+    return {key: _guard(key, value) for key, value in allowed.items()}
 
 
-ALLOWED_GLOBALS = _build_allowlist()
+def _guard(key: tuple[str, str], value: Any) -> Any:
+    """Wrap plain functions and builtin constructors; records and fresh stand-in classes stay as they are."""
+    if isinstance(value, (DTypeRef, StorageClassRef, TypeRef)):
+        return value
+    if isinstance(value, type) and issubclass(value, (PickledObject, _StandinDict)):
+        return value  # made for this load only
+    if key[0] == "builtins":
+        # NEWOBJ needs real classes for containers; scalar constructors are guarded
+        return _Guarded(value, type_name=key[1]) if value in _CONSTRUCTOR_ARGS else value
+    return _Guarded(value, type_name=".".join(key))
 
+
+ALLOWED_NAMES = frozenset(_build_allowlist())  # for documentation and tests; loads build their own
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that only resolves allow-listed globals, each to an inert stand-in.
@@ -275,6 +358,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False):
         super().__init__(file)
+        self._allowed = _build_allowlist()
         self._path = path
         self._trust = trust
         self._persistent = persistent_load
@@ -284,7 +368,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        found = ALLOWED_GLOBALS.get((module, name))
+        found = self._allowed.get((module, name))
         if found is not None:
             return found
         if self._trust:
@@ -311,49 +395,97 @@ def storage_ref(pid: Any, path: str) -> StorageRef:
     return StorageRef(str(pid[2]), storage_class.dtype, int(pid[4]))
 
 
-def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
-    """All LazyTensors inside nested dicts/lists/tuples, with dotted names (``a.b.0.c``), in order."""
-    found: list[tuple[str, LazyTensor]] = []
+class StructureError(ValueError):
+    """An unpickled structure is cyclic or too large to walk (a "billion laughs" pickle)."""
 
-    def walk(value: Any, name: str) -> None:
+
+MAX_NODES = 1_000_000  # far above any real checkpoint's object count (~10 per tensor), far below a bomb
+
+
+class _Walk:
+    """Guards a recursive walk: cycles are errors, and the total number of visits is bounded."""
+
+    def __init__(self) -> None:
+        self.visits = 0
+        self.path: set[int] = set()
+
+    def enter(self, obj: Any) -> None:
+        self.visits += 1
+        if self.visits > MAX_NODES:
+            raise StructureError(f"the pickled structure has more than {MAX_NODES:,} nodes (shared references?)")
+        if id(obj) in self.path:
+            raise StructureError("the pickled structure contains a reference cycle")
+        self.path.add(id(obj))
+
+    def leave(self, obj: Any) -> None:
+        self.path.discard(id(obj))
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
+    """All LazyTensors inside nested dicts/lists/tuples, with dotted names (``a.b.0.c``), in order.
+
+    Raises StructureError for cyclic structures or ones too large to walk.
+    """
+    found: list[tuple[str, LazyTensor]] = []
+    walk = _Walk()
+
+    def visit(value: Any, name: str) -> None:
         if isinstance(value, LazyTensor):
             found.append((name, value))
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{name}.{key}" if name else str(key))
+            return
+        if isinstance(value, dict):
+            items = value.items()
         elif isinstance(value, (list, tuple)):
-            for index, item in enumerate(value):
-                walk(item, f"{name}.{index}" if name else str(index))
+            items = enumerate(value)
+        else:
+            return
+        walk.enter(value)
+        for key, item in items:
+            visit(item, f"{name}.{key}" if name else str(key))
+        walk.leave(value)
 
-    walk(obj, prefix)
+    visit(obj, prefix)
     return found
 
 
-def _omegaconf_value(obj: PickledObject) -> Any:
+def _omegaconf_value(obj: PickledObject, walk: _Walk) -> Any:
     state = obj.state if isinstance(obj.state, dict) else {}
     if "_content" in state:
-        return to_plain(state["_content"])
+        return to_plain(state["_content"], walk)
     if "_val" in state:
-        return to_plain(state["_val"])
+        return to_plain(state["_val"], walk)
     return None
 
 
-def to_plain(obj: Any) -> Any:
+def to_plain(obj: Any, _walk: _Walk | None = None) -> Any:
     """Turn unpickled records into JSON-friendly Python: dicts, lists, strings, numbers, None.
 
     Tensors become ``{"tensor": {"shape": [...], "dtype": "..."}}``; OmegaConf containers their
     content; Namespaces and other records their attribute dicts; classes their qualified names.
+    Raises StructureError for cyclic structures or ones too large to walk.
     """
+    walk = _walk or _Walk()
+    if isinstance(obj, (dict, list, tuple, set, frozenset, PickledObject)):
+        walk.enter(obj)
+        try:
+            return _plain_container(obj, walk)
+        finally:
+            walk.leave(obj)
+    return _plain_container(obj, walk)
+
+
+def _plain_container(obj: Any, walk: _Walk) -> Any:
+    to_plain_ = lambda value: to_plain(value, walk)  # noqa: E731 - one walk for the whole tree
     if isinstance(obj, LazyTensor):
         return {"tensor": {"shape": list(obj.shape), "dtype": obj.dtype}}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, _StandinDict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
+        return {str(k): to_plain_(v) for k, v in obj.items()}
     if isinstance(obj, dict):
-        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): to_plain(v) for k, v in obj.items()}
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): to_plain_(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_plain(v) for v in obj]
+        return [to_plain_(v) for v in obj]
     if isinstance(obj, (bytes, bytearray)):
         return f"<{len(obj)} bytes>"
     if isinstance(obj, (DTypeRef,)):
@@ -367,13 +499,13 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, PickledObject):
         kind = obj.type_name
         if kind.startswith("omegaconf."):
-            return _omegaconf_value(obj)
+            return _omegaconf_value(obj, walk)
         if kind == "torch.torch_version.TorchVersion":
-            return str(obj.args[0]) if obj.args else None
+            return obj.args[0] if obj.args and isinstance(obj.args[0], str) else None
         if kind == "numpy.scalar":
             return _numpy_scalar_value(obj)
         if isinstance(obj.state, dict):
-            return {str(k): to_plain(v) for k, v in obj.state.items()}
+            return {str(k): to_plain_(v) for k, v in obj.state.items()}
         return f"<{kind}>"
     if isinstance(obj, complex):
         return str(obj)

@@ -15,12 +15,26 @@ import struct
 from typing import BinaryIO, Callable
 
 from .. import dtypes
+from ..atomic import write_all
 from ..errors import FormatError
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 
 __all__ = ["SafetensorsFile", "looks_like_safetensors", "safetensors_order", "check_writable", "write_safetensors", "MAX_HEADER"]
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def looks_like_safetensors(head: bytes, file_size: int) -> bool:
@@ -69,9 +83,13 @@ class SafetensorsFile(FileTensorSource):
                 )
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{path}: corrupted safetensors header: not valid JSON ({e})") from None
+        except _DuplicateKey as e:
+            raise FormatError(f"{path}: corrupted safetensors header: the key {e.args[0]!r} appears twice") from None
+        except RecursionError:
+            raise FormatError(f"{path}: corrupted safetensors header: JSON nested too deeply") from None
         if not isinstance(header, dict):
             raise FormatError(f"{path}: corrupted safetensors header: the header is not a JSON object")
         data_start = 8 + n
@@ -91,9 +109,18 @@ class SafetensorsFile(FileTensorSource):
             spans.append((begin, end, name))
             self._tensors[name] = StoredTensor(info, path, data_start + begin)
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise FormatError(f"{path}: corrupted safetensors header: tensors '{n0}' and '{n1}' overlap")
+        # like the reference implementation: tensors tile the data section exactly, no gaps, no tail
+        position = 0
+        for begin, end, name in spans:
+            if begin < position:
+                raise FormatError(f"{path}: corrupted safetensors header: tensor '{name}' overlaps the one before it")
+            if begin > position:
+                raise FormatError(f"{path}: corrupted safetensors header: {begin - position} unused bytes before tensor '{name}'")
+            position = end
+        if position != data_size:
+            raise FormatError(
+                f"{path}: corrupted safetensors file: {data_size - position} bytes after the last tensor that no tensor describes"
+            )
         # keep tensors in on-disk order, so that a full pass reads the file sequentially
         self._tensors = {name: self._tensors[name] for _, _, name in spans}
 
@@ -106,7 +133,7 @@ class SafetensorsFile(FileTensorSource):
         row = dtypes.from_safetensors(code) if isinstance(code, str) else None
         if row is None:
             raise FormatError(f"{bad} has dtype {code!r}, which shardwise does not read")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)):
             raise FormatError(f"{bad} has shape {shape!r}; expected a list of non-negative integers")
         if not (
             isinstance(offsets, list)
@@ -136,7 +163,7 @@ def header_bytes(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tu
     """The length-prefixed, space-padded header for ``infos`` and the on-disk order it implies."""
     ordered = safetensors_order(infos)
     header: dict[str, object] = {}
-    if metadata:
+    if metadata is not None:  # as the library does: {} is written, None is left out
         header["__metadata__"] = dict(metadata)
     offset = 0
     for info in ordered:
@@ -178,7 +205,7 @@ def write_safetensors(
     """
     check_writable(infos)
     header, ordered = header_bytes(infos, metadata)
-    f.write(header)
+    write_all(f, header)
     for info in ordered:
         start = f.tell()
         write_tensor(info, f)

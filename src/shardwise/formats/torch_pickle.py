@@ -25,19 +25,27 @@ from typing import Any, BinaryIO, Callable
 
 from .. import dtypes
 from ..errors import FormatError, UnsafeCheckpointError
-from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, storage_ref
+from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, storage_ref
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
 from .lightning import is_lightning, select_weights, training_state
 
 __all__ = ["TorchFile", "TorchPickle", "read_torch_pickle", "write_torch", "looks_like_torch"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_VIEW_EXPANSION = 2**30  # broadcast (stride 0) views may repeat their storage, up to this size
 _ALIGNMENT = 64
 
 
+_UNPICKLE_FAILURES = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error)
+
+
 def looks_like_torch(head: bytes) -> bool:
-    """Zip archives (torch >= 1.6) and legacy pickles (protocol 2 header) both qualify."""
-    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80\x02")
+    """Zip archives (torch >= 1.6) and legacy-format pickles (any protocol: the magic number comes first)."""
+    if head.startswith(b"PK\x03\x04"):
+        return True
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    return head[:1] == b"L" and head[1:2].isdigit()  # protocols 0 and 1 write the magic as a text long
 
 
 class TorchPickle:
@@ -61,6 +69,11 @@ class TorchPickle:
             raise FormatError(f"{self.path}: tensor '{name}' refers to storage {lazy.storage.key!r}, which the file lacks") from None
         info = TensorInfo(name, lazy.shape, lazy.dtype)
         entry = StoredTensor.make(info, self.path, start + lazy.storage_offset * row.itemsize, lazy.strides)
+        if not entry.contiguous and info.nbytes > max(length, _MAX_VIEW_EXPANSION):
+            raise FormatError(
+                f"{self.path}: tensor '{name}' is a view that expands {length} bytes of storage "
+                f"to {info.nbytes} bytes; refusing to materialise it"
+            )
         if lazy.storage_offset * row.itemsize + entry.span > length:
             raise FormatError(
                 f"{self.path}: file is truncated or corrupted: tensor '{name}' needs "
@@ -84,7 +97,11 @@ def read_torch_pickle(path: str | os.PathLike, *, trust: bool = False) -> TorchP
         return _read_legacy(path, trust)
     except (UnsafeCheckpointError, FormatError):
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error) as e:
+    except RecursionError:
+        raise FormatError(f"{path}: the pickle nests too deeply to read safely") from None
+    except MemoryError:
+        raise FormatError(f"{path}: the pickle asks for more memory than this machine has") from None
+    except _UNPICKLE_FAILURES as e:
         raise FormatError(f"{path}: not a readable torch checkpoint, or truncated ({type(e).__name__}: {e})") from None
 
 
@@ -319,10 +336,15 @@ class TorchFile(FileTensorSource):
         self.path = os.fspath(path)
         parsed = read_torch_pickle(self.path, trust=trust)
         self.format_name = "lightning" if is_lightning(parsed.root) else "torch"
-        self.weights_key, tensors = select_weights(parsed.root)
+        try:
+            self.weights_key, tensors = select_weights(parsed.root)
+            self.training_state = training_state(parsed.root, self.weights_key)
+        except StructureError as e:
+            raise FormatError(f"{self.path}: {e}") from None
+        except RecursionError:
+            raise FormatError(f"{self.path}: the pickled structure nests too deeply to read safely") from None
         for name, lazy in tensors:
             if name in self._tensors:
                 raise FormatError(f"{self.path}: two tensors flatten to the same name '{name}'")
             self._tensors[name] = parsed.stored(lazy, name)
-        self.training_state = training_state(parsed.root, self.weights_key)
         self.root = parsed.root

@@ -139,25 +139,40 @@ def _bytes_equal(sa: FileTensorSource, sb: FileTensorSource, name: str) -> bool:
 def _value_difference(sa, sb, name: str, tolerant: bool, atol: float, rtol: float) -> tuple[float, int]:
     """Max |a-b| over finite differences, and how many elements fail the comparison.
 
-    Tolerant: ``|a-b| <= atol + rtol*|b|``, NaN equal to NaN, equal infinities equal. Exact (same
-    dtype, since exact mode rejects dtype mismatches earlier): elements whose bits differ.
+    Tolerant: ``|a-b| <= atol + rtol*|b|`` for finite pairs, NaN equal to NaN, an infinity equal only
+    to the same infinity; integers are compared exactly in int64. Exact (same dtype, since exact mode
+    rejects dtype mismatches earlier): elements whose bits differ. A NaN or infinity against a
+    number makes the reported max difference infinite.
     """
     import torch
 
     max_diff, bad = 0.0, 0
     for x, y in zip(_chunks(sa, name), _chunks(sb, name)):
-        wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
-        xw, yw = x.to(wide), y.to(wide)
+        xw, yw = _widen(x, y)
         delta = (xw - yw).abs()
-        finite = torch.isfinite(delta)
-        if finite.any():
-            max_diff = max(max_diff, float(delta[finite].max()))
         if tolerant:
-            ok = (xw == yw) | (torch.isnan(xw) & torch.isnan(yw)) | (delta <= atol + rtol * yw.abs())
+            both_finite = torch.isfinite(xw) & torch.isfinite(yw)
+            ok = (xw == yw) | (torch.isnan(xw) & torch.isnan(yw)) | (both_finite & (delta <= atol + rtol * yw.abs()))
         else:
             ok = (_bits(x) == _bits(y)).all(dim=1)
         bad += int((~ok).sum())
+        finite = torch.isfinite(delta)
+        if finite.any():
+            max_diff = max(max_diff, float(delta[finite].max()))
+        if (~ok & ~finite).any():
+            max_diff = float("inf")
     return max_diff, bad
+
+
+def _widen(x, y):
+    """Both chunks in one exact common type: int64 for integers and bools, complex128 or float64 otherwise."""
+    import torch
+
+    exact_ints = not (x.is_floating_point() or x.is_complex() or y.is_floating_point() or y.is_complex())
+    if exact_ints and torch.uint64 not in (x.dtype, y.dtype):
+        return x.to(torch.int64), y.to(torch.int64)
+    wide = torch.complex128 if (x.is_complex() or y.is_complex()) else torch.float64
+    return x.to(wide), y.to(wide)
 
 
 def _bits(flat):
