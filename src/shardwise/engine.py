@@ -2,10 +2,12 @@
 
 Memory stays bounded by one chunk, not one model or even one tensor:
 
-- bytes that need no change are copied with ``os.copy_file_range`` (kernel to kernel) into
-  safetensors outputs, or through one reused 16 MiB buffer into torch zip members (which need a
-  CRC-32 of what passes);
-- dtype casts run chunk by chunk through the same buffer;
+- bytes that need no change are read into one of two 16 MiB buffers while a background thread
+  writes the other (:class:`~shardwise.background.BackgroundWriter`), so reading, the CRC-32 that
+  torch's zip members need, and writing overlap on two cores. (``os.copy_file_range`` was measured
+  too: both formats put tensors at offsets that are not page-aligned, and the kernel copy was
+  slower than this pipeline on the reference machine.)
+- dtype casts run chunk by chunk through the same buffers;
 - only tensors stored as strided views (rare, torch files only) are read whole before writing.
 
 Every output is written in a staging path and committed atomically (:mod:`shardwise.atomic`).
@@ -13,7 +15,7 @@ Every output is written in a staging path and committed atomically (:mod:`shardw
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .atomic import atomic_output, durable_close, write_all
+from .background import BackgroundWriter
 from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
@@ -37,7 +40,7 @@ from .units import parse_size
 __all__ = ["convert", "ConvertResult", "TensorStreamer", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 16 * 1024 * 1024
-_COPY_STEP = 64 * 1024 * 1024
+
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,13 @@ class TensorStreamer:
     def __init__(self, source: FileTensorSource, progress: Progress = NO_PROGRESS) -> None:
         self.source = source
         self.progress = progress
-        self._buffer = memoryview(bytearray(CHUNK_BYTES))
-        self._kernel_copy = hasattr(os, "copy_file_range")
+        # two buffers, used in turn, so a BackgroundWriter may still be writing the previous chunk
+        self._buffers = (memoryview(bytearray(CHUNK_BYTES)), memoryview(bytearray(CHUNK_BYTES)))
+        self._turn = 0
+
+    def _next_buffer(self) -> memoryview:
+        self._turn ^= 1
+        return self._buffers[self._turn]
 
     def write(self, planned: PlannedTensor, sink: BinaryIO) -> None:
         """Write ``planned.out.nbytes`` bytes of the tensor to ``sink``."""
@@ -77,22 +85,10 @@ class TensorStreamer:
 
     def _copy(self, entry: StoredTensor, sink: BinaryIO) -> None:
         remaining, offset = entry.info.nbytes, entry.offset
-        if self._kernel_copy and isinstance(sink, io.FileIO):
-            src_fd = self.source.fileno(entry.path)
-            try:
-                while remaining:
-                    n = os.copy_file_range(src_fd, sink.fileno(), min(remaining, _COPY_STEP), offset)
-                    if n == 0:
-                        raise FormatError(f"{entry.path}: file is truncated: tensor '{entry.info.name}' is cut short")
-                    remaining -= n
-                    offset += n
-                    self.progress.advance(n)
-                return
-            except OSError:  # filesystems or kernels without it: fall back to buffered copying
-                self._kernel_copy = False
         while remaining:
-            n = min(remaining, len(self._buffer))
-            chunk = self._buffer[:n]
+            buffer = self._next_buffer()
+            n = min(remaining, len(buffer))
+            chunk = buffer[:n]
             self.source.read_into(entry, offset, chunk)
             write_all(sink, chunk)
             remaining -= n
@@ -103,11 +99,11 @@ class TensorStreamer:
         import torch
 
         src_dtype, dst_dtype = dtype_row(entry.info.dtype), dtype_row(to)
-        per_chunk = len(self._buffer) // src_dtype.itemsize
+        per_chunk = CHUNK_BYTES // src_dtype.itemsize
         remaining, offset = entry.info.numel, entry.offset
         while remaining:
             count = min(remaining, per_chunk)
-            chunk = self._buffer[: count * src_dtype.itemsize]
+            chunk = self._next_buffer()[: count * src_dtype.itemsize]
             self.source.read_into(entry, offset, chunk)
             converted = torch.frombuffer(chunk, dtype=src_dtype.torch()).to(dst_dtype.torch())
             write_all(sink, tensor_bytes(converted))
@@ -130,14 +126,17 @@ def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer
     def write_tensor(info: TensorInfo, sink: BinaryIO) -> None:
         streamer.write(by_name[info.name], sink)
 
-    # safetensors outputs are unbuffered: copy_file_range writes at the descriptor's own position
-    f = open(path, "wb", buffering=0 if planned_file.kind == "safetensors" else -1)
+    f = open(path, "wb", buffering=0)
+    background = BackgroundWriter(f)  # overlaps each write with reading (and checksumming) the next chunk
     try:
         if planned_file.kind == "safetensors":
-            write_safetensors(f, infos, write_tensor, metadata=metadata)
+            write_safetensors(background, infos, write_tensor, metadata=metadata)
         else:
-            write_torch(f, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
+            write_torch(background, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
+        background.close()  # waits for the last write and raises its error, if any
     except BaseException:
+        with contextlib.suppress(BaseException):
+            background.close()
         f.close()
         raise
     durable_close(f)

@@ -203,10 +203,6 @@ class FileTensorSource:
                 )
             done += n
 
-    def fileno(self, path: str) -> int:
-        """An open read-only descriptor for one of this source's files (owned by the source)."""
-        return self._fd(path)
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

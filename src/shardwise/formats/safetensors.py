@@ -199,8 +199,7 @@ def write_safetensors(
     """Write a safetensors file to the open binary file ``f``, streaming tensor data.
 
     ``write_tensor(info, f)`` is called once per tensor, in on-disk order, and must write exactly
-    ``info.nbytes`` little-endian row-major bytes at ``f``'s current position (it may use
-    ``os.copy_file_range`` on ``f.fileno()``, after which it must seek ``f`` past what it wrote).
+    ``info.nbytes`` little-endian row-major bytes to ``f``.
     Duplicate names, and the reserved name ``__metadata__``, are rejected before anything is written.
     """
     check_writable(infos)
