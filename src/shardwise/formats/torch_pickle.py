@@ -6,7 +6,8 @@ with :class:`LazyTensor` records instead of tensors; each storage's byte offset 
 then located (zip local headers, or the size-prefixed records of the legacy format), so tensors
 are read on demand with ``preadv``. Nothing is executed and no tensor data is read to open a file.
 
-Writing: :func:`write_torch` produces torch's zip format for a flat state dict: ``data.pkl``
+Writing: :func:`write_torch` produces torch's zip format (through
+:class:`~shardwise.formats.zipwriter.StoredZipWriter`) for a flat state dict: ``data.pkl``
 (an ``OrderedDict`` rebuilt with ``torch._utils._rebuild_tensor_v2``/``_v3``, as ``torch.save``
 writes it), ``.format_version``, ``.storage_alignment``, ``byteorder``, one ``data/N`` record per
 tensor aligned to 64 bytes, and ``version``. Data is streamed one tensor at a time, and the
@@ -28,6 +29,7 @@ from ..errors import FormatError, UnsafeCheckpointError
 from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, storage_ref
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
 from .lightning import is_lightning, select_weights, training_state
+from .zipwriter import StoredZipWriter
 
 __all__ = ["TorchFile", "TorchPickle", "read_torch_pickle", "write_torch", "looks_like_torch"]
 
@@ -258,65 +260,34 @@ def state_dict_pickle(infos: list[TensorInfo]) -> bytes:
     return buf.getvalue()
 
 
-def _aligned_zipinfo(name: str, offset: int, size: int) -> zipfile.ZipInfo:
-    """A stored ZipInfo whose local-header padding puts its data on a 64-byte boundary (as torch does)."""
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = size
-    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # zipfile's own rule in ZipFile._open_to_write
-    header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0)
-    pad = -(offset + header + 4) % _ALIGNMENT
-    info.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding field, like torch's writer
-    return info
-
-
-class _CountingSink:
-    """A write-only file that counts what passes through to the zip member."""
-
-    def __init__(self, member: BinaryIO) -> None:
-        self._member = member
-        self.count = 0
-
-    def write(self, data) -> int:
-        n = self._member.write(data)
-        self.count += n
-        return n
-
-
 def write_torch(
     f: BinaryIO,
     archive_name: str,
     infos: list[TensorInfo],
     write_tensor: Callable[[TensorInfo, BinaryIO], None],
+    *,
+    force_zip64: bool = False,
 ) -> None:
     """Write a flat state dict in torch's zip format to the seekable binary file ``f``.
 
     ``archive_name`` is the folder inside the zip (torch uses the file's stem). ``write_tensor(info,
     sink)`` is called once per tensor, in the order given, and must write exactly ``info.nbytes``
-    bytes to ``sink`` (a zip member: CRC-32 is computed as data goes through).
+    bytes to ``sink`` (a zip member: CRC-32 is computed as data goes through). ``force_zip64``
+    writes zip64 records even for small files (for tests of the large-file path).
     """
     names = [t.name for t in infos]
     if len(set(names)) != len(names):
         raise FormatError("duplicate tensor names cannot be written to one torch file")
     prefix = f"{archive_name}/"
-    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-
-        def record(name: str, payload: bytes) -> None:
-            with archive.open(_aligned_zipinfo(prefix + name, f.tell(), len(payload)), "w") as member:
-                member.write(payload)
-
-        record("data.pkl", state_dict_pickle(infos))
-        record(".format_version", b"1")
-        record(".storage_alignment", str(_ALIGNMENT).encode())
-        record("byteorder", b"little")
-        for key, info in enumerate(infos):
-            zinfo = _aligned_zipinfo(f"{prefix}data/{key}", f.tell(), info.nbytes)
-            with archive.open(zinfo, "w", force_zip64=info.nbytes * 1.05 > zipfile.ZIP64_LIMIT) as member:
-                sink = _CountingSink(member)
-                write_tensor(info, sink)
-                if sink.count != info.nbytes:
-                    raise FormatError(f"tensor '{info.name}' produced {sink.count} bytes, expected {info.nbytes}")
-        record("version", b"3\n")
+    archive = StoredZipWriter(f, alignment=_ALIGNMENT, force_zip64=force_zip64)
+    archive.write_bytes(prefix + "data.pkl", state_dict_pickle(infos))
+    archive.write_bytes(prefix + ".format_version", b"1")
+    archive.write_bytes(prefix + ".storage_alignment", str(_ALIGNMENT).encode())
+    archive.write_bytes(prefix + "byteorder", b"little")
+    for key, info in enumerate(infos):
+        archive.write_member(f"{prefix}data/{key}", info.nbytes, lambda sink, info=info: write_tensor(info, sink))
+    archive.write_bytes(prefix + "version", b"3\n")
+    archive.close()
 
 
 # -- the tensor source ---------------------------------------------------------------------------
