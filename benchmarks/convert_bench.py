@@ -216,6 +216,10 @@ class Step:
         return statistics.median(self.seconds)
 
     @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
     def peak_rss(self) -> int:
         return max(r.max_rss for r in self.runs)
 
@@ -324,6 +328,11 @@ def baselines(cli: list[str]) -> dict:
     }
 
 
+def inspect_seconds(cli: list[str], path: Path) -> float:
+    """Wall time of ``shardwise inspect PATH --json`` (headers only: the goal is well under a second)."""
+    return statistics.median(run(cli + ["inspect", str(path), "--json"]).seconds for _ in range(3))
+
+
 def verify(cli: list[str], src: Path, final: Path) -> dict:
     result = run(cli + ["diff", str(src), str(final), "--quiet"], check=False)
     identical = run(["cmp", "-s", str(src), str(final)], check=False).returncode == 0
@@ -335,8 +344,9 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def summarize(steps: dict[str, Step], base: dict, largest: int) -> dict:
-    t = {name: s.median for name, s in steps.items()}
+def time_ratios(steps: dict[str, Step], statistic: str) -> dict:
+    """Every time ratio, from each step's median or best (minimum) time."""
+    t = {name: getattr(s, statistic) for name, s in steps.items()}
     chain = t["leg1"] + t["leg2"]
     times = {
         "chain_vs_durable_cp": ratio(chain, t["cp1_sync"] + t["cp2_sync"]),
@@ -353,6 +363,14 @@ def summarize(steps: dict[str, Step], base: dict, largest: int) -> dict:
         times["chain_vs_naive_no_fsync"] = ratio(chain, naive_no_fsync)
         times["leg1_vs_naive"] = ratio(t["leg1"], t["naive1"])
         times["leg2_vs_naive"] = ratio(t["leg2"], t["naive2"])
+    return times
+
+
+def summarize(steps: dict[str, Step], base: dict, largest: int) -> dict:
+    # medians are the headline; on a shared VM single runs are bimodal (memory reclaim, flushes),
+    # so best-of-N, the least disturbed run of every step, is reported beside them
+    times = time_ratios(steps, "median")
+    best = time_ratios(steps, "best")
     peak = max(steps["leg1"].peak_rss, steps["leg2"].peak_rss)
     memory = {
         "largest_tensor": largest,
@@ -366,10 +384,11 @@ def summarize(steps: dict[str, Step], base: dict, largest: int) -> dict:
     goals = {
         "time_chain_le_1.5x_durable_cp": times["chain_vs_durable_cp"] <= 1.5,
         "time_chain_le_1.5x_plain_cp": times["chain_vs_plain_cp"] <= 1.5,
+        "time_chain_le_1.5x_durable_cp_best_of_n": best["chain_vs_durable_cp"] <= 1.5,
         "memory_over_help_le_limit": memory["over_help"] <= memory["limit"],
         "memory_over_torch_import_le_limit": memory["over_torch_import"] <= memory["limit"],
     }
-    return {"ratios": times, "memory": memory, "goals": goals}
+    return {"ratios": times, "ratios_best_of_n": best, "memory": memory, "goals": goals}
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -385,7 +404,7 @@ def print_report(ctx: dict, steps: dict[str, Step], base: dict, summary: dict, c
     def say(line: str = "") -> None:
         print(line, file=out)
 
-    r, m, g = summary["ratios"], summary["memory"], summary["goals"]
+    r, b, m, g = summary["ratios"], summary["ratios_best_of_n"], summary["memory"], summary["goals"]
     say(f"\nshardwise convert benchmark: {ctx['size_bytes'] / GiB:.2f} GiB Llama-shaped bf16 safetensors, "
         f"{ctx['layers']} layers, {ctx['num_tensors']} tensors, largest tensor {mib(ctx['largest_tensor'])}")
     say(f"{ctx['cache']} page cache; median of {ctx['repeat']} after {ctx['warmup']} warm-up round(s); {ctx['machine']}")
@@ -400,11 +419,14 @@ def print_report(ctx: dict, steps: dict[str, Step], base: dict, summary: dict, c
         say(f"  (the naive route's final fsyncs took {fsync_seconds(steps['naive1']) + fsync_seconds(steps['naive2']):.2f} s)")
     say(f"start-up alone: `shardwise --help` {base['help_seconds']:.2f} s, "
         f"`python -c 'import shardwise, torch'` {base['torch_seconds']:.2f} s")
+    say(f"`shardwise inspect --json` of the {ctx['size_bytes'] / GiB:.2f} GiB input: {base['inspect_seconds']:.2f} s "
+        f"(goal: well under 1 s)")
 
-    say(f"\n{'time ratio (shardwise / baseline; lower is better)':<52}{'ratio':>7}   goal")
+    say(f"\n{'time ratio (shardwise / baseline; lower is better)':<52}{'median':>7}{'best':>8}   goal")
     rows = [
         ("chain vs 2 durable cp's (the fair baseline)", "chain_vs_durable_cp",
-         f"<= 1.5x  {verdict(g['time_chain_le_1.5x_durable_cp'])}"),
+         f"<= 1.5x  median {verdict(g['time_chain_le_1.5x_durable_cp'])}, "
+         f"best {verdict(g['time_chain_le_1.5x_durable_cp_best_of_n'])}"),
         ("chain vs 2 plain cp's (no fsync)", "chain_vs_plain_cp", f"<= 1.5x  {verdict(g['time_chain_le_1.5x_plain_cp'])}"),
         ("leg 1 (-> torch) vs durable cp", "leg1_vs_durable_cp", ""),
         ("leg 1 (-> torch) vs plain cp", "leg1_vs_plain_cp", ""),
@@ -417,7 +439,7 @@ def print_report(ctx: dict, steps: dict[str, Step], base: dict, summary: dict, c
     ]
     for label, key, goal in rows:
         if key in r:
-            say(f"{label:<52}{r[key]:>6.2f}x   {goal}".rstrip())
+            say(f"{label:<52}{r[key]:>6.2f}x{b[key]:>7.2f}x   {goal}".rstrip())
 
     say("\npeak memory (ru_maxrss of each process)")
     say(f"  baseline `shardwise --help`                     {mib(base['help_rss']):>13}")
@@ -496,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("the safetensors package is missing: naive route skipped")
 
         base = baselines(cli)
+        base["inspect_seconds"] = inspect_seconds(cli, src)
         steps = main_steps(cli, work, src)
         bench.rounds(steps, args.warmup, args.repeat, "cp and shardwise")
         if naive:
