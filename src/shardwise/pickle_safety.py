@@ -345,8 +345,6 @@ def _guard(key: tuple[str, str], value: Any) -> Any:
     return _Guarded(value, type_name=".".join(key))
 
 
-ALLOWED_NAMES = frozenset(_build_allowlist())  # for documentation and tests; loads build their own
-
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that only resolves allow-listed globals, each to an inert stand-in.
 

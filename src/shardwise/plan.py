@@ -6,7 +6,7 @@ shown before anything is written. :mod:`shardwise.engine` executes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .dtypes import DType, dtype as dtype_row
 from .errors import OptionError
@@ -54,7 +54,6 @@ class OutputPlan:
     files: tuple[PlannedFile, ...]
     index_name: str | None = None
     copy_companions: bool = False
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def total_bytes(self) -> int:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol, runtime_checkable
 
-from .dtypes import DType, dtype as dtype_row
+from .dtypes import dtype as dtype_row
 from .errors import FormatError
 
 __all__ = [
@@ -261,7 +261,3 @@ def tensor_bytes(tensor) -> memoryview:
     array.owner = tensor  # the memoryview keeps ``array`` alive, ``array`` keeps the tensor alive
     return memoryview(array).cast("B")
 
-
-def dtype_of(tensor) -> DType:
-    """The dtype row of a torch tensor."""
-    return dtype_row(str(tensor.dtype).removeprefix("torch."))
