@@ -42,7 +42,6 @@ __all__ = ["convert", "ConvertResult", "TensorStreamer", "CHUNK_BYTES"]
 CHUNK_BYTES = 16 * 1024 * 1024
 
 
-
 @dataclass(frozen=True)
 class ConvertResult:
     """What a conversion wrote: the output path, its format, files (relative), tensors and bytes."""
