@@ -180,3 +180,49 @@ def test_background_write_errors_surface_at_the_next_call(tmp_path):
     writer.write(bytearray(2 << 20))  # starts in the background
     with pytest.raises(OSError, match="No space left"):
         writer.flush()
+
+
+def test_abort_waits_for_the_write_in_flight_even_when_interrupted(monkeypatch):
+    import threading
+
+    from shardwise.background import BackgroundWriter
+
+    release = threading.Event()
+
+    class Slow(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            release.wait(5)
+            return len(b)
+
+    writer = BackgroundWriter(Slow())
+    writer.write(bytearray(2 << 20))
+    interrupts = iter([KeyboardInterrupt(), KeyboardInterrupt()])
+    real_join = threading.Thread.join
+
+    def join_interrupted_twice(self, timeout=None):
+        for interrupt in interrupts:
+            release.set()
+            raise interrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join_interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        writer.abort()
+    assert writer._thread is None and writer.closed  # nothing left writing behind the caller's back
+
+
+def test_durable_close_closes_even_when_fsync_fails(tmp_path, monkeypatch):
+    from shardwise.atomic import durable_close
+
+    f = open(tmp_path / "x", "wb")
+
+    def fail(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="Input/output"):
+        durable_close(f)
+    assert f.closed

@@ -78,3 +78,13 @@ def test_output_does_not_depend_on_which_crc32_implementation_runs():
         return buf.getvalue()
 
     assert archive(zlib.crc32) == archive(zipwriter.crc32)
+
+
+def test_central_directory_says_unix_host_to_match_unix_attributes():
+    buf = io.BytesIO()
+    writer = StoredZipWriter(buf)
+    writer.write_bytes("a", b"x")
+    writer.close()
+    with zipfile.ZipFile(buf) as archive:
+        info = archive.getinfo("a")
+        assert info.create_system == 3 and info.external_attr >> 16 == 0o600

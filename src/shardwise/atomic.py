@@ -45,9 +45,11 @@ def write_all(f: BinaryIO, data) -> None:
 
 def durable_close(f: BinaryIO) -> None:
     """Flush, fsync and close a file written in a staging area."""
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
 
 
 def fsync_dir(path: Path) -> None:

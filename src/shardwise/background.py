@@ -71,6 +71,24 @@ class BackgroundWriter(io.RawIOBase):
         self._wait()
         self._f.flush()
 
+    def abort(self) -> None:
+        """Wait until no write is in flight, whatever happens meanwhile; drop any write error.
+
+        For cleanup paths: even a KeyboardInterrupt during the wait does not leave the thread
+        writing into a file that the caller is about to close (the interrupt is re-raised after).
+        """
+        interrupted: BaseException | None = None
+        while self._thread is not None and self._thread.is_alive():
+            try:
+                self._thread.join()
+            except BaseException as e:  # noqa: BLE001 - remembered and re-raised below
+                interrupted = e
+        self._thread, self._error = None, None
+        if not self.closed:
+            super().close()
+        if interrupted is not None:
+            raise interrupted
+
     def close(self) -> None:
         if not self.closed:
             try:

@@ -15,7 +15,6 @@ Every output is written in a staging path and committed atomically (:mod:`shardw
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -134,9 +133,10 @@ def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer
             write_torch(background, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
         background.close()  # waits for the last write and raises its error, if any
     except BaseException:
-        with contextlib.suppress(BaseException):
-            background.close()
-        f.close()
+        try:
+            background.abort()  # no write may still be running when the file is closed
+        finally:
+            f.close()
         raise
     durable_close(f)
 

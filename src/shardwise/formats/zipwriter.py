@@ -35,6 +35,7 @@ _END = struct.Struct("<IHHHHIIH")
 _END64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
+_MADE_ON_UNIX = 3 << 8  # host byte of "version made by": the external attributes below are Unix modes
 _DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, as torch and zipfile write for reproducibility
 
 
@@ -125,7 +126,7 @@ class StoredZipWriter:
             extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
             version = 45 if fields else 20
             directory += _CENTRAL.pack(
-                0x02014B50, version, version, m.flags, 0, 0, _DOS_DATE, m.crc,
+                0x02014B50, _MADE_ON_UNIX | version, version, m.flags, 0, 0, _DOS_DATE, m.crc,
                 _U32 if big_size else m.size, _U32 if big_size else m.size, len(m.name), len(extra), 0, 0, 0,
                 0o600 << 16, _U32 if big_offset else m.header_offset,
             ) + m.name + extra
