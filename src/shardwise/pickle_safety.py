@@ -151,27 +151,23 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
-def _make_class(qualname: str, base: type = PickledObject) -> type:
-    """A stand-in class for an allow-listed class: instances record args and state."""
+def _record_class(qualname: str) -> type:
+    """A stand-in for an allow-listed class: instances record constructor args and BUILD state."""
 
-    def __new__(cls, *args, **kwargs):
-        obj = base.__new__(cls) if base is not PickledObject else object.__new__(cls)
-        if base is PickledObject:
-            PickledObject.__init__(obj, qualname, args)
+    def __new__(cls, *args, **kwargs):  # NEWOBJ calls only __new__, so record the args here
+        obj = object.__new__(cls)
+        PickledObject.__init__(obj, qualname, args)
         return obj
 
-    def __init__(self, *args, **kwargs):  # REDUCE calls cls(*args): record them, run nothing
-        if base is PickledObject:
-            PickledObject.__init__(self, qualname, args)
+    def __init__(self, *args, **kwargs):  # REDUCE calls cls(*args) as well: nothing more to do
+        pass
 
-    def __setstate__(self, state):
-        if base is PickledObject:
-            self.state = state
-        else:
-            self.pickled_state = state
+    return type(qualname.rsplit(".", 1)[-1], (PickledObject,), {"__new__": __new__, "__init__": __init__, "type_name": qualname})
 
-    attrs = {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__, "type_name": qualname}
-    return type(qualname.rsplit(".", 1)[-1], (base,), attrs)
+
+def _dict_class(qualname: str) -> type:
+    """A stand-in for an allow-listed dict subclass (items arrive with SETITEMS)."""
+    return type(qualname.rsplit(".", 1)[-1], (_StandinDict,), {"type_name": qualname})
 
 
 class _StandinDict(dict):
@@ -323,10 +319,10 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
             allowed[(module, name)] = _path_from_parts
     for qualname in _STANDIN_CLASSES:
         module, name = qualname.rsplit(".", 1)
-        allowed[(module, name)] = _make_class(qualname)
+        allowed[(module, name)] = _record_class(qualname)
     for qualname in _STANDIN_DICTS:
         module, name = qualname.rsplit(".", 1)
-        allowed[(module, name)] = _make_class(qualname, base=_StandinDict)
+        allowed[(module, name)] = _dict_class(qualname)
     for qualname in _TYPE_REFS:
         module, name = qualname.rsplit(".", 1)
         allowed[(module, name)] = TypeRef(qualname)

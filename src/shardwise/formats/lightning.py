@@ -30,8 +30,10 @@ def select_weights(root: Any) -> tuple[str | None, list[tuple[str, LazyTensor]]]
     if isinstance(root, dict):
         for key in WEIGHT_KEYS:
             value = root.get(key)
-            if isinstance(value, dict) and (key == "state_dict" or iter_tensors(value)):
-                return key, iter_tensors(value)
+            if isinstance(value, dict):
+                tensors = iter_tensors(value)
+                if key == "state_dict" or tensors:
+                    return key, tensors
     return None, iter_tensors(root)
 
 
@@ -40,16 +42,13 @@ def is_lightning(root: Any) -> bool:
     return isinstance(root, dict) and "state_dict" in root and any(m in root for m in _LIGHTNING_MARKERS)
 
 
-def _tensor_summary(value: Any) -> dict:
-    tensors = iter_tensors(value)
-    nbytes = 0
-    for _, t in tensors:
-        nbytes += TensorInfo("", t.shape, t.dtype).nbytes
+def _tensor_summary(tensors: list[tuple[str, LazyTensor]]) -> dict:
+    nbytes = sum(TensorInfo("", t.shape, t.dtype).nbytes for _, t in tensors)
     return {"num_tensors": len(tensors), "total_bytes": nbytes}
 
 
 def _optimizer_summary(state: Any) -> dict:
-    summary = _tensor_summary(state)
+    summary = _tensor_summary(iter_tensors(state))
     if isinstance(state, dict):
         groups = state.get("param_groups")
         if isinstance(groups, list):
@@ -77,9 +76,10 @@ def training_state(root: Any, weights_key: str | None) -> dict:
             out[key] = [_optimizer_summary(s) for s in value]
         elif key in ("optimizer", "optimizer_state_dict"):
             out[key] = _optimizer_summary(value)
-        elif iter_tensors(value) and key not in ("hyper_parameters", "hparams"):
-            plain = to_plain(value)
-            out[key] = plain if len(str(plain)) < 2000 else _tensor_summary(value)
-        else:
+        elif key in ("hyper_parameters", "hparams"):
             out[key] = to_plain(value)
+        else:
+            tensors = iter_tensors(value)
+            plain = to_plain(value)
+            out[key] = _tensor_summary(tensors) if tensors and len(str(plain)) >= 2000 else plain
     return out

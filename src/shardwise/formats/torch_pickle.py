@@ -318,4 +318,3 @@ class TorchFile(FileTensorSource):
             if name in self._tensors:
                 raise FormatError(f"{self.path}: two tensors flatten to the same name '{name}'")
             self._tensors[name] = parsed.stored(lazy, name)
-        self.root = parsed.root
