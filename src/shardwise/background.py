@@ -71,6 +71,11 @@ class BackgroundWriter(io.RawIOBase):
         self._wait()
         self._f.flush()
 
+    def fileno(self) -> int:
+        """The wrapped file's descriptor, once no write is in flight (for reading back written bytes)."""
+        self._wait()
+        return self._f.fileno()
+
     def abort(self) -> None:
         """Wait until no write is in flight, whatever happens meanwhile; drop any write error.
 

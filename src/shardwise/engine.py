@@ -117,20 +117,33 @@ class TensorStreamer:
         self.progress.advance(planned.out.nbytes)
 
 
-def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
+def write_weights(sink: BinaryIO, archive_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
+    """Write one planned weights file (safetensors or torch) to the seekable ``sink``, streaming.
+
+    ``archive_name`` is the folder name inside a torch zip (torch uses the file's stem).
+    """
     by_name = {t.out.name: t for t in planned_file.tensors}
+
+    def write_tensor(info: TensorInfo, out: BinaryIO) -> None:
+        streamer.write(by_name[info.name], out)
+
     infos = [t.out for t in planned_file.tensors]
+    if planned_file.kind == "safetensors":
+        write_safetensors(sink, infos, write_tensor, metadata=metadata)
+    else:
+        write_torch(sink, archive_name, infos, write_tensor)
 
-    def write_tensor(info: TensorInfo, sink: BinaryIO) -> None:
-        streamer.write(by_name[info.name], sink)
 
-    f = open(path, "wb", buffering=0)
-    background = BackgroundWriter(f)  # overlaps each write with reading (and checksumming) the next chunk
+def write_streaming(path: Path, produce, *, mode: str = "wb") -> None:
+    """Create ``path`` and let ``produce(sink)`` fill it through a :class:`BackgroundWriter`, then fsync.
+
+    Each write overlaps with reading (and checksumming) the next chunk. On any error no write is
+    left running and the file is closed (the caller's atomic staging removes it).
+    """
+    f = open(path, mode, buffering=0)
+    background = BackgroundWriter(f)
     try:
-        if planned_file.kind == "safetensors":
-            write_safetensors(background, infos, write_tensor, metadata=metadata)
-        else:
-            write_torch(background, os.path.splitext(final_name)[0] or "archive", infos, write_tensor)
+        produce(background)
         background.close()  # waits for the last write and raises its error, if any
     except BaseException:
         try:
@@ -139,6 +152,11 @@ def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer
             f.close()
         raise
     durable_close(f)
+
+
+def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
+    archive_name = os.path.splitext(final_name)[0] or "archive"
+    write_streaming(path, lambda sink: write_weights(sink, archive_name, planned_file, streamer, metadata))
 
 
 def _write_index(path: Path, plan: OutputPlan) -> None:

@@ -261,3 +261,42 @@ def tensor_bytes(tensor) -> memoryview:
     array.owner = tensor  # the memoryview keeps ``array`` alive, ``array`` keeps the tensor alive
     return memoryview(array).cast("B")
 
+
+
+class MemorySource:
+    """In-memory tensors (a state dict) seen as a :class:`TensorSource`.
+
+    ``read`` returns each tensor detached, on CPU and contiguous (a copy only when it is not
+    already so); ``stored`` is None, so the engine writes these tensors whole, one at a time.
+    Non-tensor values are refused with FormatError naming the key.
+    """
+
+    def __init__(self, state_dict: dict, label: str = "state dict") -> None:
+        import torch
+
+        self._tensors: dict = {}
+        for name, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise FormatError(f"{label}: entry {name!r} is a {type(value).__name__}, not a tensor; only tensors can be saved")
+            if value.is_sparse or value.is_quantized:
+                raise FormatError(f"{label}: tensor {name!r} is sparse or quantized, which shardwise does not write")
+            self._tensors[str(name)] = value
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        value = self._tensors[name]
+        return TensorInfo(name, tuple(value.shape), str(value.dtype).removeprefix("torch."))
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(name) for name in self._tensors]
+
+    def stored(self, name: str) -> None:
+        return None
+
+    def read(self, name: str):
+        return self._tensors[name].detach().to("cpu").contiguous()
+
+    def close(self) -> None:
+        pass

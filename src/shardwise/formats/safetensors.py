@@ -18,6 +18,7 @@ from .. import dtypes
 from ..atomic import write_all
 from ..errors import FormatError
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from .region import Region, as_region, open_region
 
 __all__ = ["SafetensorsFile", "looks_like_safetensors", "safetensors_order", "check_writable", "write_safetensors", "MAX_HEADER"]
 
@@ -59,18 +60,19 @@ class SafetensorsFile(FileTensorSource):
 
     format_name = "safetensors"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike | Region) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.region = as_region(path)
+        self.path = self.region.label
         self.metadata: dict[str, str] = {}
         self._parse_header()
 
     def _parse_header(self) -> None:
-        path = self.path
-        size = os.path.getsize(path)
+        path, region = self.path, self.region
+        size = region.size
         if size == 0:
             raise FormatError(f"{path}: file is empty")
-        with open(path, "rb") as f:
+        with open_region(region) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{path}: file is truncated: {len(head)} bytes, too short for a safetensors header")
@@ -107,7 +109,7 @@ class SafetensorsFile(FileTensorSource):
                     f"but the data section holds {data_size} bytes"
                 )
             spans.append((begin, end, name))
-            self._tensors[name] = StoredTensor(info, path, data_start + begin)
+            self._tensors[name] = StoredTensor(info, region.path, region.start + data_start + begin)
         spans.sort()
         # like the reference implementation: tensors tile the data section exactly, no gaps, no tail
         position = 0

@@ -28,6 +28,7 @@ from .. import dtypes
 from ..errors import FormatError, UnsafeCheckpointError
 from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, storage_ref
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
+from .region import Region, as_region, open_region
 from .lightning import is_lightning, select_weights, training_state
 from .zipwriter import StoredZipWriter
 
@@ -57,10 +58,11 @@ class TorchPickle:
     and inert records in place of allow-listed objects. ``stored(lazy, name)`` locates a tensor.
     """
 
-    def __init__(self, path: str, root: Any, storage_offsets: dict[str, tuple[int, int]]) -> None:
-        self.path = path
+    def __init__(self, region: Region, root: Any, storage_offsets: dict[str, tuple[int, int]]) -> None:
+        self.region = region
+        self.path = region.label
         self.root = root
-        self._storage_offsets = storage_offsets  # key -> (byte offset in file, byte length)
+        self._storage_offsets = storage_offsets  # key -> (byte offset in the region, byte length)
 
     def stored(self, lazy: LazyTensor, name: str) -> StoredTensor:
         """Where ``lazy``'s elements are; FormatError if its view reaches past its storage."""
@@ -70,7 +72,7 @@ class TorchPickle:
         except KeyError:
             raise FormatError(f"{self.path}: tensor '{name}' refers to storage {lazy.storage.key!r}, which the file lacks") from None
         info = TensorInfo(name, lazy.shape, lazy.dtype)
-        entry = StoredTensor.make(info, self.path, start + lazy.storage_offset * row.itemsize, lazy.strides)
+        entry = StoredTensor.make(info, self.region.path, self.region.start + start + lazy.storage_offset * row.itemsize, lazy.strides)
         if not entry.contiguous and info.nbytes > max(length, _MAX_VIEW_EXPANSION):
             raise FormatError(
                 f"{self.path}: tensor '{name}' is a view that expands {length} bytes of storage "
@@ -85,18 +87,21 @@ class TorchPickle:
         return entry
 
 
-def read_torch_pickle(path: str | os.PathLike, *, trust: bool = False) -> TorchPickle:
-    """Unpickle a torch file safely (see module docstring); raises FormatError or UnsafeCheckpointError."""
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    if size == 0:
+def read_torch_pickle(path: str | os.PathLike | Region, *, trust: bool = False) -> TorchPickle:
+    """Unpickle a torch file (or archive member) safely (see module docstring).
+
+    Raises FormatError or UnsafeCheckpointError naming the file.
+    """
+    region = as_region(path)
+    path = region.label
+    if region.size == 0:
         raise FormatError(f"{path}: file is empty")
-    with open(path, "rb") as f:
+    with open_region(region) as f:
         head = f.read(4)
     try:
         if head.startswith(b"PK"):
-            return _read_zip(path, trust)
-        return _read_legacy(path, trust)
+            return _read_zip(region, trust)
+        return _read_legacy(region, trust)
     except (UnsafeCheckpointError, FormatError):
         raise
     except RecursionError:
@@ -107,12 +112,15 @@ def read_torch_pickle(path: str | os.PathLike, *, trust: bool = False) -> TorchP
         raise FormatError(f"{path}: not a readable torch checkpoint, or truncated ({type(e).__name__}: {e})") from None
 
 
-def _read_zip(path: str, trust: bool) -> TorchPickle:
+def _read_zip(region: Region, trust: bool) -> TorchPickle:
+    path = region.label
+    raw = open_region(region)
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(raw)
     except zipfile.BadZipFile:
+        raw.close()
         raise FormatError(f"{path}: file is truncated or corrupted: its zip directory cannot be read") from None
-    with archive, open(path, "rb") as raw:
+    with archive, raw:
         members = {i.filename: i for i in archive.infolist()}
         pkl = next((n for n in members if n.endswith("data.pkl") and n.count("/") <= 1), None)
         if pkl is None:
@@ -148,15 +156,15 @@ def _read_zip(path: str, trust: bool) -> TorchPickle:
             raise FormatError(f"{path}: corrupted archive member data.pkl ({e})") from None
         root = RestrictedUnpickler(io.BytesIO(data), path=path, persistent_load=persistent, trust=trust).load()
         offsets = {key: locate(key) for key in refs}
-        file_size = os.path.getsize(path)
         for key, (start, length) in offsets.items():
-            if start + length > file_size:
+            if start + length > region.size:
                 raise FormatError(f"{path}: file is truncated: storage data/{key} ends past the end of the file")
-    return TorchPickle(path, root, offsets)
+    return TorchPickle(region, root, offsets)
 
 
-def _read_legacy(path: str, trust: bool) -> TorchPickle:
+def _read_legacy(region: Region, trust: bool) -> TorchPickle:
     """Torch's pre-1.6 format: magic, protocol, sys_info, main pickle, storage keys, then raw storages."""
+    path = region.label
     refs: dict[str, StorageRef] = {}
 
     def persistent(pid: Any) -> StorageRef:
@@ -166,7 +174,7 @@ def _read_legacy(path: str, trust: bool) -> TorchPickle:
         refs.setdefault(ref.key, ref)
         return ref
 
-    with open(path, "rb") as f:
+    with open_region(region) as f:
         unpickle = lambda: RestrictedUnpickler(f, path=path, persistent_load=persistent, trust=trust).load()  # noqa: E731
         if unpickle() != _LEGACY_MAGIC:
             raise FormatError(f"{path}: not a torch checkpoint (neither a zip archive nor torch's legacy pickle format)")
@@ -177,7 +185,7 @@ def _read_legacy(path: str, trust: bool) -> TorchPickle:
         root = unpickle()
         keys = unpickle()
         offsets: dict[str, tuple[int, int]] = {}
-        file_size = os.path.getsize(path)
+        file_size = region.size
         pos = f.tell()
         for key in keys:
             ref = refs.get(key)
@@ -190,7 +198,7 @@ def _read_legacy(path: str, trust: bool) -> TorchPickle:
             pos += 8 + numel * itemsize
             if pos > file_size:
                 raise FormatError(f"{path}: file is truncated: storage {key!r} ends past the end of the file")
-    return TorchPickle(path, root, offsets)
+    return TorchPickle(region, root, offsets)
 
 
 def _pread(f: BinaryIO, offset: int, n: int) -> bytes:
@@ -302,10 +310,10 @@ class TorchFile(FileTensorSource):
     (epoch, global_step, optimizer states, schedulers, hyper-parameters) as plain data.
     """
 
-    def __init__(self, path: str | os.PathLike, *, trust: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike | Region, *, trust: bool = False) -> None:
         super().__init__()
-        self.path = os.fspath(path)
-        parsed = read_torch_pickle(self.path, trust=trust)
+        parsed = read_torch_pickle(path, trust=trust)
+        self.path = parsed.path
         self.format_name = "lightning" if is_lightning(parsed.root) else "torch"
         try:
             self.weights_key, tensors = select_weights(parsed.root)

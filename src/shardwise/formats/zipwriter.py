@@ -15,19 +15,15 @@ local header after the data (the file must be seekable).
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from ..atomic import write_all
+from ..checksum import crc32
 from ..errors import FormatError
 
 __all__ = ["StoredZipWriter", "crc32"]
 
-try:  # same CRC-32 as zlib, about 6x faster
-    from zlib_ng.zlib_ng import crc32
-except ImportError:  # pragma: no cover - exercised where zlib-ng is missing
-    crc32 = zlib.crc32
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")

@@ -1,0 +1,200 @@
+"""The members of a tar archive, found by walking its headers only: no data is read or extracted.
+
+An uncompressed tar stores each member's bytes contiguously, so a member is fully described by
+its data offset and size, and can be read in place (:class:`~shardwise.formats.region.Region`).
+Gzip-compressed archives (``.nemo`` files written before NeMo 1.7) have no such offsets; they are
+decompressed once into a temporary uncompressed tar (see :func:`open_tar`), which costs disk
+space equal to the archive and is deleted on close.
+
+Names are normalised the way NeMo writes them and tar reads them: ``./model_config.yaml`` and
+``model_config.yaml`` are the same member, stored as ``model_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from ..errors import FormatError
+from ..formats.region import Region
+
+__all__ = ["TarMember", "TarIndex", "open_tar", "looks_like_tar", "normalize_name", "unsafe_reason"]
+
+_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One archive entry. ``kind`` is file, dir, symlink, hardlink or other (devices, fifos...)."""
+
+    name: str  # normalised: no leading "./", no trailing "/"; "" for the archive root "."
+    raw_name: str  # as stored in the archive
+    kind: str
+    size: int
+    offset: int  # where the data starts in the (uncompressed) tar
+    mode: int
+    linkname: str = ""
+
+
+def normalize_name(raw: str) -> str:
+    """``./a/b/`` -> ``a/b``; the root ``.`` or ``./`` -> ``""``. Does not judge safety (see unsafe_reason)."""
+    name = raw
+    while name.startswith("./"):
+        name = name[2:]
+    name = name.rstrip("/")
+    return "" if name == "." else name
+
+
+def unsafe_reason(member: TarMember) -> str | None:
+    """Why extracting ``member`` could write outside the target folder or create a special file, else None."""
+    raw = member.raw_name
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        return "has an absolute path"
+    if "\\" in raw:
+        return "has a backslash in its path"
+    if any(part == ".." for part in PurePosixPath(raw).parts):
+        return "has '..' in its path"
+    if "\0" in raw:
+        return "has a NUL byte in its name"
+    if member.kind in ("symlink", "hardlink"):
+        return f"is a {member.kind} (to {member.linkname!r})"
+    if member.kind == "other":
+        return "is a device, fifo or other special file"
+    return None
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.isreg():
+        return "file"
+    if info.isdir():
+        return "dir"
+    if info.issym():
+        return "symlink"
+    if info.islnk():
+        return "hardlink"
+    return "other"
+
+
+def looks_like_tar(head: bytes) -> bool:
+    """True for gzip data or a tar header (POSIX/GNU magic, or a valid old-style checksum)."""
+    if head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
+        return True
+    if len(head) < _BLOCK or not head[148:156].strip(b" \0"):
+        return False
+    try:
+        stored = int(head[148:156].strip(b" \0"), 8)
+    except ValueError:
+        return False
+    return stored == sum(head[:148]) + 8 * 32 + sum(head[156:_BLOCK])
+
+
+class TarIndex:
+    """The members of one uncompressed tar file, by normalised name, in archive order.
+
+    ``path`` is the file the offsets refer to (for a gzip archive: its temporary decompressed
+    copy); ``label`` is the name used in messages (the archive the user gave). Close it to delete
+    a temporary copy. Duplicate names, truncated data and a missing end-of-archive marker are
+    FormatErrors.
+    """
+
+    def __init__(self, path: str, label: str, compressed: bool = False, temporary: bool = False) -> None:
+        self.path = path
+        self.label = label
+        self.compressed = compressed
+        self._temporary = temporary
+        self.members: dict[str, TarMember] = {}
+        self._walk()
+
+    def _walk(self) -> None:
+        size = os.path.getsize(self.path)
+        end = 0
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                for info in tar:
+                    member = TarMember(
+                        normalize_name(info.name), info.name, _kind(info), info.size if info.isreg() else 0,
+                        info.offset_data, info.mode, info.linkname,
+                    )
+                    if member.name in self.members and member.kind != "dir":
+                        raise FormatError(f"{self.label}: member {info.name!r} appears twice in the archive")
+                    if member.offset + member.size > size:
+                        raise FormatError(
+                            f"{self.label}: archive is truncated: member {info.name!r} needs bytes up to offset "
+                            f"{member.offset + member.size} but the file ends at {size}"
+                        )
+                    self.members.setdefault(member.name, member)
+                    end = member.offset + -(-member.size // _BLOCK) * _BLOCK
+        except tarfile.TarError as e:
+            raise FormatError(f"{self.label}: not a readable tar archive, or truncated ({e})") from None
+        if not self.members:
+            raise FormatError(f"{self.label}: the archive is empty")
+        with open(self.path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * _BLOCK)
+        if len(marker) < 2 * _BLOCK or marker.count(0) != len(marker):
+            raise FormatError(f"{self.label}: archive is truncated: the end-of-archive marker after the last member is missing")
+
+    def files(self) -> list[TarMember]:
+        return [m for m in self.members.values() if m.kind == "file"]
+
+    def get(self, name: str) -> TarMember | None:
+        return self.members.get(normalize_name(name))
+
+    def region(self, name: str) -> Region:
+        """The bytes of regular-file member ``name``, readable in place."""
+        member = self.members[normalize_name(name)]
+        return Region(self.path, member.offset, member.size, f"{self.label}:{member.raw_name}")
+
+    def under(self, folder: str) -> list[TarMember]:
+        """Members inside ``folder`` (normalised name), excluding the folder entry itself."""
+        prefix = normalize_name(folder) + "/"
+        return [m for m in self.members.values() if m.name.startswith(prefix)]
+
+    def close(self) -> None:
+        if self._temporary and os.path.exists(self.path):
+            os.unlink(self.path)
+            self._temporary = False
+
+    def __enter__(self) -> "TarIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_tar(path: str | os.PathLike) -> TarIndex:
+    """Index the tar at ``path``; a gzip-compressed tar is first decompressed to a temporary file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"\x1f\x8b":
+        return TarIndex(path, path)
+    fd, temp = tempfile.mkstemp(prefix="shardwise-gunzip-", suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except (OSError, EOFError, zlib.error) as e:
+        os.unlink(temp)
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
+            raise
+        raise FormatError(f"{path}: corrupted or truncated gzip archive ({e})") from None
+    except BaseException:
+        os.unlink(temp)
+        raise
+    try:
+        return TarIndex(temp, path, compressed=True, temporary=True)
+    except BaseException:
+        os.unlink(temp)
+        raise

@@ -1,0 +1,121 @@
+"""Writing an archive in NeMo's layout, streaming each rank's weights straight into the tar.
+
+Member order: the root ``.``, ``model_config.yaml``, artifacts, then each rank's weights
+(``model_weights.ckpt`` at the root, or in ``mp_rank_XX/`` / ``tp_rank_XX_pp_rank_XXX/``), and
+the shardwise manifest last. The archive is staged and committed atomically, so a crash or bad
+input never leaves a partial archive at the destination.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import atomic_output
+from ..engine import TensorStreamer, write_streaming, write_weights
+from ..errors import OptionError
+from ..plan import PlannedFile
+from ..progress import NO_PROGRESS, Progress
+from .artifacts import PlannedArtifact
+from .layout import CONFIG_NAME, MANIFEST_NAME, ArchiveLayout, rank_folder
+from .manifest import manifest_bytes
+from .tar_writer import TarWriter, WrittenMember
+
+__all__ = ["ArchiveShard", "write_archive", "config_yaml", "WEIGHTS_MEMBER"]
+
+WEIGHTS_MEMBER = {"torch": "model_weights.ckpt", "safetensors": "model_weights.safetensors"}
+
+
+@dataclass(frozen=True)
+class ArchiveShard:
+    """One rank's weights: the source its tensors are read from and the planned file (names, casts)."""
+
+    tp_rank: int
+    pp_rank: int
+    source: Any  # a TensorSource
+    planned: PlannedFile
+
+
+def config_yaml(config: dict, label: str = "config") -> bytes:
+    """``config`` as YAML, keys in their given order; OptionError for values YAML cannot hold."""
+    try:
+        text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    except yaml.YAMLError as e:
+        raise OptionError(f"{label}: cannot be written as YAML ({str(e).splitlines()[0]}); use plain dicts, lists, strings and numbers") from None
+    return text.encode("utf-8")
+
+
+def _add_artifact(tar: TarWriter, artifact: PlannedArtifact) -> None:
+    if not artifact.is_dir:
+        tar.add_file(artifact.member, artifact.entries[0][1])
+        return
+    folders = {""}
+    tar.add_dir(artifact.member)
+    for relname, path in artifact.entries:
+        parts = relname.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            if folder not in folders:
+                folders.add(folder)
+                tar.add_dir(f"{artifact.member}/{folder}")
+        tar.add_file(f"{artifact.member}/{relname}", path)
+
+
+def write_archive(
+    dst: Path,
+    *,
+    config: dict,
+    shards: list[ArchiveShard],
+    tp: int = 1,
+    pp: int = 1,
+    weights_format: str = "torch",
+    artifacts: list[PlannedArtifact] = (),
+    overwrite: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> list[WrittenMember]:
+    """Write the archive ``dst`` atomically; returns the regular members written (with CRC-32s).
+
+    ``shards`` holds one entry per (tp_rank, pp_rank) of the TP x PP grid; their tensors are
+    streamed chunk by chunk, so memory stays bounded by the engine's buffers.
+    """
+    if weights_format not in WEIGHTS_MEMBER:
+        raise OptionError(f"weights format {weights_format!r}: choose torch (model_weights.ckpt, NeMo's default) or safetensors")
+    if sorted((s.tp_rank, s.pp_rank) for s in shards) != [(t, p) for t in range(tp) for p in range(pp)]:
+        raise OptionError(f"{dst}: the shards given do not form a TP={tp} x PP={pp} grid")
+    config_bytes = config_yaml(config, f"{dst}: {CONFIG_NAME}")
+    weights_name = WEIGHTS_MEMBER[weights_format]
+    members = {(s.tp_rank, s.pp_rank): "/".join(filter(None, [rank_folder(s.tp_rank, s.pp_rank, tp, pp), weights_name])) for s in shards}
+    layout = ArchiveLayout("single" if tp * pp == 1 else "sharded", tp, pp, weights_format, members)
+    streamer = TensorStreamer(shards[0].source, progress)  # one pair of buffers, reused for every rank
+
+    def produce(sink) -> None:
+        tar = TarWriter(sink)
+        tar.add_dir("")
+        tar.add_bytes(CONFIG_NAME, config_bytes)
+        for artifact in artifacts:
+            _add_artifact(tar, artifact)
+        for shard in sorted(shards, key=lambda s: (s.pp_rank, s.tp_rank)):
+            folder = rank_folder(shard.tp_rank, shard.pp_rank, tp, pp)
+            if folder:
+                tar.add_dir(folder)
+            streamer.source = shard.source
+            tar.add_stream(
+                members[(shard.tp_rank, shard.pp_rank)],
+                lambda member, shard=shard: write_weights(member, "model_weights", shard.planned, streamer, {"format": "pt"}),
+            )
+        tar.add_bytes(MANIFEST_NAME, manifest_bytes(tar.members, layout.as_dict()))
+        tar.close()
+        written.extend(tar.members)
+
+    written: list[WrittenMember] = []
+    progress.start(sum(s.planned.nbytes for s in shards), "write archive")
+    try:
+        with atomic_output(dst, is_dir=False, overwrite=overwrite) as stage:
+            write_streaming(stage, produce, mode="w+b")
+    finally:
+        progress.finish()
+    return written
