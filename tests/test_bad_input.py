@@ -90,7 +90,7 @@ BAD_INPUTS = {
     "unknown format": (_unknown_format, "unknown format"),
     "truncated torch file": (_truncated_torch, "truncated or corrupted"),
     "missing path": (_missing, "no such file or folder"),
-    "tar archive": (_nemo_archive, "tar archive"),
+    "archive without weights": (_nemo_archive, "no model weights in the archive"),
     "index naming a missing shard": (_index_with_missing_shard, "missing"),
     "index escaping its folder": (_index_escaping_folder, "not a plain file name"),
 }

@@ -6,6 +6,8 @@ The public API (everything else is implementation):
 - :func:`convert` between formats, bit-exact unless a dtype is asked for
 - :func:`diff` two checkpoints tensor by tensor -> :class:`DiffReport`
 - :func:`inspect` a checkpoint -> plain dict (what ``shardwise inspect --json`` prints)
+- :func:`save_to` / :func:`restore_from` a model with its config and artifacts as one
+  NeMo-compatible archive; :class:`ArchiveMixin` adds both to an ``nn.Module`` subclass
 - the errors in :mod:`shardwise.errors`
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .archive import ArchiveMixin, RestoredArchive, restore_from, save_to
 from .engine import ConvertResult, convert
 from .errors import (
     FormatError,
@@ -30,7 +33,7 @@ from .verify import DiffReport, Mismatch, diff
 
 __all__ = [
     "__version__",
-    "open", "convert", "diff", "inspect",
+    "open", "convert", "diff", "inspect", "save_to", "restore_from", "ArchiveMixin", "RestoredArchive",
     "Checkpoint", "ConvertResult", "DiffReport", "Mismatch", "TensorInfo", "TensorSource", "StoredTensor",
     "ShardwiseError", "FormatError", "UnsafeCheckpointError", "OutputExistsError", "IntegrityError",
     "LayoutError", "OptionError",

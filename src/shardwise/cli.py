@@ -72,10 +72,13 @@ def inspect(
 def convert(
     src: Path = typer.Argument(..., help="The checkpoint to read (file or folder)."),
     dst: Path = typer.Argument(..., help="Where to write (a file, or a folder for hf and sharded outputs)."),
-    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch or hf (default: from DST's suffix)."),
+    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf or archive (default: from DST's suffix; .nemo is an archive)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),
+    weights_format: Optional[str] = typer.Option(None, "--weights-format", help="Archive weights: torch (model_weights.ckpt, default) or safetensors."),
+    hparams_file: Optional[Path] = typer.Option(None, "--hparams-file", help="Archive config from this YAML instead of the checkpoint's hyper_parameters.cfg."),
+    checkpoint_name: Optional[str] = typer.Option(None, "--checkpoint-name", help="Which .ckpt to take from each mp_rank_XX / tp_rank_XX_pp_rank_XXX folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
@@ -84,8 +87,8 @@ def convert(
     from .engine import convert as run
 
     result = run(
-        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config,
-        overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+        src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config, weights_format=weights_format,
+        hparams_file=hparams_file, checkpoint_name=checkpoint_name, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
     )
     for warning in result.warnings:
         typer.echo(f"shardwise: warning: {warning}", err=True)
@@ -116,6 +119,32 @@ def diff(
 
         render_diff(report)
     raise typer.Exit(0 if report.equal else 1)
+
+
+@app.command()
+def pack(
+    folder: Path = typer.Argument(..., help="The folder to pack (e.g. an unpacked archive)."),
+    archive: Path = typer.Argument(..., help="The tar archive to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace ARCHIVE if it exists (atomically)."),
+) -> None:
+    """Pack a folder into an uncompressed tar with ./ member names (with a manifest for model folders)."""
+    from .archive.unpack import pack as run
+
+    names = run(folder, archive, overwrite=overwrite)
+    typer.echo(f"wrote {archive}: {len(names)} files")
+
+
+@app.command()
+def unpack(
+    archive: Path = typer.Argument(..., help="The archive (.nemo or any tar, gzip too)."),
+    folder: Path = typer.Argument(..., help="The folder to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace FOLDER if it exists (atomically)."),
+) -> None:
+    """Unpack an archive safely: absolute paths, '..', links and devices are refused; checksums are checked."""
+    from .archive.unpack import unpack as run
+
+    names = run(archive, folder, overwrite=overwrite)
+    typer.echo(f"wrote {folder}: {len(names)} files")
 
 
 def run(argv: list[str] | None = None) -> int:

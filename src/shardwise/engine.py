@@ -192,13 +192,18 @@ def convert(
     dtype: str | None = None,
     max_shard_size: str | int | None = None,
     config: str | os.PathLike | None = None,
+    weights_format: str | None = None,
+    hparams_file: str | os.PathLike | None = None,
+    checkpoint_name: str | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into ``dst``, streaming one tensor (chunk) at a time.
 
-    ``to`` is ``safetensors``, ``torch`` or ``hf`` (default: from ``dst``'s suffix). Without
+    ``to`` is ``safetensors``, ``torch``, ``hf`` or ``archive`` (default: from ``dst``'s suffix;
+    archives are described in :func:`shardwise.archive.convert.convert_to_archive`, which takes
+    ``weights_format``, ``hparams_file`` and ``checkpoint_name``). Without
     ``dtype`` the output tensors are bit-identical to the input's; with it (``bf16``, ``fp16``,
     ``fp32``) floating tensors are cast. ``max_shard_size`` (``"5GB"``, bytes) makes the output a
     folder of HF-named shards with an index. ``config`` supplies config.json for ``hf`` outputs
@@ -210,16 +215,32 @@ def convert(
     started = time.perf_counter()
     dst = Path(dst)
     to = to or infer_format(str(dst))
+    if to == "archive":
+        if config is not None or max_shard_size is not None:
+            raise OptionError("--config and --max-shard-size do not apply to archives (see --hparams-file)")
+        from .archive.convert import convert_to_archive
+
+        return convert_to_archive(
+            src, dst, weights_format=weights_format, dtype=dtype, hparams_file=hparams_file, checkpoint_name=checkpoint_name,
+            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress,
+        )
+    for name, value in (("--weights-format", weights_format), ("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name)):
+        if value is not None:
+            raise OptionError(f"{name} applies to --to archive only")
     cast = parse_cast_dtype(dtype) if dtype else None
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     if config is not None:
         read_config(Path(config))  # refuse a config that is not a JSON object before writing anything
     with open_checkpoint(src, trust_pickle=trust_pickle) as ckpt:
+        if ckpt.archive is not None:
+            from .archive.convert import check_unsharded
+
+            check_unsharded(ckpt, to)
         plan = plan_output(ckpt.infos(), to=to, cast=cast, max_shard_size=limit)
         if config is not None and not plan.is_dir:
             raise OptionError(f"--config {config}: a config goes into a folder output; use --to hf or --max-shard-size")
         _check_writable(plan, dst)
-        warnings = _warnings(ckpt, plan, config)
+        warnings = list(_warnings(ckpt, plan, config))
         metadata = {**ckpt.metadata, "format": "pt"}
         streamer = TensorStreamer(ckpt.tensors, progress)
         progress.start(plan.total_bytes, f"convert to {to}")
@@ -232,13 +253,17 @@ def convert(
                         _write_file(stage, dst.name, planned_file, streamer, metadata)
                 if plan.index_name:
                     _write_index(stage / plan.index_name, plan)
+                if ckpt.archive is not None and plan.copy_companions:
+                    from .archive.convert import export_hf_files
+
+                    warnings += export_hf_files(ckpt.archive, stage)[1]
                 if plan.copy_companions or config is not None:
                     _copy_companions(ckpt, stage, config)
         finally:
             progress.finish()
     files = tuple(f.relpath for f in plan.files) + ((plan.index_name,) if plan.index_name else ())
     return ConvertResult(
-        str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, warnings
+        str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, tuple(warnings)
     )
 
 
@@ -253,6 +278,6 @@ def _check_writable(plan: OutputPlan, dst: Path) -> None:
 
 
 def _warnings(ckpt: Checkpoint, plan: OutputPlan, config: str | os.PathLike | None) -> tuple[str, ...]:
-    if plan.format == "hf" and config is None and "config.json" not in ckpt.companion_files:
+    if plan.format == "hf" and config is None and "config.json" not in ckpt.companion_files and ckpt.archive is None:
         return (f"{ckpt.path}: has no config.json, so the HF folder will hold weights only; pass --config to add one",)
     return ()

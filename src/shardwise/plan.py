@@ -14,7 +14,7 @@ from .tensors import TensorInfo
 
 __all__ = ["PlannedTensor", "PlannedFile", "OutputPlan", "OUTPUT_FORMATS", "plan_output", "split_into_shards", "infer_format"]
 
-OUTPUT_FORMATS = ("safetensors", "torch", "hf")
+OUTPUT_FORMATS = ("safetensors", "torch", "hf", "archive")
 HF_DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 _SHARD_STEMS = {"safetensors": ("model", ".safetensors", "model.safetensors.index.json"),
                 "torch": ("pytorch_model", ".bin", "pytorch_model.bin.index.json")}
@@ -70,6 +70,8 @@ def infer_format(dst: str) -> str:
         return "safetensors"
     if lower.endswith((".pt", ".pth", ".bin")):
         return "torch"
+    if lower.endswith(".nemo"):
+        return "archive"
     raise OptionError(f"{dst}: cannot tell the output format from the name; pass --to {{{','.join(OUTPUT_FORMATS)}}}")
 
 

@@ -53,6 +53,16 @@ def render_inspect(summary: dict, *, show_all: bool = False) -> None:
         head.add_row("lr_schedulers", str(len(state["lr_schedulers"])))
     if "hyper_parameters" in state:
         head.add_row("hyper_parameters", f"{len(state['hyper_parameters'] or {})} keys (see --json)")
+    archive = summary.get("archive")
+    if archive:
+        files = [m for m in archive["members"] if m["kind"] == "file"]
+        head.add_row("members", f"{len(files)} files{' (gzip-compressed)' if archive['compressed'] else ''}")
+        for artifact in archive["artifacts"]:
+            used = ", ".join(artifact["referenced_by"]) or "not referenced by the config"
+            size = "MISSING" if artifact["kind"] == "missing" else f"{artifact['files']} file(s), {format_bytes(artifact['size'])}"
+            head.add_row("artifact", f"{artifact['name']} ({size}) <- {used}")
+        manifest = archive["manifest"]
+        head.add_row("manifest", f"{manifest['format']} v{manifest['version']} ({manifest['created_by']})" if manifest else "none (not written by shardwise)")
     console.print(head)
 
     tensors = summary["tensors"]

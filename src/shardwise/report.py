@@ -32,6 +32,17 @@ def describe(ckpt: Checkpoint) -> dict:
         "companion_files": ckpt.companion_files,
         "tokenizer_files": ckpt.tokenizer_files,
         "training_state": ckpt.training_state or None,
+        "archive": _archive_summary(ckpt.archive) if ckpt.archive is not None else None,
+    }
+
+
+def _archive_summary(archive) -> dict:
+    return {
+        "compressed": archive.index.compressed,
+        "layout": archive.layout.as_dict(),
+        "members": archive.members(),
+        "artifacts": archive.artifacts(),
+        "manifest": None if archive.manifest is None else {k: archive.manifest.get(k) for k in ("format", "version", "created_by")},
     }
 
 

@@ -188,7 +188,7 @@ class Archive:
 
 
 def copy_member(index: TarIndex, member: TarMember, target: Path, *, chunk: int = 8 << 20) -> int:
-    """Copy one member's bytes to a new file ``target``; returns the CRC-32 of what was copied."""
+    """Copy one member's bytes to a new file ``target`` (fsynced); returns the CRC-32 of what was copied."""
     from ..checksum import crc32
 
     crc, done = 0, 0
@@ -202,4 +202,5 @@ def copy_member(index: TarIndex, member: TarMember, target: Path, *, chunk: int 
             crc = crc32(view[:n], crc)
             write_all(out, view[:n])
             done += n
+        os.fsync(out.fileno())
     return crc

@@ -61,12 +61,15 @@ class Checkpoint:
     tokenizer_files: list[str] = field(default_factory=list)
     training_state: dict[str, Any] | None = None
     layout: dict | None = None
+    archive: Any = None  # the open shardwise.archive.Archive, for format "archive"
 
     def infos(self) -> list[TensorInfo]:
         return [self.tensors.info(name) for name in self.tensors.keys()]
 
     def close(self) -> None:
         self.tensors.close()
+        if self.archive is not None:
+            self.archive.close()
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -85,8 +88,6 @@ def _open_file(path: Path, trust_pickle: bool) -> FileTensorSource:
         return SafetensorsFile(path)
     if looks_like_torch(head):
         return TorchFile(path, trust=trust_pickle)
-    if head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar":
-        raise FormatError(f"{path}: is a tar archive (a .nemo file?); this version of shardwise does not read archives")
     if len(head) >= 8 and head[8:9] == b"{":
         SafetensorsFile(path)  # raises the precise header error (truncated, oversized length)
     raise FormatError(f"{path}: unknown format: neither safetensors, a torch checkpoint, nor a model folder")
@@ -105,6 +106,8 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> C
         raise FormatError(f"{path}: no such file or folder")
     if path.is_dir():
         return _open_folder(path, trust_pickle)
+    if _is_archive(path):
+        return _open_archive(path, trust_pickle)
     if path.name.endswith(".index.json"):
         shards = read_index(path)
         source = _open_files(shards, trust_pickle)
@@ -120,6 +123,37 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> C
         config=_lightning_config(source),
         metadata=getattr(source, "metadata", {}),
         training_state=getattr(source, "training_state", None),
+    )
+
+
+def _is_archive(path: Path) -> bool:
+    from ..archive.tar_index import looks_like_tar
+
+    with open(path, "rb") as f:
+        return looks_like_tar(f.read(512))
+
+
+def _open_archive(path: Path, trust_pickle: bool) -> Checkpoint:
+    """A ``.nemo``-style archive: weights read in place; sharded archives name tensors ``<rank folder>/<name>``."""
+    from ..archive.reader import Archive
+
+    archive = Archive(path)
+    try:
+        layout = archive.layout
+        source = FileTensorSource() if layout.kind == "distributed" else archive.all_weights(trust_pickle=trust_pickle)
+    except BaseException:
+        archive.close()
+        raise
+    return Checkpoint(
+        str(path),
+        "archive",
+        layout.weights_format or "distributed",
+        source,
+        [f"{path}:{name}" for name in (layout.shards.values() or layout.distributed_files)],
+        config=archive.model_config,
+        metadata=dict(getattr(source, "metadata", {})),
+        layout=None if layout.kind == "single" else layout.as_dict(),
+        archive=archive,
     )
 
 

@@ -1,0 +1,84 @@
+"""``pack`` and ``unpack``: an archive as a plain tar, made and opened safely.
+
+``unpack`` checks every member before writing anything: absolute paths, ``..``, links, devices
+and other special files are refused (FormatError, exit 2), so nothing can land outside the
+target folder. Files are written into a staging folder, checked against the archive's manifest
+(CRC-32) when it has one, and the folder is committed atomically. ``pack`` stores a folder's files
+and sub-folders as ``./NAME`` members; when the folder is a model archive's contents it also
+writes a fresh manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import atomic_output
+from ..engine import write_streaming
+from ..errors import FormatError, IntegrityError, OptionError
+from .layout import MANIFEST_NAME, detect_layout
+from .manifest import manifest_bytes, read_manifest
+from .reader import copy_member
+from .tar_index import open_tar, unsafe_reason
+from .tar_writer import TarWriter
+
+__all__ = ["pack", "unpack"]
+
+
+def unpack(archive: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
+    """Extract ``archive`` into the new folder ``folder``; returns the files written (relative names)."""
+    with open_tar(archive) as index:
+        for member in index.members.values():
+            reason = unsafe_reason(member)
+            if reason:
+                raise FormatError(f"{archive}: refusing to unpack member {member.raw_name!r}: it {reason}; nothing was written")
+        manifest = read_manifest(index)
+        expected = {m["name"]: m.get("crc32") for m in manifest["members"]} if manifest else {}
+        written = []
+        with atomic_output(folder, is_dir=True, overwrite=overwrite) as stage:
+            for member in index.members.values():
+                target = stage / member.name
+                if member.kind == "dir":
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                crc = copy_member(index, member, target)
+                if member.name in expected and f"{crc:08x}" != expected[member.name]:
+                    raise IntegrityError(f"{archive}: member {member.name} is corrupted: CRC-32 {crc:08x}, the manifest says {expected[member.name]}")
+                written.append(member.name)
+    return written
+
+
+def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
+    """Write ``folder``'s files into the tar ``archive`` (members ``./NAME``); returns the member names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OptionError(f"{folder}: not a folder")
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        relname = path.relative_to(folder).as_posix()
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            raise FormatError(f"{path}: is a link or special file; pack stores regular files and folders only")
+        if relname != MANIFEST_NAME:
+            entries.append((relname, path))
+    files = [name for name, path in entries if path.is_file()]
+    try:
+        layout = detect_layout(files, str(folder)).as_dict()
+    except FormatError:
+        layout = None  # not a model archive's contents: a plain tar, without manifest
+
+    def produce(sink) -> None:
+        tar = TarWriter(sink)
+        tar.add_dir("")
+        for name, path in entries:
+            if path.is_dir():
+                tar.add_dir(name)
+            else:
+                tar.add_file(name, path)
+        if layout is not None:
+            tar.add_bytes(MANIFEST_NAME, manifest_bytes(tar.members, layout))
+        tar.close()
+
+    with atomic_output(archive, is_dir=False, overwrite=overwrite) as stage:
+        write_streaming(stage, produce, mode="w+b")
+    return files + ([MANIFEST_NAME] if layout is not None else [])
