@@ -107,6 +107,11 @@ def save_to(
 def _module_config(module: Any) -> Any:
     if hasattr(module, "archive_config"):
         return module.archive_config()
+    return _attribute_config(module)
+
+
+def _attribute_config(module: Any) -> Any:
+    """A module's ``config`` or ``cfg`` attribute (NeMo models keep theirs as ``cfg``), if it has one."""
     for name in ("config", "cfg"):
         value = getattr(module, name, None)
         if value is not None and not callable(value):
@@ -346,11 +351,7 @@ class ArchiveMixin:
     """
 
     def archive_config(self) -> Any:
-        for name in ("config", "cfg"):
-            value = getattr(self, name, None)
-            if value is not None and not callable(value):
-                return value
-        return None
+        return _attribute_config(self)
 
     @classmethod
     def from_archive_config(cls, config: dict) -> Any:
