@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +22,7 @@ from ..errors import FormatError, OptionError
 __all__ = ["NEMO_PREFIX", "PlannedArtifact", "make_artifact", "folder_entries", "plan_artifacts", "references", "resolve_references", "set_config_value"]
 
 NEMO_PREFIX = "nemo:"
+_HASHED = re.compile(r"^[0-9a-f]{32}_(?=.)")  # an artifact restored from an archive keeps one hash, not two
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def plan_artifacts(config: dict, artifacts: dict[str, str | os.PathLike]) -> lis
         if not (path.is_file() or path.is_dir()):
             raise OptionError(f"{path}: artifact {key!r} is neither a regular file nor a folder")
         entries = folder_entries(path) if path.is_dir() else (("", path),)
-        artifact = make_artifact(key, path.resolve().name, entries, path.is_dir())
+        artifact = make_artifact(key, _HASHED.sub("", path.resolve().name), entries, path.is_dir())
         planned.setdefault(artifact.member, artifact)
         set_config_value(config, key, NEMO_PREFIX + artifact.member)
     return list(planned.values())
