@@ -418,7 +418,7 @@ def print_report(ctx: dict, steps: dict[str, Step], summary: dict, checks: dict,
     say("  every tensor has been read once (NeMo way: before removing the folder, as load_state_dict would); process =")
     say("  whole child wall time incl. interpreter start-up and imports; all medians. Runs of the +touch time:")
     for s in steps.values():
-        say(f"    {s.label:<40}{' '.join(f'{x:.2f}' for x in s.values('op'))}")
+        say(f"    {s.label:<42}{' '.join(f'{x:.2f}' for x in s.values('op'))}")
     for name in ("inspect_nemo", "restore_st_nemo", "restore_pt_nemo"):
         s = steps[name]
         keys = ("extract", "load", "touch", "cleanup") if name.startswith("restore") else ("extract", "load", "cleanup")
@@ -427,11 +427,11 @@ def print_report(ctx: dict, steps: dict[str, Step], summary: dict, checks: dict,
         s = steps[name]
         say(f"  {s.label}: restore_from {s.median('returned'):.2f} s, touch {s.median('touch'):.2f} s")
 
-    say(f"\n{'time ratio shardwise / NeMo way (lower is better)':<50}{'median':>8}{'best':>8}{'process':>9}")
+    say(f"\n{'time ratio shardwise / NeMo way (lower is better)':<54}{'median':>8}{'best':>8}{'process':>9}")
     for r in summary["ratios"].values():
-        say(f"{r['label'] + ', returned':<50}{r['returned_median']:>7.3f}x{r['returned_best']:>7.3f}x{r['process_median']:>8.2f}x")
+        say(f"{r['label'] + ', returned':<54}{r['returned_median']:>7.3f}x{r['returned_best']:>7.3f}x{r['process_median']:>8.2f}x")
         if not r["label"].startswith("inspect"):
-            say(f"{r['label'] + ', +touch (tensors used)':<50}{r['op_median']:>7.3f}x{r['op_best']:>7.3f}x")
+            say(f"{r['label'] + ', +touch (tensors used)':<54}{r['op_median']:>7.3f}x{r['op_best']:>7.3f}x")
 
     d = summary["disk"]
     say("\nextra disk during restore: peak bytes of files under TMPDIR / peak drop of the filesystem's free space")

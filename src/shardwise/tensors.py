@@ -164,14 +164,17 @@ class FileTensorSource:
 
     def read(self, name: str):
         """The whole tensor as a new contiguous CPU ``torch.Tensor``."""
-        entry = self._entry(name)
-        buf = bytearray(entry.span)
-        self.read_into(entry, entry.offset, memoryview(buf))
-        if entry.contiguous:
-            return tensor_from_bytes(buf, entry.info)
         import torch
 
-        flat = tensor_from_bytes(buf, TensorInfo(name, (entry.span // entry.info.itemsize,), entry.info.dtype))
+        entry = self._entry(name)
+        torch_dtype = dtype_row(entry.info.dtype).torch()
+        # torch.empty, not bytearray: no zero-filling pass over memory that preadv overwrites anyway
+        if entry.contiguous:
+            out = torch.empty(entry.info.shape, dtype=torch_dtype)
+            self.read_into(entry, entry.offset, tensor_bytes(out))
+            return out
+        flat = torch.empty(entry.span // entry.info.itemsize, dtype=torch_dtype)
+        self.read_into(entry, entry.offset, tensor_bytes(flat))
         return torch.as_strided(flat, entry.info.shape, entry.strides).contiguous()
 
     def read_rows(self, name: str, start: int, stop: int):

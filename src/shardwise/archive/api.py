@@ -203,9 +203,10 @@ def restore_from(
         if verify:
             _verify(archive, ranks, wanted_artifacts)
         cls = model_cls or _target_class(raw_config, allow_target, label)
-        folder, temporary = _artifact_folder(artifacts_dir)
+        present = [m for m in wanted_artifacts if archive.index.get(m) is not None]
+        folder, temporary = _artifact_folder(artifacts_dir, needed=bool(present))
         try:
-            archive.extract([m for m in wanted_artifacts if archive.index.get(m) is not None], folder)
+            archive.extract(present, folder)
             config = resolve_references(raw_config, folder, label)
             with archive.weights(*ranks, trust_pickle=trust_pickle) as source:
                 if cls is None:
@@ -223,7 +224,7 @@ def restore_from(
             if temporary:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-    holder = _ArtifactFolder(result, folder, temporary)
+    holder = _ArtifactFolder(result, folder, temporary) if folder is not None else None
     if cls is None:
         result._artifacts = holder
     else:
@@ -276,11 +277,14 @@ def _target_class(config: dict, allow_target: bool | Iterable[str], label: str) 
         raise OptionError(f"{label}: cannot import the config's target {target!r} ({e})") from None
 
 
-def _artifact_folder(artifacts_dir: str | os.PathLike | None) -> tuple[Path, bool]:
+def _artifact_folder(artifacts_dir: str | os.PathLike | None, *, needed: bool) -> tuple[Path | None, bool]:
+    """Where artifacts go: the caller's folder (kept), a new temporary one, or None when there are none."""
     if artifacts_dir is not None:
         folder = Path(artifacts_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return folder, False
+    if not needed:
+        return None, False
     return Path(tempfile.mkdtemp(prefix="shardwise-artifacts-")), True
 
 

@@ -112,15 +112,15 @@ def references(config: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         yield prefix[:-1], config[len(NEMO_PREFIX):]
 
 
-def resolve_references(config: Any, folder: Path, label: str) -> Any:
+def resolve_references(config: Any, folder: Path | None, label: str) -> Any:
     """A copy of ``config`` with each ``nemo:X`` replaced by the path ``folder/X`` (which must exist)."""
     if isinstance(config, dict):
         return {k: resolve_references(v, folder, label) for k, v in config.items()}
     if isinstance(config, list):
         return [resolve_references(v, folder, label) for v in config]
     if isinstance(config, str) and config.startswith(NEMO_PREFIX):
-        path = folder / config[len(NEMO_PREFIX):]
-        if not path.exists():
+        path = folder / config[len(NEMO_PREFIX):] if folder is not None else None
+        if path is None or not path.exists():
             raise FormatError(f"{label}: the config refers to {config}, which the archive does not hold")
         return str(path)
     return config
