@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
+	$(PY) benchmarks/archive_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

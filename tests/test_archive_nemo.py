@@ -145,3 +145,22 @@ def test_sharded_archives_written_by_shardwise_use_nemos_rank_folders(tmp_path):
         names = set(tar.getnames())
     assert {f"./tp_rank_{t:02d}_pp_rank_{p:03d}/model_weights.ckpt" for t in range(2) for p in range(2)} <= names
     assert shardwise.diff(src, shardwise_archive).equal
+
+
+def test_a_distributed_checkpoint_inside_an_archive_is_recognised_and_reported(cli, tmp_path):
+    folder = tmp_path / "dist"
+    (folder / "model_weights").mkdir(parents=True)
+    (folder / "model_config.yaml").write_text("mcore_gpt: true\n")
+    for name, data in {".metadata": b"\x80\x04meta", "__0_0.distcp": b"\0" * 64, "__0_1.distcp": b"\0" * 64,
+                       "common.pt": b"PK", "metadata.json": b'{"sharded_backend": "torch_dist"}'}.items():
+        (folder / "model_weights" / name).write_bytes(data)
+    path = tmp_path / "dist.nemo"
+    with tarfile.open(path, "w:") as tar:
+        tar.add(folder, arcname=".")
+    summary = shardwise.inspect(path)
+    assert summary["layout"]["kind"] == "distributed" and summary["num_tensors"] == 0
+    assert "model_weights/__0_1.distcp" in summary["layout"]["distributed_files"]
+    with pytest.raises(LayoutError, match="distributed checkpoint"):
+        shardwise.restore_from(path)
+    result = cli("convert", path, tmp_path / "out", "--to", "hf")
+    assert result.code == 2 and "distributed checkpoint" in result.err
