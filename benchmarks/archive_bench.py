@@ -42,22 +42,22 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder and middleman
+from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder, middleman and options
+    add_common_options,
+    close_workdir,
+    open_workdir,
     GiB,
     MiB,
     REAPER,
-    REPO,
     Run,
     build_checkpoint,
     llama_infos,
@@ -469,12 +469,7 @@ def json_report(ctx: dict, steps: dict[str, Step], summary: dict, checks: dict) 
 # -- command line ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.")
-    p.add_argument("--size-gib", type=float, default=2.0, help="checkpoint size to reach, at least (default 2.0)")
-    p.add_argument("--workdir", type=Path, default=REPO / "bench-output",
-                   help="folder for the run's files, in a fresh subfolder (default: bench-output/ in the repository)")
-    p.add_argument("--keep", action="store_true", help="keep the generated files")
-    p.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of all steps first (default 1)")
+    add_common_options(p)
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH ('-': stdout, report to stderr)")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0:
@@ -486,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     cli = shardwise_cli()
-    created_workdir = not args.workdir.exists()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="archive-bench-", dir=args.workdir))
+    work, created_workdir = open_workdir(args, "archive-bench-")
     try:
         ctx, st_archive, pt_archive = build_archives(cli, work, args.size_gib)
         bench = Bench(work)
@@ -524,12 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(text + "\n")
         return 0 if all(c["ok"] for c in checks.values()) else 1
     finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            if created_workdir and not any(args.workdir.iterdir()):
-                args.workdir.rmdir()
+        close_workdir(args, work, created_workdir)
 
 
 if __name__ == "__main__":

@@ -479,14 +479,36 @@ def json_report(ctx: dict, steps: dict[str, Step], base: dict, summary: dict, ch
 
 
 # -- command line ---------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.")
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark here takes: size, work folder, repetitions."""
     p.add_argument("--size-gib", type=float, default=2.0, help="checkpoint size to reach, at least (default 2.0)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench-output",
                    help="folder for the run's files, in a fresh subfolder (default: bench-output/ in the repository)")
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions of each step (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of all steps first (default 1)")
+
+
+def open_workdir(args: argparse.Namespace, prefix: str) -> tuple[Path, bool]:
+    """A fresh subfolder of ``--workdir`` for this run, and whether ``--workdir`` itself was created."""
+    created = not args.workdir.exists()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=args.workdir)), created
+
+
+def close_workdir(args: argparse.Namespace, work: Path, created: bool) -> None:
+    """Remove the run's files unless ``--keep``, and ``--workdir`` too if this run created it empty."""
+    if args.keep:
+        log(f"kept {work}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    if created and not any(args.workdir.iterdir()):
+        args.workdir.rmdir()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.")
+    add_common_options(p)
     p.add_argument("--cache", choices=("warm", "cold"), default="warm",
                    help="warm: read each step's input first (default); cold: drop the page cache first (root)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive load-everything route")
@@ -502,9 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     cli = shardwise_cli()
-    created_workdir = not args.workdir.exists()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=args.workdir))
+    work, created_workdir = open_workdir(args, "convert-bench-")
     try:
         infos = llama_infos(args.size_gib)
         src = work / "original.safetensors"
@@ -557,12 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         return 0
     finally:
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            if created_workdir and not any(args.workdir.iterdir()):
-                args.workdir.rmdir()
+        close_workdir(args, work, created_workdir)
 
 
 if __name__ == "__main__":

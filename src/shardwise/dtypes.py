@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .errors import OptionError
 
-__all__ = ["DType", "DTYPES", "dtype", "from_safetensors", "from_storage_class", "parse_cast_dtype"]
+__all__ = ["DType", "DTYPES", "dtype", "name_of", "from_safetensors", "from_storage_class", "parse_cast_dtype"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ _CAST_ALIASES = {
 def dtype(name: str) -> DType:
     """The row for a canonical name (``"bfloat16"``); KeyError for names not in the table."""
     return _BY_NAME[name]
+
+
+def name_of(torch_dtype) -> str:
+    """The canonical name of a ``torch.dtype`` (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    return str(torch_dtype).removeprefix("torch.")
 
 
 def from_safetensors(code: str) -> DType | None:

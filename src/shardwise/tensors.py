@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol, runtime_checkable
 
-from .dtypes import dtype as dtype_row
+from .dtypes import dtype as dtype_row, name_of as dtype_name_of
 from .errors import FormatError
 
 __all__ = [
@@ -290,7 +290,7 @@ class MemorySource:
 
     def info(self, name: str) -> TensorInfo:
         value = self._tensors[name]
-        return TensorInfo(name, tuple(value.shape), str(value.dtype).removeprefix("torch."))
+        return TensorInfo(name, tuple(value.shape), dtype_name_of(value.dtype))
 
     def infos(self) -> list[TensorInfo]:
         return [self.info(name) for name in self._tensors]

@@ -24,9 +24,9 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import FormatError, IntegrityError, LayoutError, OptionError
+from ..errors import FormatError, LayoutError, OptionError
 from ..plan import plan_output
-from ..dtypes import parse_cast_dtype
+from ..dtypes import name_of, parse_cast_dtype
 from ..tensors import MemorySource, tensor_bytes
 from .artifacts import plan_artifacts, references, resolve_references
 from .layout import ranks_of_process
@@ -327,7 +327,7 @@ def load_weights_into(module: Any, source: Any, *, strict: bool = True, label: s
             info = source.info(name)
             direct = (
                 entry is not None and entry.contiguous and target.device.type == "cpu" and target.is_contiguous()
-                and str(target.dtype).removeprefix("torch.") == info.dtype and info.nbytes > 0
+                and name_of(target.dtype) == info.dtype and info.nbytes > 0
             )
             if direct:
                 source.read_into(entry, entry.offset, tensor_bytes(target))

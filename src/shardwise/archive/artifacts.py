@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 from ..errors import FormatError, OptionError
 
-__all__ = ["NEMO_PREFIX", "PlannedArtifact", "make_artifact", "folder_entries", "plan_artifacts", "references", "resolve_references", "set_config_value"]
+__all__ = ["NEMO_PREFIX", "HASHED_PREFIX", "PlannedArtifact", "config_value", "make_artifact", "folder_entries", "plan_artifacts", "references", "resolve_references", "set_config_value"]
 
 NEMO_PREFIX = "nemo:"
-_HASHED = re.compile(r"^[0-9a-f]{32}_(?=.)")  # an artifact restored from an archive keeps one hash, not two
+HASHED_PREFIX = re.compile(r"^[0-9a-f]{32}_(?=.)")  # an artifact restored from an archive keeps one hash, not two
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,16 @@ def make_artifact(config_key: str, name: str, entries: tuple[tuple[str, Path], .
     return PlannedArtifact(f"{content_digest(entries)}_{name}", entries, config_key, is_dir)
 
 
+def config_value(config: dict, key: str) -> Any:
+    """``config[a][b][c]`` for ``key = "a.b.c"``, or None where the path does not exist."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
 def set_config_value(config: dict, key: str, value: Any) -> None:
     """``config[a][b][c] = value`` for ``key = "a.b.c"``, creating missing mappings."""
     node = config
@@ -94,7 +104,7 @@ def plan_artifacts(config: dict, artifacts: dict[str, str | os.PathLike]) -> lis
         if not (path.is_file() or path.is_dir()):
             raise OptionError(f"{path}: artifact {key!r} is neither a regular file nor a folder")
         entries = folder_entries(path) if path.is_dir() else (("", path),)
-        artifact = make_artifact(key, _HASHED.sub("", path.resolve().name), entries, path.is_dir())
+        artifact = make_artifact(key, HASHED_PREFIX.sub("", path.resolve().name), entries, path.is_dir())
         planned.setdefault(artifact.member, artifact)
         set_config_value(config, key, NEMO_PREFIX + artifact.member)
     return list(planned.values())

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..dtypes import parse_cast_dtype
+from ..engine import ConvertResult
 from ..errors import FormatError, LayoutError, OptionError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.hf import TOKENIZER_FILES, TRAINER_STATE, is_weight_file
@@ -26,8 +27,8 @@ from ..formats.rank_folders import find_rank_checkpoints, has_rank_folders
 from ..formats.torch_pickle import TorchFile
 from ..plan import plan_output
 from ..progress import NO_PROGRESS, Progress
-from .artifacts import NEMO_PREFIX, PlannedArtifact, make_artifact, plan_artifacts, set_config_value
-from .reader import Archive, copy_member, read_yaml_config
+from .artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, config_value, make_artifact, plan_artifacts, set_config_value
+from .reader import Archive, read_yaml_config, write_members
 from .writer import ArchiveShard, write_archive
 
 __all__ = ["convert_to_archive", "export_hf_files", "HF_CONFIG_KEY", "HF_EXTRA_KEY", "TOKENIZER_KEYS"]
@@ -56,8 +57,6 @@ def convert_to_archive(
     config.json for HF folders. Tokenizer files the config names under ``tokenizer.*`` are packed
     as artifacts when they exist. Returns a ConvertResult with warnings for what was left out.
     """
-    from ..engine import ConvertResult
-
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     cast = parse_cast_dtype(dtype) if dtype else None
@@ -113,7 +112,7 @@ def _lightning_config(hparams, src: Path, hparams_file, warnings: list[str]) -> 
     config = dict(config)
     found = {}
     for key in TOKENIZER_KEYS:
-        value = _get(config, key)
+        value = config_value(config, key)
         if not isinstance(value, str) or not value:
             continue
         if value.startswith(NEMO_PREFIX):
@@ -123,15 +122,6 @@ def _lightning_config(hparams, src: Path, hparams_file, warnings: list[str]) -> 
         else:
             warnings.append(f"config {key} names {value}, which does not exist here; it is not packed")
     return config, plan_artifacts(config, found)
-
-
-def _get(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
-    return node
 
 
 def _hf_config(ckpt: Checkpoint, hparams_file) -> tuple[dict, list[PlannedArtifact]]:
@@ -173,27 +163,17 @@ def export_hf_files(archive: Archive, stage: Path) -> tuple[list[str], list[str]
     config = archive.config
     written, warnings = [], []
     hf_config = config.get(HF_CONFIG_KEY)
-    tokenizer = config.get("tokenizer") if isinstance(config.get("tokenizer"), dict) else {}
-    sources = [hf_config, tokenizer.get("type"), config.get(HF_EXTRA_KEY)]
-    for value in sources:
+    for value in (hf_config, config_value(config, "tokenizer.type"), config.get(HF_EXTRA_KEY)):
         if not (isinstance(value, str) and value.startswith(NEMO_PREFIX)):
             continue
-        member = archive.index.get(value[len(NEMO_PREFIX):])
-        if member is None:
-            raise FormatError(f"{archive.path}: the config refers to {value}, which the archive does not hold")
-        if member.kind == "file":
-            archive.extract([member.name], stage)
-            os.replace(stage / member.name, stage / "config.json")
-            written.append("config.json")
-            continue
-        for inner in archive.index.under(member.name):
-            relname = inner.name[len(member.name) + 1:]
-            if inner.kind == "dir":
-                (stage / relname).mkdir(parents=True, exist_ok=True)
-            elif inner.kind == "file":
-                (stage / relname).parent.mkdir(parents=True, exist_ok=True)
-                copy_member(archive.index, inner, stage / relname)
-                written.append(relname)
+        tree = archive.member_tree(value[len(NEMO_PREFIX):])
+        if tree[0].kind == "file":  # <hash>_config.json becomes config.json
+            crcs = write_members(archive.index, tree, stage, lambda m: HASHED_PREFIX.sub("", m.name))
+            written += [HASHED_PREFIX.sub("", name) for name in crcs]
+        else:  # a folder artifact's files go to the top of the HF folder
+            inside = len(tree[0].name) + 1
+            crcs = write_members(archive.index, tree[1:], stage, lambda m: m.name[inside:])
+            written += [name[inside:] for name in crcs]
     if hf_config is None:
         warnings.append(f"{archive.path}: has no HuggingFace config.json (its model_config.yaml is not an HF config), so the folder holds weights{' and tokenizer' if written else ''} only")
     return written, warnings

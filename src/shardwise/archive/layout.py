@@ -120,7 +120,7 @@ def detect_layout(names: list[str], label: str) -> ArchiveLayout:
         for pp_rank in range(pp):
             if (tp_rank, pp_rank) not in ranked:
                 base = next(iter(ranked.values())).rpartition("/")[2]
-                missing = rank_folder(tp_rank, pp_rank, tp, pp) if styles == {"tp_pp"} or pp > 1 else f"mp_rank_{tp_rank:02d}"
+                missing = f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}" if styles == {"tp_pp"} else f"mp_rank_{tp_rank:02d}"
                 raise FormatError(f"{label}: archive is incomplete: TP={tp}, PP={pp} but {missing}/{base} is missing")
     return ArchiveLayout("sharded", tp, pp, formats.pop(), ranked)
 

@@ -15,15 +15,13 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 
-from ..checksum import crc32
 from ..errors import FormatError, IntegrityError
 from .layout import MANIFEST_NAME
 from .tar_index import TarIndex
 from .tar_writer import WrittenMember
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "manifest_bytes", "read_manifest", "verify_members"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "manifest_bytes", "read_manifest", "verify_members", "check_crc"]
 
 MANIFEST_FORMAT = "shardwise-archive"
 MANIFEST_VERSION = 1
@@ -54,10 +52,8 @@ def read_manifest(index: TarIndex) -> dict | None:
     label = f"{index.label}:{member.raw_name}"
     if member.size > 64 << 20:
         raise FormatError(f"{label}: manifest of {member.size} bytes is implausibly large")
-    with open(index.path, "rb") as f:
-        raw = os.pread(f.fileno(), member.size, member.offset)
     try:
-        document = json.loads(raw)
+        document = json.loads(index.read(member))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{label}: manifest is not valid JSON ({e})") from None
     if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT or not isinstance(document.get("members"), list):
@@ -82,19 +78,16 @@ def verify_members(index: TarIndex, manifest: dict, names: list[str] | None = No
     """
     wanted = None if names is None else set(names)
     checked = 0
-    with open(index.path, "rb") as f:
-        for entry in manifest["members"]:
-            if wanted is not None and entry["name"] not in wanted:
-                continue
-            member = index.get(entry["name"])
-            crc, done = 0, 0
-            while done < member.size:
-                chunk = os.pread(f.fileno(), min(16 << 20, member.size - done), member.offset + done)
-                if not chunk:
-                    raise IntegrityError(f"{index.label}: member {entry['name']} is truncated")
-                crc = crc32(chunk, crc)
-                done += len(chunk)
-            if f"{crc:08x}" != entry.get("crc32"):
-                raise IntegrityError(f"{index.label}: member {entry['name']} is corrupted: CRC-32 {crc:08x}, the manifest says {entry.get('crc32')}")
-            checked += member.size
+    for entry in manifest["members"]:
+        if wanted is not None and entry["name"] not in wanted:
+            continue
+        member = index.get(entry["name"])
+        check_crc(index, entry["name"], index.stream(member), entry.get("crc32"))
+        checked += member.size
     return checked
+
+
+def check_crc(index: TarIndex, name: str, crc: int, expected: str | None) -> None:
+    """IntegrityError naming the member when its CRC-32 is not the manifest's (None: nothing to check)."""
+    if expected is not None and f"{crc:08x}" != expected:
+        raise IntegrityError(f"{index.label}: member {name} is corrupted: CRC-32 {crc:08x}, the manifest says {expected}")

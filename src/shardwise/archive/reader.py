@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from ..atomic import write_all
 from ..errors import FormatError, LayoutError
+from ..formats import MergedSource
 from ..formats.safetensors import SafetensorsFile
 from ..formats.torch_pickle import TorchFile
-from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from ..tensors import FileTensorSource
 from .artifacts import references
 from .layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, ArchiveLayout, detect_layout, parse_rank_folder
 from .manifest import read_manifest
 from .tar_index import TarIndex, TarMember, open_tar, unsafe_reason
 
-__all__ = ["Archive", "RankPrefixedSource", "read_yaml_config"]
+__all__ = ["Archive", "read_yaml_config", "write_members"]
 
 _MAX_CONFIG = 64 << 20
 
@@ -40,19 +40,6 @@ def read_yaml_config(raw: bytes, label: str) -> dict:
     if not isinstance(config, dict):
         raise FormatError(f"{label}: the config is a {type(config).__name__}, not a mapping")
     return config
-
-
-class RankPrefixedSource(FileTensorSource):
-    """The tensors of every rank of a sharded archive, named ``<rank folder>/<tensor name>``."""
-
-    def __init__(self, parts: dict[str, FileTensorSource]) -> None:
-        super().__init__()
-        for folder, part in parts.items():
-            for name in part.keys():
-                entry = part.stored(name)
-                info = TensorInfo(f"{folder}/{name}", entry.info.shape, entry.info.dtype)
-                self._tensors[info.name] = StoredTensor(info, entry.path, entry.offset, entry.strides)
-            part.close()
 
 
 class Archive:
@@ -85,17 +72,13 @@ class Archive:
             raise FormatError(f"{self.path}: not a model archive: it has no {CONFIG_NAME}")
         if member.size > _MAX_CONFIG:
             raise FormatError(f"{self.path}: {CONFIG_NAME} of {member.size} bytes is implausibly large")
-        return read_yaml_config(self.read_bytes(member), f"{self.path}:{member.raw_name}")
+        return read_yaml_config(self.index.read(member), f"{self.path}:{member.raw_name}")
 
     @property
     def model_config(self) -> dict:
         """The config a model is built from: NeMo unwraps a top-level ``model:`` mapping."""
         inner = self.config.get("model")
         return inner if isinstance(inner, dict) else self.config
-
-    def read_bytes(self, member: TarMember) -> bytes:
-        with open(self.index.path, "rb") as f:
-            return os.pread(f.fileno(), member.size, member.offset)
 
     def members(self) -> list[dict]:
         return [{"name": m.name, "kind": m.kind, "size": m.size} for m in self.index.members.values() if m.name]
@@ -142,40 +125,26 @@ class Archive:
         return TorchFile(region, trust=trust_pickle)
 
     def all_weights(self, *, trust_pickle: bool = False) -> FileTensorSource:
-        """Every rank's tensors: the weights themselves when unsharded, else rank-prefixed (see RankPrefixedSource)."""
+        """Every rank's tensors: the weights themselves when unsharded, else named ``<rank folder>/<name>``."""
         if not self.layout.sharded:
             return self.weights(trust_pickle=trust_pickle)
-        parts = {}
-        for (tp_rank, pp_rank), member in sorted(self.layout.shards.items()):
-            parts[member.rpartition("/")[0]] = self.weights(tp_rank, pp_rank, trust_pickle=trust_pickle)
-        return RankPrefixedSource(parts)
+        shards = sorted(self.layout.shards.items())
+        parts = [self.weights(tp_rank, pp_rank, trust_pickle=trust_pickle) for (tp_rank, pp_rank), _ in shards]
+        return MergedSource(parts, [member.rpartition("/")[0] + "/" for _, member in shards])
 
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, names: list[str], dest: Path) -> None:
-        """Copy members ``names`` (files, or folders with everything under them) into ``dest``.
-
-        Unsafe members (absolute paths, ``..``, links, devices) are refused with FormatError
-        before anything is written. ``dest`` must exist.
-        """
-        chosen: list[TarMember] = []
+        """Copy members ``names`` (files, or folders with everything under them) into ``dest``
+        (see :func:`write_members`: unsafe members are refused before anything is written)."""
         for name in names:
-            member = self.index.get(name)
-            if member is None:
-                raise FormatError(f"{self.path}: has no member {name}")
-            chosen.append(member)
-            if member.kind == "dir":
-                chosen.extend(self.index.under(member.name))
-        for member in chosen:
-            reason = unsafe_reason(member)
-            if reason:
-                raise FormatError(f"{self.path}: refusing member {member.raw_name!r}: it {reason}")
-        for member in chosen:
-            target = dest / member.name
-            if member.kind == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-            elif member.kind == "file":
-                target.parent.mkdir(parents=True, exist_ok=True)
-                copy_member(self.index, member, target)
+            write_members(self.index, self.member_tree(name), dest)
+
+    def member_tree(self, name: str) -> list[TarMember]:
+        """Member ``name`` and, for a folder, everything under it; FormatError if there is no such member."""
+        member = self.index.get(name)
+        if member is None:
+            raise FormatError(f"{self.path}: has no member {name}")
+        return [member, *self.index.under(member.name)] if member.kind == "dir" else [member]
 
     def close(self) -> None:
         self.index.close()
@@ -187,20 +156,26 @@ class Archive:
         self.close()
 
 
-def copy_member(index: TarIndex, member: TarMember, target: Path, *, chunk: int = 8 << 20) -> int:
-    """Copy one member's bytes to a new file ``target`` (fsynced); returns the CRC-32 of what was copied."""
-    from ..checksum import crc32
+def write_members(index: TarIndex, members: list[TarMember], dest: Path, relname: Callable[[TarMember], str] | None = None) -> dict[str, int]:
+    """Write folder and file ``members`` under ``dest`` (at ``relname(member)``, default their names).
 
-    crc, done = 0, 0
-    buffer = memoryview(bytearray(min(chunk, max(member.size, 1))))
-    with open(index.path, "rb", buffering=0) as src, open(target, "xb", buffering=0) as out:
-        while done < member.size:
-            view = buffer[: min(len(buffer), member.size - done)]
-            n = os.preadv(src.fileno(), [view], member.offset + done)
-            if n == 0:
-                raise FormatError(f"{index.label}: member {member.raw_name} is truncated")
-            crc = crc32(view[:n], crc)
-            write_all(out, view[:n])
-            done += n
-        os.fsync(out.fileno())
-    return crc
+    Every member is checked first: absolute paths, ``..``, links, devices and other special files
+    are refused with FormatError before anything is written, so nothing lands outside ``dest``.
+    Files are created new (never over an existing file) and fsynced. Returns each written file's
+    CRC-32 by member name, for checking against a manifest.
+    """
+    for member in members:
+        reason = unsafe_reason(member)
+        if reason:
+            raise FormatError(f"{index.label}: refusing member {member.raw_name!r}: it {reason}; nothing was written")
+    crcs = {}
+    for member in members:
+        target = dest / (relname(member) if relname else member.name)
+        if member.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+        elif member.kind == "file":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb", buffering=0) as out:
+                crcs[member.name] = index.stream(member, out)
+                os.fsync(out.fileno())
+    return crcs

@@ -21,6 +21,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from ..atomic import write_all
+from ..checksum import crc32
 from ..errors import FormatError
 from ..formats.region import Region
 
@@ -150,6 +152,27 @@ class TarIndex:
         """The bytes of regular-file member ``name``, readable in place."""
         member = self.members[normalize_name(name)]
         return Region(self.path, member.offset, member.size, f"{self.label}:{member.raw_name}")
+
+    def read(self, member: TarMember) -> bytes:
+        """A (small) member's bytes."""
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), member.size, member.offset)
+
+    def stream(self, member: TarMember, out=None, *, chunk: int = 8 << 20) -> int:
+        """CRC-32 of a member's bytes, read in chunks; each chunk is also written to ``out`` if given."""
+        crc, done = 0, 0
+        buffer = memoryview(bytearray(min(chunk, max(member.size, 1))))
+        with open(self.path, "rb", buffering=0) as src:
+            while done < member.size:
+                view = buffer[: min(len(buffer), member.size - done)]
+                n = os.preadv(src.fileno(), [view], member.offset + done)
+                if n == 0:
+                    raise FormatError(f"{self.label}: member {member.raw_name} is truncated")
+                crc = crc32(view[:n], crc)
+                if out is not None:
+                    write_all(out, view[:n])
+                done += n
+        return crc
 
     def under(self, folder: str) -> list[TarMember]:
         """Members inside ``folder`` (normalised name), excluding the folder entry itself."""

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from ..atomic import atomic_output
 from ..engine import write_streaming
-from ..errors import FormatError, IntegrityError, OptionError
+from ..errors import FormatError, OptionError
 from .layout import MANIFEST_NAME, detect_layout
-from .manifest import manifest_bytes, read_manifest
-from .reader import copy_member
-from .tar_index import open_tar, unsafe_reason
+from .manifest import check_crc, manifest_bytes, read_manifest
+from .reader import write_members
+from .tar_index import open_tar
 from .tar_writer import TarWriter
 
 __all__ = ["pack", "unpack"]
@@ -28,25 +28,13 @@ __all__ = ["pack", "unpack"]
 def unpack(archive: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
     """Extract ``archive`` into the new folder ``folder``; returns the files written (relative names)."""
     with open_tar(archive) as index:
-        for member in index.members.values():
-            reason = unsafe_reason(member)
-            if reason:
-                raise FormatError(f"{archive}: refusing to unpack member {member.raw_name!r}: it {reason}; nothing was written")
         manifest = read_manifest(index)
         expected = {m["name"]: m.get("crc32") for m in manifest["members"]} if manifest else {}
-        written = []
         with atomic_output(folder, is_dir=True, overwrite=overwrite) as stage:
-            for member in index.members.values():
-                target = stage / member.name
-                if member.kind == "dir":
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                crc = copy_member(index, member, target)
-                if member.name in expected and f"{crc:08x}" != expected[member.name]:
-                    raise IntegrityError(f"{archive}: member {member.name} is corrupted: CRC-32 {crc:08x}, the manifest says {expected[member.name]}")
-                written.append(member.name)
-    return written
+            crcs = write_members(index, list(index.members.values()), stage)
+            for name, crc in crcs.items():
+                check_crc(index, name, crc, expected.get(name))
+    return list(crcs)
 
 
 def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, overwrite: bool = False) -> list[str]:

@@ -8,7 +8,6 @@ input never leaves a partial archive at the destination.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

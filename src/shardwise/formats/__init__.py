@@ -9,7 +9,7 @@ state for Lightning files, and the files it came from.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,24 @@ __all__ = ["Checkpoint", "open_checkpoint", "MergedSource"]
 
 
 class MergedSource(FileTensorSource):
-    """Several file sources (the shards of one model) seen as one; duplicate names are an error."""
+    """Several file sources (the shards of one model) seen as one; duplicate names are an error.
 
-    def __init__(self, parts: list[FileTensorSource]) -> None:
+    With ``prefixes`` (one per part), each part's tensors are named ``prefix + name``: the ranks
+    of a sharded archive are seen as ``mp_rank_00/...``, ``mp_rank_01/...``.
+    """
+
+    def __init__(self, parts: list[FileTensorSource], prefixes: list[str] | None = None) -> None:
         super().__init__()
         self.metadata: dict[str, str] = {}
-        for part in parts:
+        for part, prefix in zip(parts, prefixes or [""] * len(parts)):
             self.metadata.update(getattr(part, "metadata", {}))
             for name in part.keys():
-                if name in self._tensors:
-                    raise FormatError(f"{part.stored(name).path}: tensor '{name}' also appears in {self._tensors[name].path}")
-                self._tensors[name] = part.stored(name)
+                entry = part.stored(name)
+                if prefix:
+                    entry = replace(entry, info=replace(entry.info, name=prefix + name))
+                if entry.info.name in self._tensors:
+                    raise FormatError(f"{entry.path}: tensor '{entry.info.name}' also appears in {self._tensors[entry.info.name].path}")
+                self._tensors[entry.info.name] = entry
             part.close()
 
 
