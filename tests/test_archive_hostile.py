@@ -131,3 +131,23 @@ def test_pack_refuses_symlinks(cli, tmp_path):
     (tmp_path / "d" / "link").symlink_to("/etc/passwd")
     result = cli("pack", tmp_path / "d", tmp_path / "x.tar")
     assert result.code == 2 and "link" in result.err and not (tmp_path / "x.tar").exists()
+
+
+def test_converting_to_hf_refuses_artifact_members_that_climb_out_of_the_output(cli, tmp_path):
+    artifact = "0" * 32 + "_hf_extra"
+    with tarfile.open(tmp_path / "evil.nemo", "w:", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(_member(f"./{artifact}", tarfile.DIRTYPE))
+        for name, data in {"./model_config.yaml": f"hf_extra_files: nemo:{artifact}\n".encode(),
+                           f"./{artifact}/../../escaped.txt": b"x", "./model_weights.safetensors": None}.items():
+            if data is None:
+                import torch
+                from safetensors.torch import save
+
+                data = save({"w": torch.ones(2)})
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = cli("convert", tmp_path / "evil.nemo", tmp_path / "out" / "hf", "--to", "hf")
+    assert result.code == 2 and "'..'" in result.err, result
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out" / "escaped.txt").exists()
+    assert not (tmp_path / "out" / "hf").exists()
