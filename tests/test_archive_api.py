@@ -6,6 +6,7 @@ import gc
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ def test_artifact_paths_live_as_long_as_the_returned_object(tmp_path):
     kept = shardwise.restore_from(tmp_path / "a.nemo", artifacts_dir=tmp_path / "kept")
     kept.close()
     assert (tmp_path / "kept").is_dir() and any((tmp_path / "kept").iterdir())
+    again = shardwise.restore_from(tmp_path / "a.nemo", artifacts_dir=tmp_path / "kept")  # the same folder twice
+    assert open(again.config["tokenizer"]["model"]).read() == "vocab"
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [Path(path).name]
 
 
 def test_state_dict_round_trip_in_both_weight_formats_and_with_a_cast(tmp_path):

@@ -161,8 +161,10 @@ def write_members(index: TarIndex, members: list[TarMember], dest: Path, relname
 
     Every member is checked first: absolute paths, ``..``, links, devices and other special files
     are refused with FormatError before anything is written, so nothing lands outside ``dest``.
-    Files are created new (never over an existing file) and fsynced. Returns each written file's
-    CRC-32 by member name, for checking against a manifest.
+    Each file is written under a temporary name, fsynced and renamed into place, so a file of the
+    same name (the same artifact restored before into the caller's ``artifacts_dir``) is replaced
+    whole, and a link there is replaced rather than followed. Returns each written file's CRC-32
+    by member name, for checking against a manifest.
     """
     for member in members:
         reason = unsafe_reason(member)
@@ -175,7 +177,13 @@ def write_members(index: TarIndex, members: list[TarMember], dest: Path, relname
             target.mkdir(parents=True, exist_ok=True)
         elif member.kind == "file":
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "xb", buffering=0) as out:
-                crcs[member.name] = index.stream(member, out)
-                os.fsync(out.fileno())
+            partial = target.with_name(f".{target.name}.shardwise-part")
+            try:
+                with open(partial, "xb", buffering=0) as out:
+                    crcs[member.name] = index.stream(member, out)
+                    os.fsync(out.fileno())
+                os.replace(partial, target)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
     return crcs
