@@ -72,6 +72,19 @@ def test_state_dict_round_trip_in_both_weight_formats_and_with_a_cast(tmp_path):
         assert torch.equal(restored.state_dict["embed.weight"], state["embed.weight"].bfloat16())
 
 
+def test_restored_tensors_can_be_written_without_touching_the_archive(tmp_path):
+    state = dict(sample_state_dict())
+    for fmt in ("torch", "safetensors"):
+        path = shardwise.save_to(state, tmp_path / f"{fmt}.nemo", weights_format=fmt)
+        before = path.read_bytes()
+        with shardwise.restore_from(path) as restored:
+            restored.state_dict["embed.weight"].add_(1.0)
+            assert torch.equal(restored.state_dict["embed.weight"], state["embed.weight"] + 1.0)
+        assert path.read_bytes() == before
+        with shardwise.restore_from(path) as again:
+            assert_same_tensors(again.state_dict, state)
+
+
 def test_saving_the_same_model_twice_gives_identical_archives(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     (tmp_path / "tok").mkdir()

@@ -177,6 +177,26 @@ class FileTensorSource:
         self.read_into(entry, entry.offset, tensor_bytes(flat))
         return torch.as_strided(flat, entry.info.shape, entry.strides).contiguous()
 
+    def map(self, name: str):
+        """The tensor as a copy-on-write view of the file's pages (mmap), without reading it now.
+
+        What ``safetensors.torch.load_file`` returns: pages are shared with the page cache, and a
+        write to the tensor copies only the page it touches. The file must not be truncated or
+        rewritten while the tensor lives. Strided and empty tensors are read instead.
+        """
+        import mmap
+
+        import torch
+
+        entry = self._entry(name)
+        info = entry.info
+        if not entry.contiguous or info.nbytes == 0:
+            return self.read(name)
+        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self._fd(entry.path), entry.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=entry.offset - start)
+        return flat.view(dtype_row(info.dtype).torch()).reshape(info.shape)
+
     def read_rows(self, name: str, start: int, stop: int):
         """Rows ``start:stop`` of dimension 0, reading only their bytes when the tensor is contiguous."""
         entry = self._entry(name)

@@ -135,7 +135,10 @@ class RestoredArchive:
     """What :func:`restore_from` returns without a model class.
 
     ``config``: the model config with every ``nemo:`` reference replaced by a real path;
-    ``state_dict``: this rank's tensors (on ``map_location``); ``tp_rank``/``pp_rank``: which rank's
+    ``state_dict``: this rank's tensors (on ``map_location``; on CPU they are copy-on-write maps of
+    the archive's pages, as ``safetensors.torch.load_file`` gives: nothing is read until used,
+    writing to a tensor never changes the archive, and the archive must not be rewritten while
+    they live); ``tp_rank``/``pp_rank``: which rank's
     weights these are; ``artifacts_dir``: where artifacts were extracted. Artifact paths stay valid
     until :meth:`close` (or the end of a ``with`` block), or until the object is garbage-collected.
     """
@@ -210,7 +213,7 @@ def restore_from(
             config = resolve_references(raw_config, folder, label)
             with archive.weights(*ranks, trust_pickle=trust_pickle) as source:
                 if cls is None:
-                    state_dict = {name: source.read(name) for name in source.keys()}
+                    state_dict = {name: source.map(name) for name in source.keys()}
                     if str(map_location) != "cpu":
                         state_dict = {k: v.to(map_location) for k, v in state_dict.items()}
                     result = RestoredArchive(label, config, raw_config, state_dict, archive.layout.as_dict(), *ranks)
