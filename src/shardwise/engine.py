@@ -117,21 +117,26 @@ class TensorStreamer:
         self.progress.advance(planned.out.nbytes)
 
 
-def write_weights(sink: BinaryIO, archive_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
-    """Write one planned weights file (safetensors or torch) to the seekable ``sink``, streaming.
+def write_tensor_file(sink: BinaryIO, kind: str, archive_name: str, infos: list[TensorInfo], write_tensor, metadata: dict[str, str]) -> None:
+    """Write a weights file of ``kind`` (safetensors or torch) to the seekable ``sink``.
 
+    ``write_tensor(info, out)`` is called once per tensor, in order, and writes its bytes;
     ``archive_name`` is the folder name inside a torch zip (torch uses the file's stem).
     """
+    if kind == "safetensors":
+        write_safetensors(sink, infos, write_tensor, metadata=metadata)
+    else:
+        write_torch(sink, archive_name, infos, write_tensor)
+
+
+def write_weights(sink: BinaryIO, archive_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
+    """Write one planned weights file (safetensors or torch) to the seekable ``sink``, streaming."""
     by_name = {t.out.name: t for t in planned_file.tensors}
 
     def write_tensor(info: TensorInfo, out: BinaryIO) -> None:
         streamer.write(by_name[info.name], out)
 
-    infos = [t.out for t in planned_file.tensors]
-    if planned_file.kind == "safetensors":
-        write_safetensors(sink, infos, write_tensor, metadata=metadata)
-    else:
-        write_torch(sink, archive_name, infos, write_tensor)
+    write_tensor_file(sink, planned_file.kind, archive_name, [t.out for t in planned_file.tensors], write_tensor, metadata)
 
 
 def write_streaming(path: Path, produce, *, mode: str = "wb") -> None:

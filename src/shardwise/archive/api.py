@@ -32,7 +32,7 @@ from .artifacts import plan_artifacts, references, resolve_references
 from .layout import ranks_of_process
 from .manifest import verify_members
 from .reader import Archive
-from .writer import ArchiveShard, write_archive
+from .writer import planned_shards, write_archive
 
 __all__ = ["save_to", "restore_from", "ArchiveMixin", "RestoredArchive", "plain_config", "load_weights_into"]
 
@@ -98,7 +98,7 @@ def save_to(
     cast = parse_cast_dtype(dtype) if dtype else None
     planned = plan_output(source.infos(), to="torch" if weights_format == "torch" else "safetensors", cast=cast).files[0]
     write_archive(
-        path, config=config, shards=[ArchiveShard(0, 0, source, planned)], weights_format=weights_format,
+        path, config=config, shards=planned_shards([(0, 0, source, planned)]), weights_format=weights_format,
         artifacts=planned_artifacts, overwrite=overwrite,
     )
     return path

@@ -29,7 +29,7 @@ from ..plan import plan_output
 from ..progress import NO_PROGRESS, Progress
 from .artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, config_value, make_artifact, plan_artifacts, set_config_value
 from .reader import Archive, read_yaml_config, write_members
-from .writer import ArchiveShard, write_archive
+from .writer import planned_shards, write_archive
 
 __all__ = ["convert_to_archive", "export_hf_files", "HF_CONFIG_KEY", "HF_EXTRA_KEY", "TOKENIZER_KEYS"]
 
@@ -84,10 +84,9 @@ def convert_to_archive(
             config, artifacts = _lightning_config(hparams, src, hparams_file, warnings)
     try:
         kind = "torch" if weights_format == "torch" else "safetensors"
-        shards = [
-            ArchiveShard(t, p, source, plan_output(source.infos(), to=kind, cast=cast).files[0])
-            for (t, p), source in sorted(sources.items())
-        ]
+        shards = planned_shards(
+            [(t, p, source, plan_output(source.infos(), to=kind, cast=cast).files[0]) for (t, p), source in sorted(sources.items())], progress
+        )
         written = write_archive(
             dst, config=config, shards=shards, tp=tp, pp=pp, weights_format=weights_format,
             artifacts=artifacts, overwrite=overwrite, progress=progress,
@@ -95,9 +94,9 @@ def convert_to_archive(
     finally:
         for closer in closers:
             closer.close()
-    total = sum(s.planned.nbytes for s in shards)
+    total = sum(s.nbytes for s in shards)
     return ConvertResult(
-        str(dst), "archive", tuple(m.name for m in written), sum(len(s.planned.tensors) for s in shards), total,
+        str(dst), "archive", tuple(m.name for m in written), sum(len(s.infos) for s in shards), total,
         time.perf_counter() - started, tuple(warnings),
     )
 

@@ -27,7 +27,8 @@ MANIFEST_FORMAT = "shardwise-archive"
 MANIFEST_VERSION = 1
 
 
-def manifest_bytes(members: list[WrittenMember], layout: dict) -> bytes:
+def manifest_bytes(members: list[WrittenMember], layout: dict, extra: dict | None = None) -> bytes:
+    """The manifest document; ``extra`` adds top-level entries (``parallel`` for sharded models)."""
     from .. import __version__
 
     document = {
@@ -35,6 +36,7 @@ def manifest_bytes(members: list[WrittenMember], layout: dict) -> bytes:
         "version": MANIFEST_VERSION,
         "created_by": f"shardwise {__version__}",
         "layout": layout,
+        **(extra or {}),
         "members": [{"name": m.name, "size": m.size, "offset": m.offset, "crc32": f"{m.crc32:08x}"} for m in members],
     }
     return (json.dumps(document, indent=1) + "\n").encode("utf-8")

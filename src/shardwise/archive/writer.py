@@ -10,33 +10,55 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO, Callable
 
 import yaml
 
 from ..atomic import atomic_output
-from ..engine import TensorStreamer, write_streaming, write_weights
+from ..engine import TensorStreamer, write_streaming, write_tensor_file
 from ..errors import OptionError
 from ..plan import PlannedFile
 from ..progress import NO_PROGRESS, Progress
+from ..tensors import TensorInfo
 from .artifacts import PlannedArtifact
+from .folder_writer import FolderWriter
 from .layout import CONFIG_NAME, MANIFEST_NAME, ArchiveLayout, rank_folder
 from .manifest import manifest_bytes
 from .tar_writer import TarWriter, WrittenMember
 
-__all__ = ["ArchiveShard", "write_archive", "config_yaml", "WEIGHTS_MEMBER"]
+__all__ = ["ArchiveShard", "planned_shards", "write_archive", "config_yaml", "WEIGHTS_MEMBER"]
 
 WEIGHTS_MEMBER = {"torch": "model_weights.ckpt", "safetensors": "model_weights.safetensors"}
 
 
 @dataclass(frozen=True)
 class ArchiveShard:
-    """One rank's weights: the source its tensors are read from and the planned file (names, casts)."""
+    """One rank's weights: the tensors (as written) and ``write_tensor(info, out)``, which streams one."""
 
     tp_rank: int
     pp_rank: int
-    source: Any  # a TensorSource
-    planned: PlannedFile
+    infos: tuple[TensorInfo, ...]
+    write_tensor: Callable[[TensorInfo, BinaryIO], None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos)
+
+
+def planned_shards(items: list[tuple[int, int, object, PlannedFile]], progress: Progress = NO_PROGRESS) -> list[ArchiveShard]:
+    """Shards whose tensors are copied (or cast) from a source by plan; one pair of buffers for all."""
+    streamer: TensorStreamer | None = None
+    shards = []
+    for tp_rank, pp_rank, source, planned in items:
+        streamer = streamer or TensorStreamer(source, progress)
+        by_name = {t.out.name: t for t in planned.tensors}
+
+        def write(info: TensorInfo, out: BinaryIO, source=source, by_name=by_name) -> None:
+            streamer.source = source
+            streamer.write(by_name[info.name], out)
+
+        shards.append(ArchiveShard(tp_rank, pp_rank, tuple(t.out for t in planned.tensors), write))
+    return shards
 
 
 def config_yaml(config: dict, label: str = "config") -> bytes:
@@ -75,11 +97,15 @@ def write_archive(
     artifacts: list[PlannedArtifact] = (),
     overwrite: bool = False,
     progress: Progress = NO_PROGRESS,
+    unpacked: bool = False,
+    manifest_extra: dict | None = None,
 ) -> list[WrittenMember]:
     """Write the archive ``dst`` atomically; returns the regular members written (with CRC-32s).
 
     ``shards`` holds one entry per (tp_rank, pp_rank) of the TP x PP grid; their tensors are
-    streamed chunk by chunk, so memory stays bounded by the engine's buffers.
+    streamed chunk by chunk, so memory stays bounded by the engine's buffers. ``unpacked``
+    writes the same members into a folder (NeMo's extracted form) instead of a tar.
+    ``manifest_extra`` adds top-level entries (such as ``parallel``) to ``shardwise.json``.
     """
     if weights_format not in WEIGHTS_MEMBER:
         raise OptionError(f"weights format {weights_format!r}: choose torch (model_weights.ckpt, NeMo's default) or safetensors")
@@ -87,34 +113,35 @@ def write_archive(
         raise OptionError(f"{dst}: the shards given do not form a TP={tp} x PP={pp} grid")
     config_bytes = config_yaml(config, f"{dst}: {CONFIG_NAME}")
     weights_name = WEIGHTS_MEMBER[weights_format]
+    kind = "torch" if weights_format == "torch" else "safetensors"
     members = {(s.tp_rank, s.pp_rank): "/".join(filter(None, [rank_folder(s.tp_rank, s.pp_rank, tp, pp), weights_name])) for s in shards}
     layout = ArchiveLayout("single" if tp * pp == 1 else "sharded", tp, pp, weights_format, members)
-    streamer = TensorStreamer(shards[0].source, progress)  # one pair of buffers, reused for every rank
 
-    def produce(sink) -> None:
-        tar = TarWriter(sink)
-        tar.add_dir("")
-        tar.add_bytes(CONFIG_NAME, config_bytes)
+    def fill(writer) -> None:
+        writer.add_dir("")
+        writer.add_bytes(CONFIG_NAME, config_bytes)
         for artifact in artifacts:
-            _add_artifact(tar, artifact)
+            _add_artifact(writer, artifact)
         for shard in sorted(shards, key=lambda s: (s.pp_rank, s.tp_rank)):
             folder = rank_folder(shard.tp_rank, shard.pp_rank, tp, pp)
             if folder:
-                tar.add_dir(folder)
-            streamer.source = shard.source
-            tar.add_stream(
+                writer.add_dir(folder)
+            writer.add_stream(
                 members[(shard.tp_rank, shard.pp_rank)],
-                lambda member, shard=shard: write_weights(member, "model_weights", shard.planned, streamer, {"format": "pt"}),
+                lambda member, shard=shard: write_tensor_file(member, kind, "model_weights", list(shard.infos), shard.write_tensor, {"format": "pt"}),
             )
-        tar.add_bytes(MANIFEST_NAME, manifest_bytes(tar.members, layout.as_dict()))
-        tar.close()
-        written.extend(tar.members)
+        writer.add_bytes(MANIFEST_NAME, manifest_bytes(writer.members, layout.as_dict(), manifest_extra))
+        writer.close()
+        written.extend(writer.members)
 
     written: list[WrittenMember] = []
-    progress.start(sum(s.planned.nbytes for s in shards), "write archive")
+    progress.start(sum(s.nbytes for s in shards), "write archive")
     try:
-        with atomic_output(dst, is_dir=False, overwrite=overwrite) as stage:
-            write_streaming(stage, produce, mode="w+b")
+        with atomic_output(dst, is_dir=unpacked, overwrite=overwrite) as stage:
+            if unpacked:
+                fill(FolderWriter(stage))
+            else:
+                write_streaming(stage, lambda sink: fill(TarWriter(sink)), mode="w+b")
     finally:
         progress.finish()
     return written

@@ -1,0 +1,74 @@
+"""Writing an archive's members into a folder instead of a tar (NeMo's unpacked form, ``nemo-dir``).
+
+:class:`FolderWriter` has :class:`~shardwise.archive.tar_writer.TarWriter`'s interface, so the
+same code writes either form. Each file is streamed through a background writer, its CRC-32
+computed on the way (patched algebraically where a zip writer seeks back), and fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from ..atomic import durable_close
+from ..background import BackgroundWriter
+from ..errors import FormatError
+from .tar_writer import MemberSink, WrittenMember
+
+__all__ = ["FolderWriter"]
+
+_COPY_CHUNK = 8 << 20
+
+
+class FolderWriter:
+    """Writes members as files under ``root`` (which must exist). ``members`` lists files in order; offsets are 0."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.members: list[WrittenMember] = []
+        self._names: set[str] = set()
+
+    def _path(self, name: str) -> Path:
+        if name in self._names:
+            raise FormatError(f"member {name!r} written twice")
+        self._names.add(name)
+        return self.root / name
+
+    def add_dir(self, name: str) -> None:
+        self._path(name + "/").mkdir(parents=True, exist_ok=True)
+
+    def add_bytes(self, name: str, data: bytes) -> WrittenMember:
+        return self.add_stream(name, lambda sink: sink.write(data))
+
+    def add_file(self, name: str, path: str | os.PathLike) -> WrittenMember:
+        def copy(sink: MemberSink) -> None:
+            with open(path, "rb", buffering=0) as src:
+                while chunk := src.read(_COPY_CHUNK):
+                    sink.write(chunk)
+
+        return self.add_stream(name, copy)
+
+    def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
+        """Create file ``name`` whose bytes ``produce(sink)`` writes; returns its size and CRC-32."""
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "w+b", buffering=0)
+        background = BackgroundWriter(f)
+        try:
+            sink = MemberSink(background, 0)
+            produce(sink)
+            background.close()
+        except BaseException:
+            try:
+                background.abort()
+            finally:
+                f.close()
+            raise
+        durable_close(f)
+        member = WrittenMember(name, sink.size, 0, sink.crc)
+        self.members.append(member)
+        return member
+
+    def close(self) -> None:
+        pass

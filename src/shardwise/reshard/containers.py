@@ -1,0 +1,174 @@
+"""Where each container keeps its shards: finding the per-rank weight files of a checkpoint.
+
+- ``nxdt``: ``model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` (NxD v2; ``dp_rank_00_ep_rank_00_...``
+  with expert parallelism, v3), or the older ``tp_rank_XX_pp_rank_XX/checkpoint.pt`` (v1);
+- ``archive``: a ``.nemo`` tar (``model_weights.ckpt`` at the root, or in ``mp_rank_XX/`` /
+  ``tp_rank_XX_pp_rank_XXX/``), read in place;
+- ``nemo-dir``: the same members unpacked in a folder;
+- ``hf``: any unsharded checkpoint shardwise opens (HF folders, safetensors, torch files).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, detect_layout
+from ..errors import FormatError
+from ..formats.safetensors import SafetensorsFile
+from ..formats.torch_pickle import TorchFile
+from ..tensors import FileTensorSource
+
+__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest"]
+
+CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
+_NXDT_V2 = re.compile(r"dp_rank_(\d+)(?:_ep_rank_(\d+))?_tp_rank_(\d+)_pp_rank_(\d+)\.pt")
+_NXDT_V1 = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)")
+
+
+def nxdt_file_name(tp_rank: int, pp_rank: int) -> str:
+    """NxD's name for one model shard inside ``model/``."""
+    return f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
+
+
+@dataclass
+class Shards:
+    """The per-rank weight sources of one checkpoint, and what the container says about itself."""
+
+    path: Path
+    container: str
+    sources: dict[tuple[int, int], FileTensorSource]
+    files: dict[tuple[int, int], str]
+    manifest: dict | None = None
+    nemo_config: dict | None = None
+    archive: Any = None  # an open shardwise.archive.Archive for archives
+    hf_config: dict | None = None
+    closers: list = field(default_factory=list)
+
+    @property
+    def tp(self) -> int:
+        return max(t for t, _ in self.sources) + 1
+
+    @property
+    def pp(self) -> int:
+        return max(p for _, p in self.sources) + 1
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+        for closer in self.closers:
+            closer.close()
+
+
+def read_folder_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(document, dict):
+        raise FormatError(f"{path}: not a shardwise manifest")
+    return document
+
+
+def find_shards(path: Path, *, trust_pickle: bool = False) -> Shards | None:
+    """The shards of ``path`` when it is a sharded container (nxdt, archive, nemo-dir), else None."""
+    if path.is_file():
+        from ..formats import _is_archive
+
+        return _archive_shards(path, trust_pickle) if _is_archive(path) else None
+    if not path.is_dir():
+        raise FormatError(f"{path}: no such file or folder")
+    nxdt = _nxdt_files(path)
+    if nxdt:
+        folder = path if (path / MANIFEST_NAME).is_file() or not (path.parent / MANIFEST_NAME).is_file() else path.parent
+        sources = {key: _open(file, trust_pickle) for key, file in nxdt.items()}
+        return Shards(path, "nxdt", sources, {k: str(v) for k, v in nxdt.items()}, manifest=read_folder_manifest(folder))
+    if (path / CONFIG_NAME).is_file():
+        return _nemo_dir_shards(path, trust_pickle)
+    return None
+
+
+def _nxdt_files(path: Path) -> dict[tuple[int, int], Path]:
+    folder = path / "model" if (path / "model").is_dir() else path
+    found: dict[tuple[int, int], Path] = {}
+    for child in sorted(folder.iterdir()):
+        m = _NXDT_V2.fullmatch(child.name)
+        if m and child.is_file():
+            dp, ep = int(m.group(1)), int(m.group(2) or 0)
+            if dp == 0 and ep == 0:
+                found[(int(m.group(3)), int(m.group(4)))] = child
+            continue
+        m = _NXDT_V1.fullmatch(child.name)
+        if m and (child / "checkpoint.pt").is_file():
+            found[(int(m.group(1)), int(m.group(2)))] = child / "checkpoint.pt"
+    if found:
+        _check_grid(path, found)
+    return found
+
+
+def _check_grid(path: Path, found: dict[tuple[int, int], Any]) -> None:
+    tp = max(t for t, _ in found) + 1
+    pp = max(p for _, p in found) + 1
+    for t in range(tp):
+        for p in range(pp):
+            if (t, p) not in found:
+                raise FormatError(f"{path}: checkpoint is incomplete: TP={tp}, PP={pp} but the shard of tp_rank {t}, pp_rank {p} is missing")
+
+
+def _open(file: Path | Any, trust_pickle: bool) -> FileTensorSource:
+    name = file.name if isinstance(file, Path) else file.label
+    if str(name).endswith(".safetensors"):
+        return SafetensorsFile(file)
+    return TorchFile(file, trust=trust_pickle)
+
+
+def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
+    from ..archive.convert import HF_CONFIG_KEY
+    from ..archive.reader import Archive
+
+    archive = Archive(path)
+    try:
+        layout = archive.layout
+        if layout.kind == "distributed":
+            raise FormatError(f"{path}: holds a distributed checkpoint (model_weights/), which this version reports but does not convert")
+        sources = {key: archive.weights(*key, trust_pickle=trust_pickle) for key in layout.shards}
+        hf_config = None
+        reference = archive.config.get(HF_CONFIG_KEY)
+        if isinstance(reference, str) and reference.startswith("nemo:"):
+            member = archive.index.get(reference[len("nemo:"):])
+            if member is not None and member.kind == "file":
+                hf_config = json.loads(archive.index.read(member))
+        manifest = archive.manifest
+    except BaseException:
+        archive.close()
+        raise
+    return Shards(
+        path, "archive", sources, {k: f"{path}:{v}" for k, v in layout.shards.items()}, manifest=manifest,
+        nemo_config=archive.model_config, archive=archive, hf_config=hf_config, closers=[archive],
+    )
+
+
+def _nemo_dir_shards(folder: Path, trust_pickle: bool) -> Shards:
+    from ..archive.reader import read_yaml_config
+
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    layout = detect_layout(names, str(folder))
+    if layout.kind == "distributed":
+        raise FormatError(f"{folder}: holds a distributed checkpoint (model_weights/), which this version reports but does not convert")
+    sources = {key: _open(folder / member, trust_pickle) for key, member in layout.shards.items()}
+    config = read_yaml_config((folder / CONFIG_NAME).read_bytes(), str(folder / CONFIG_NAME))
+    inner = config.get("model") if isinstance(config.get("model"), dict) else config
+    hf_config = None
+    for candidate in folder.glob("*config.json"):
+        hf_config = json.loads(candidate.read_text(encoding="utf-8"))
+        break
+    return Shards(
+        folder, "nemo-dir", sources, {k: str(folder / v) for k, v in layout.shards.items()},
+        manifest=read_folder_manifest(folder), nemo_config=inner, hf_config=hf_config,
+    )

@@ -1,0 +1,229 @@
+"""Converting a Llama-family model between layouts (HF, nxdt, megatron, mcore) and TP/PP sizes, streaming.
+
+The source is opened in whatever layout it has (:func:`~.model.open_model`); the target layout's
+tiles are composed with the source's inverse, so each target tensor is copied from the source
+shards' rectangles directly: no full tensor, no whole model, one pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
+from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
+from ..atomic import check_output_free
+from ..dtypes import parse_cast_dtype
+from ..engine import ConvertResult
+from ..errors import LayoutError, OptionError
+from ..layout.sharding import ShardedLayout, shard_plan
+from ..layout.stream import TileStreamer
+from ..layout.tiles import compose
+from ..models.llama import STYLES
+from ..progress import NO_PROGRESS, Progress
+from ..units import parse_size
+from .containers import CONTAINERS
+from .model import ShardedModel, open_model
+from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
+from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
+
+__all__ = ["convert_layout", "target_layout", "SHARDED_OUTPUTS"]
+
+SHARDED_OUTPUTS = ("nxdt", "archive", "nemo-dir")
+_STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
+
+
+def target_layout(
+    source: ShardedModel, to: str, *, style: str | None, tp: int | None, pp: int | None, qkv_linear: bool | None,
+    fuse_qkv: bool | None, kv_multiplier: int | None, keep: bool,
+) -> ShardedLayout:
+    """The layout to write: options given win; ``keep`` (reshard) takes the rest from the source."""
+    allowed = _STYLES_OF[to]
+    style = style or (source.layout.style if keep else allowed[0])
+    if style not in allowed:
+        raise OptionError(f"--style {style} cannot be written as {to}; {to} holds {' or '.join(allowed)}")
+    tp = tp or (source.layout.tp if keep else 1)
+    pp = pp or (source.layout.pp if keep else 1)
+    if keep and not (qkv_linear or fuse_qkv):
+        qkv, norms = source.layout.qkv, source.layout.norms
+    else:
+        qkv, norms = _qkv_option(style, source, qkv_linear, fuse_qkv), ""
+    if kv_multiplier is None:
+        replicating = style == "nxdt" and qkv in ("linear", "fused") and source.dims.kv_heads < tp
+        kv_multiplier = tp // source.dims.kv_heads if replicating and keep and source.layout.kv_multiplier > 1 else 1
+        if replicating and not keep:
+            raise LayoutError(
+                f"tensor parallel size {tp} is more than the model's {source.dims.kv_heads} KV heads; "
+                f"pass --kv-size-multiplier {max(1, tp // source.dims.kv_heads)} to replicate them"
+            )
+    vocab_multiple = None
+    if STYLES[style].vocab_multiple:
+        nemo = source.nemo_config or {}
+        vocab_multiple = nemo.get("make_vocab_size_divisible_by") or default_vocab_multiple(source.dims.vocab)
+    return ShardedLayout(style, tp, pp, qkv, norms, kv_multiplier, vocab_multiple).resolved(source.dims.layers)
+
+
+def _qkv_option(style: str, source: ShardedModel, qkv_linear: bool | None, fuse_qkv: bool | None) -> str:
+    if style == "nxdt":
+        return "fused" if fuse_qkv else "linear" if qkv_linear else "separate"
+    if fuse_qkv:
+        raise OptionError(f"--fuse-qkv applies to the nxdt style; {style} has its own Q/K/V layout")
+    if style == "megatron":
+        gqa = source.dims.kv_heads != source.dims.heads
+        if qkv_linear is False and gqa:
+            raise LayoutError("the megatron style stores a GQA model as query + key_value (--qkv-linear); it has no fused form for GQA")
+        return "linear" if (qkv_linear or gqa) else "fused"
+    if qkv_linear:
+        raise OptionError(f"--qkv-linear applies to the nxdt and megatron styles, not {style}")
+    return STYLES[style].default_qkv
+
+
+def convert_layout(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    style: str | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    qkv_linear: bool | None = None,
+    fuse_qkv: bool | None = None,
+    kv_multiplier: int | None = None,
+    config: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    weights_format: str | None = None,
+    max_shard_size: str | int | None = None,
+    keep_layout: bool = False,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> ConvertResult:
+    """Convert the Llama-family model at ``src`` into ``to`` (nxdt, archive, nemo-dir or hf) at ``dst``.
+
+    ``keep_layout`` (``shardwise reshard``) keeps the source's container, style and options and
+    changes only what is given (TP, PP). ``config`` supplies the HF config.json when the source
+    does not carry one. Bit-exact unless ``dtype`` casts. Raises LayoutError for layouts the model
+    cannot take, OptionError for options that do not apply.
+    """
+    started = time.perf_counter()
+    dst = Path(dst)
+    cast = parse_cast_dtype(dtype).name if dtype else None
+    check_output_free(dst, overwrite, is_dir=True)
+    with open_model(src, config=config, trust_pickle=trust_pickle) as source:
+        to = to or (source.container if keep_layout else None)
+        if to not in CONTAINERS:
+            raise OptionError(f"--to {to!r}: choose one of {', '.join(CONTAINERS)}")
+        if keep_layout and to == "hf":
+            raise OptionError(f"{src}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
+        hf_config = source.hf_config or hf_config_from_nemo(source.dims, source.nemo_config or {})
+        streamer = TileStreamer(source.lookup, progress, cast)
+        warnings = list(source.warnings)
+        if to == "hf":
+            _no_layout_options(tp, pp, style, qkv_linear, fuse_qkv, kv_multiplier)
+            tensors = source.inverse()
+            files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings),
+                             overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+            count, total = len(tensors), sum(t.info.nbytes for t in tensors)
+            layout = source.layout
+        else:
+            layout = target_layout(source, to, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear, fuse_qkv=fuse_qkv, kv_multiplier=kv_multiplier, keep=keep_layout)
+            plan = compose(shard_plan(source.dims, source.canonical, layout), source.inverse())
+            parallel = parallel_manifest(to, layout, source.dims, hf_config)
+            if to == "nxdt":
+                files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite)
+                if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
+                    warnings.append(f"{dst}: nxdt folders hold weights only; tokenizer files were not copied")
+            else:
+                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format or "torch", overwrite, warnings)
+            count = sum(len(t) for t in plan.values())
+            total = sum(t.info.nbytes for tensors in plan.values() for t in tensors)
+    return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
+
+
+def _no_layout_options(*values) -> None:
+    if any(v not in (None, False, 1) for v in values[:2]) or any(v not in (None, False) for v in values[2:]):
+        raise OptionError("--tp, --pp, --style, --qkv-linear, --fuse-qkv and --kv-size-multiplier do not apply to --to hf (HF folders are unsharded)")
+
+
+def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite, warnings) -> list[str]:
+    precision = {"bfloat16": "bf16", "float16": 16, "float32": 32}.get(streamer.out_dtype(next(iter(source.canonical.values())).dtype), 32)
+    config = nemo_llama_config(source.dims, hf_config, tp=layout.tp, pp=layout.pp, vocab_multiple=layout.vocab_multiple or 1, precision=precision)
+    with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
+        artifacts = _artifacts(source, Path(tmp), hf_config, config)
+        return write_nemo(
+            dst, plan, streamer, config=config, artifacts=artifacts, tp=layout.tp, pp=layout.pp, parallel=parallel,
+            weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite,
+        )
+
+
+def _artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -> list[PlannedArtifact]:
+    """The source's config.json, tokenizer and other files as archive artifacts, named in ``config``."""
+    from ..archive.artifacts import set_config_value
+    from ..archive.convert import HF_CONFIG_KEY, HF_EXTRA_KEY
+
+    entries = _companion_entries(source, tmp)
+    config_path = tmp / "config.json"
+    config_path.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    artifacts = [make_artifact(HF_CONFIG_KEY, "config.json", (("", config_path),), False)]
+    tokenizer = tuple((n, p) for n, p in entries if _is_tokenizer(n))
+    if tokenizer:
+        config["tokenizer"] = {"library": "huggingface"}
+        artifacts.append(make_artifact("tokenizer.type", "tokenizer", tokenizer, True))
+    extra = tuple((n, p) for n, p in entries if not _is_tokenizer(n))
+    if extra:
+        artifacts.append(make_artifact(HF_EXTRA_KEY, "hf_extra", extra, True))
+    for artifact in artifacts:
+        set_config_value(config, artifact.config_key, NEMO_PREFIX + artifact.member)
+    return artifacts
+
+
+def _is_tokenizer(name: str) -> bool:
+    from ..formats.hf import TOKENIZER_FILES
+
+    return name in TOKENIZER_FILES
+
+
+def _companion_entries(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]]:
+    """(relative name, path) of the non-weight files that travel with the model, config.json excluded."""
+    if source.checkpoint is not None and Path(source.checkpoint.path).is_dir():
+        folder = Path(source.checkpoint.path)
+        return [(n, folder / n) for n in source.checkpoint.companion_files if n != "config.json"]
+    if source.archive is not None:
+        from ..archive.convert import export_hf_files
+
+        out = tmp / "exported"
+        out.mkdir()
+        export_hf_files(source.archive, out)
+        return [(p.relative_to(out).as_posix(), p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "config.json"]
+    if source.container == "nemo-dir":
+        folder = Path(source.path)
+        found = []
+        for child in sorted(folder.iterdir()):
+            if child.name in (CONFIG_NAME, MANIFEST_NAME) or parse_rank_folder(child.name) or child.name.endswith("config.json"):
+                continue
+            if child.is_dir():
+                found += [(p.relative_to(child).as_posix(), p) for p in sorted(child.rglob("*")) if p.is_file()]
+            elif child.is_file() and not child.name.startswith("model_weights"):
+                found.append((HASHED_PREFIX.sub("", child.name), child))
+        return found
+    return []
+
+
+def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: list[str]) -> list[str]:
+    """config.json and the tokenizer/extra files next to HF weights; returns the names written."""
+    written = []
+    with tempfile.TemporaryDirectory(prefix="shardwise-companions-") as tmp:
+        for name, path in _companion_entries(source, Path(tmp)):
+            target = stage / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            written.append(name)
+    (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    if not source.hf_config:
+        warnings.append(f"{source.path}: carries no HF config.json; config.json was built from its model_config.yaml")
+    return written + ["config.json"]

@@ -1,0 +1,290 @@
+"""Opening any Llama-family checkpoint, sharded or not, as one model with a known layout.
+
+:func:`open_model` finds the shards (:mod:`.containers`), works out the style, TP/PP, pipeline
+stages, Q/K/V arrangement, KV replication and vocabulary padding from file names, tensor names,
+shapes and config (or reads them from a shardwise manifest), then checks that every tensor on
+disk is exactly what that layout predicts. A flag that contradicts the files is refused here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Hashable
+
+from ..errors import FormatError, LayoutError
+from ..formats import Checkpoint, open_checkpoint
+from ..formats.hf import read_config
+from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_of
+from ..layout.tiles import TiledTensor, invert
+from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
+from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from .containers import Shards, find_shards
+from .nemo_config import dims_from_nemo_config
+
+__all__ = ["ShardedModel", "open_model", "detect_style"]
+
+Shard = tuple[int, int]
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class ShardedModel:
+    """A Llama-family checkpoint in some layout, with the plan that relates it to the canonical model.
+
+    ``plan`` maps each shard to its stored tensors as tiles of the canonical (HF) tensors;
+    ``canonical`` describes the full model. Close it to release files.
+    """
+
+    path: str
+    container: str
+    layout: ShardedLayout
+    dims: LlamaDims
+    hf_config: dict | None
+    shards: dict[Shard, FileTensorSource]
+    plan: dict[Shard, list[TiledTensor]]
+    canonical: dict[str, TensorInfo]
+    files: dict[Shard, str]
+    nemo_config: dict | None = None
+    checkpoint: Checkpoint | None = None  # the opened unsharded checkpoint (container hf)
+    archive: object = None
+    warnings: list[str] = field(default_factory=list)
+    _closers: list = field(default_factory=list)
+
+    def inverse(self) -> list[TiledTensor]:
+        """Each canonical tensor as tiles of ``(shard, stored name)``."""
+        return invert(self.plan, self.canonical)
+
+    def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
+        shard, name = ref
+        source = self.shards[shard]
+        return source, source.stored(name)
+
+    def close(self) -> None:
+        for source in self.shards.values():
+            source.close()
+        for closer in self._closers:
+            closer.close()
+
+    def __enter__(self) -> "ShardedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def detect_style(names: list[str]) -> tuple[str, str, str]:
+    """(style, qkv option, norm option) from one shard's tensor names; LayoutError when none fits."""
+    joined = "\n".join(names)
+    if "language_model." in joined:
+        return "megatron", "fused" if "query_key_value" in joined else "linear", "separate"
+    if "model.decoder." in joined or "model.embedding." in joined:
+        norms = "fused" if "linear_qkv.layer_norm_weight" in joined else "separate"
+        return "mcore", "grouped", norms
+    if "gate_up_proj" in joined:
+        qkv = "fused" if "qkv_proj.weight_qkv" in joined else "linear" if "qkv_proj.weight_q" in joined else "separate"
+        return "nxdt", qkv, "separate"
+    if "model.embed_tokens." in joined or "mlp.gate_proj" in joined or "self_attn.q_proj" in joined:
+        return "hf", "separate", "separate"
+    raise LayoutError("tensor names match none of the styles shardwise knows (hf, nxdt, megatron, mcore) for the Llama family")
+
+
+def open_model(
+    path: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    expect: dict | None = None,
+) -> ShardedModel:
+    """Open ``path`` as a Llama-family model in whatever layout it has.
+
+    ``config`` is an HF config.json giving what files cannot (head counts); it is needed for
+    NxD-written folders. ``expect`` holds layout options the caller asserts (``style``, ``tp``,
+    ``pp``, ``qkv``, ``kv_multiplier``); any that the files contradict is a LayoutError.
+    """
+    path = Path(path)
+    shards = find_shards(path, trust_pickle=trust_pickle)
+    if shards is None:
+        return _open_unsharded(path, config, trust_pickle, expect or {})
+    try:
+        return _open_sharded(shards, config, expect or {})
+    except BaseException:
+        shards.close()
+        raise
+
+
+def _open_unsharded(path: Path, config, trust_pickle: bool, expect: dict) -> ShardedModel:
+    ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        hf_config = read_config(Path(config)) if config is not None else ckpt.config if ckpt.format == "hf" else None
+        if hf_config is None:
+            raise LayoutError(f"{path}: has no config.json; pass --config with the model's HF config.json (head counts cannot be read from shapes)")
+        names = ckpt.tensors.keys()
+        style, qkv, norms = detect_style(names)
+        if style != "hf":
+            raise LayoutError(f"{path}: holds {style}-style tensor names in a single unsharded file; shardwise reads those from their sharded containers")
+        dims = dims_from_hf_config(hf_config, str(path))
+        layout = ShardedLayout("hf", 1, 1, qkv, norms)
+        _check_expected(str(path), layout, expect)
+        shards = {(0, 0): ckpt.tensors}
+        warnings = []
+        if dims.tied and CANONICAL["lm_head"] in names:
+            warnings.append(f"{path}: ties lm_head to the embedding but also stores {CANONICAL['lm_head']}; the stored copy is ignored")
+        model = _finish(str(path), "hf", layout, dims, hf_config, shards, {(0, 0): str(path)}, warnings, tolerate={CANONICAL["lm_head"]} if dims.tied else set())
+    except BaseException:
+        ckpt.close()
+        raise
+    model.checkpoint = ckpt
+    return model
+
+
+def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
+    label = str(shards.path)
+    parallel = (shards.manifest or {}).get("parallel")
+    warnings: list[str] = []
+    hf_config = read_config(Path(config)) if config is not None else None
+    if hf_config is None and isinstance(parallel, dict):
+        hf_config = parallel.get("config")
+    hf_config = hf_config or shards.hf_config
+    names0 = shards.sources[(0, 0)].keys()
+    style, qkv, norms = detect_style(names0)
+    if isinstance(parallel, dict) and isinstance(parallel.get("layout"), dict):
+        layout = ShardedLayout.from_dict(parallel["layout"])
+    else:
+        layout = ShardedLayout(style, shards.tp, shards.pp, qkv, norms, stages=_stages(shards, style))
+    if (layout.style, layout.tp, layout.pp) != (style, shards.tp, shards.pp):
+        raise LayoutError(f"{label}: the manifest says {layout.style} TP={layout.tp} PP={layout.pp}, the files are {style} TP={shards.tp} PP={shards.pp}")
+    if hf_config is not None:
+        dims = dims_from_hf_config(hf_config, label)
+    elif style == "mcore" and shards.nemo_config:
+        dims = dims_from_nemo_config(shards.nemo_config, label, padded_vocab=_embed_rows(shards, layout))
+        warnings.append(f"{label}: has no HF config.json; the vocabulary keeps its {dims.vocab} padded rows (pass --config to trim it)")
+    else:
+        raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json")
+    layout = _infer_options(label, layout, dims, shards)
+    _check_expected(label, layout, expect)
+    return _finish(
+        label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings,
+        nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
+    )
+
+
+def _check_expected(label: str, layout: ShardedLayout, expect: dict) -> None:
+    for key, wanted in expect.items():
+        if wanted is None:
+            continue
+        actual = getattr(layout, key)
+        if actual != wanted and not (key == "qkv" and not wanted):
+            raise LayoutError(f"{label}: holds {key.replace('_', ' ')} {actual!r}, not the {wanted!r} the options say")
+
+
+def _layer_indexes(names: list[str]) -> list[int]:
+    return sorted({int(m.group(1)) for n in names if (m := _LAYER.search(n))})
+
+
+def _stages(shards: Shards, style: str) -> tuple[tuple[int, int], ...]:
+    """(first layer, count) per pipeline stage, from the layer indexes each stage's files hold."""
+    stages, first = [], 0
+    for pp_rank in range(shards.pp):
+        layers = _layer_indexes(shards.sources[(0, pp_rank)].keys())
+        if not layers:
+            raise FormatError(f"{shards.files[(0, pp_rank)]}: holds no transformer layers")
+        if STYLES[style].local_layers:
+            if layers != list(range(len(layers))):
+                raise FormatError(f"{shards.files[(0, pp_rank)]}: stage-local layer indexes {layers[:8]} do not start at 0 or have gaps")
+            stages.append((first, len(layers)))
+            first += len(layers)
+        else:
+            if layers != list(range(layers[0], layers[0] + len(layers))) or layers[0] != first:
+                raise FormatError(f"{shards.files[(0, pp_rank)]}: holds layers {layers[0]}..{layers[-1]} with gaps or out of order (expected to start at {first})")
+            stages.append((first, len(layers)))
+            first += len(layers)
+    return tuple(stages)
+
+
+def _embed_rows(shards: Shards, layout: ShardedLayout) -> int:
+    name = STYLES[layout.style].names["embed"]
+    source = shards.sources[(0, 0)]
+    if name not in source:
+        raise FormatError(f"{shards.files[(0, 0)]}: has no {name}")
+    return source.info(name).shape[0] * shards.tp
+
+
+def _infer_options(label: str, layout: ShardedLayout, dims: LlamaDims, shards: Shards) -> ShardedLayout:
+    """Fill in KV replication and vocabulary padding from the stored shapes."""
+    style = style_of(layout.style)
+    source = shards.sources[(0, 0)]
+    d, tp = dims.head_dim, layout.tp
+    layer = layout.stages[0][0] if layout.stages and not style.local_layers else 0
+    arrangement, names = style.qkv[layout.qkv or style.default_qkv]
+    q_rows = dims.heads * d // tp
+    if arrangement in ("separate", "q_kv"):
+        key = names["k" if arrangement == "separate" else "kv"].format(i=layer)
+        rows = source.info(key).shape[0] if key in source else None
+        kv_rows = rows if arrangement == "separate" else (rows // 2 if rows else None)
+    else:
+        key = names["qkv"].format(i=layer)
+        rows = source.info(key).shape[0] if key in source else None
+        kv_rows = (rows - q_rows) // 2 if rows else None
+    multiplier = layout.kv_multiplier
+    if kv_rows:
+        replicated = kv_rows * tp // d
+        if replicated % dims.kv_heads or replicated < dims.kv_heads:
+            raise LayoutError(f"{label}: {key} holds {kv_rows // d} KV heads per rank, which does not fit the config's {dims.kv_heads} KV heads at TP={tp}")
+        multiplier = replicated // dims.kv_heads
+    vocab_multiple = layout.vocab_multiple
+    if vocab_multiple is None:
+        embed = style.names["embed"]
+        per_rank = source.info(embed).shape[0] if embed in source else dims.vocab // tp
+        vocab_multiple = per_rank if per_rank * tp != dims.vocab else 0
+        if per_rank * tp < dims.vocab:
+            raise LayoutError(f"{label}: {embed} holds {per_rank} rows per rank, {per_rank * tp} in all, fewer than the config's vocabulary of {dims.vocab}")
+    return replace(layout, kv_multiplier=multiplier, vocab_multiple=vocab_multiple)
+
+
+def _finish(label, container, layout, dims, hf_config, sources, files, warnings, *, tolerate=frozenset(), nemo_config=None, archive=None, closers=()) -> ShardedModel:
+    """Resolve the layout, plan it, take the dtypes from disk, and check every stored tensor against the plan."""
+    layout = layout.resolved(dims.layers)
+    style = style_of(layout.style)
+    stored = {shard: {n: source.info(n) for n in source.keys()} for shard, source in sources.items()}
+    last = stored[(0, layout.pp - 1)]
+    lm_name = style.names["lm_head"]
+    has_lm_head = lm_name in last and not (dims.tied and (layout.pp > 1 or layout.style == "hf"))
+    inv_freq = style.keeps_inv_freq and any(n.endswith("inv_freq") for n in stored[(0, 0)])
+    canonical = canonical_infos(dims, "float32", lm_head=has_lm_head, inv_freq=inv_freq)
+    plan = shard_plan(dims, canonical, layout)
+    dtypes: dict[str, str] = {}
+    for shard, tensors in plan.items():
+        for tensor in tensors:
+            actual = stored[shard].get(tensor.info.name)
+            for src in tensor.sources():
+                if actual is not None:
+                    dtypes.setdefault(src, actual.dtype)
+    canonical = {n: replace(i, dtype=dtypes.get(n, i.dtype)) for n, i in canonical.items()}
+    plan = shard_plan(dims, canonical, layout)
+    for shard, tensors in plan.items():
+        _check_shard(files[shard], tensors, stored[shard], tolerate)
+    return ShardedModel(
+        label, container, layout, dims, hf_config, dict(sources), plan, canonical, dict(files), nemo_config,
+        archive=archive, warnings=warnings, _closers=list(closers),
+    )
+
+
+def _check_shard(file: str, expected: list[TiledTensor], stored: dict[str, TensorInfo], tolerate) -> None:
+    names = set()
+    for tensor in expected:
+        names.add(tensor.info.name)
+        actual = stored.get(tensor.info.name)
+        if actual is None:
+            raise LayoutError(f"{file}: has no tensor {tensor.info.name}, which this layout needs; the layout is not what the files and options suggest")
+        if actual.shape != tensor.info.shape:
+            raise LayoutError(
+                f"{file}: {tensor.info.name} has shape {list(actual.shape)}, the layout predicts {list(tensor.info.shape)} "
+                f"(check --config and the TP/Q-K-V options)"
+            )
+    extra = [n for n in stored if n not in names and n not in tolerate and not n.endswith("._extra_state")]
+    if extra:
+        raise LayoutError(f"{file}: holds {len(extra)} tensor(s) a Llama model in this layout does not have, e.g. {extra[0]}")

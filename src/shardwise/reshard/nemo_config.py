@@ -1,0 +1,96 @@
+"""NeMo's ``model_config.yaml`` for Megatron-core Llama models, both ways, and an HF config from it.
+
+The keys and values are those NeMo's ``convert_llama_hf_to_nemo.py`` sets on top of
+``megatron_llama_config.yaml`` (mcore_gpt, rmsnorm, fast-swiglu, rope, no bias).
+"""
+
+from __future__ import annotations
+
+from ..errors import FormatError
+from ..models.llama import LlamaDims
+
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple"]
+
+
+def default_vocab_multiple(vocab: int) -> int:
+    """NeMo's converter choice: the largest of 128, 64, ..., 1 that divides the vocabulary."""
+    multiple = 128
+    while vocab % multiple:
+        multiple //= 2
+    return multiple
+
+
+def _int(config: dict, key: str, label: str, default=None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FormatError(f"{label}: model_config.yaml {key} is {value!r}; a positive integer is needed")
+    return value
+
+
+def dims_from_nemo_config(config: dict, label: str, *, padded_vocab: int) -> LlamaDims:
+    """Dimensions from a NeMo GPT config; the vocabulary is the padded one (NeMo does not record the real size)."""
+    hidden, heads = _int(config, "hidden_size", label), _int(config, "num_attention_heads", label)
+    kv_channels = config.get("kv_channels") or hidden // heads
+    return LlamaDims(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=_int(config, "num_query_groups", label, heads) if config.get("num_query_groups") else heads,
+        head_dim=_int({"kv_channels": kv_channels}, "kv_channels", label),
+        intermediate=_int(config, "ffn_hidden_size", label),
+        vocab=padded_vocab,
+        layers=_int(config, "num_layers", label),
+        tied=bool(config.get("share_embeddings_and_output_weights", False)),
+    )
+
+
+def nemo_llama_config(dims: LlamaDims, hf_config: dict, *, tp: int, pp: int, vocab_multiple: int, precision: str) -> dict:
+    """A ``model_config.yaml`` mapping for a Megatron-core Llama model at TP x PP."""
+    return {
+        "mcore_gpt": True,
+        "transformer_engine": True,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "num_layers": dims.layers,
+        "hidden_size": dims.hidden,
+        "ffn_hidden_size": dims.intermediate,
+        "num_attention_heads": dims.heads,
+        "num_query_groups": dims.kv_heads,
+        "kv_channels": dims.head_dim,
+        "encoder_seq_length": hf_config.get("max_position_embeddings", 4096),
+        "max_position_embeddings": hf_config.get("max_position_embeddings", 4096),
+        "init_method_std": hf_config.get("initializer_range", 0.02),
+        "normalization": "rmsnorm",
+        "layernorm_epsilon": hf_config.get("rms_norm_eps", 1e-5),
+        "activation": "fast-swiglu",
+        "bias": False,
+        "position_embedding_type": "rope",
+        "rotary_base": hf_config.get("rope_theta", 10000.0),
+        "rotary_percentage": 1.0,
+        "share_embeddings_and_output_weights": dims.tied,
+        "make_vocab_size_divisible_by": vocab_multiple,
+        "transformer_block_type": "pre_ln",
+        "precision": precision,
+    }
+
+
+def hf_config_from_nemo(dims: LlamaDims, nemo: dict) -> dict:
+    """An HF ``LlamaForCausalLM`` config.json for a NeMo Llama model that came without one."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.intermediate,
+        "num_attention_heads": dims.heads,
+        "num_key_value_heads": dims.kv_heads,
+        "head_dim": dims.head_dim,
+        "num_hidden_layers": dims.layers,
+        "vocab_size": dims.vocab,
+        "tie_word_embeddings": dims.tied,
+        "rms_norm_eps": nemo.get("layernorm_epsilon", 1e-5),
+        "rope_theta": nemo.get("rotary_base", 10000.0),
+        "max_position_embeddings": nemo.get("max_position_embeddings", 4096),
+        "initializer_range": nemo.get("init_method_std", 0.02),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }

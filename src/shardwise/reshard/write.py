@@ -1,0 +1,119 @@
+"""Writing a planned model into a container: nxdt folders, archives, unpacked archives, HF folders.
+
+Every tensor is streamed by a :class:`~shardwise.layout.stream.TileStreamer` straight from the
+source shards; outputs are staged and committed atomically, with ``shardwise.json`` written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from ..archive.folder_writer import FolderWriter
+from ..archive.layout import MANIFEST_NAME
+from ..archive.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
+from ..archive.writer import ArchiveShard, write_archive
+from ..atomic import atomic_output
+from ..engine import write_streaming, write_tensor_file
+from ..layout.stream import TileStreamer
+from ..layout.tiles import TiledTensor
+from ..plan import plan_output
+from ..tensors import TensorInfo
+from .containers import nxdt_file_name
+
+__all__ = ["out_infos", "write_nxdt", "write_nemo", "write_hf", "parallel_manifest"]
+
+Shard = tuple[int, int]
+
+
+def out_infos(tensors: list[TiledTensor], streamer: TileStreamer) -> list[TensorInfo]:
+    """The tensors as written (the streamer's cast applied)."""
+    return [TensorInfo(t.info.name, t.info.shape, streamer.out_dtype(t.info.dtype)) for t in tensors]
+
+
+def _writer_for(tensors: list[TiledTensor], streamer: TileStreamer):
+    by_name = {t.info.name: t for t in tensors}
+
+    def write(info: TensorInfo, out: BinaryIO) -> None:
+        streamer.write(by_name[info.name], out)
+
+    return write
+
+
+def parallel_manifest(container: str, layout, dims, hf_config: dict) -> dict:
+    """The ``parallel`` entry of ``shardwise.json``: everything needed to read the shards back without flags."""
+    return {
+        "container": container,
+        "layout": layout.as_dict(),
+        "stages": [{"pp_rank": p, "layers": list(range(first, first + count))} for p, (first, count) in enumerate(layout.stages)],
+        "dims": dims.as_dict(),
+        "config": hf_config,
+    }
+
+
+def write_nxdt(dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, parallel: dict, *, overwrite: bool) -> list[str]:
+    """``dst/model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` per shard (flat dicts, as NxD writes) and ``dst/shardwise.json``."""
+    from .. import __version__
+
+    total = sum(i.nbytes for tensors in plan.values() for i in out_infos(tensors, streamer))
+    streamer.progress.start(total, "write nxdt shards")
+    try:
+        with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
+            writer = FolderWriter(stage)
+            writer.add_dir("model")
+            for (tp_rank, pp_rank), tensors in sorted(plan.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                name = nxdt_file_name(tp_rank, pp_rank)
+                infos, write = out_infos(tensors, streamer), _writer_for(tensors, streamer)
+                writer.add_stream(f"model/{name}", lambda sink, infos=infos, write=write, name=name: write_tensor_file(sink, "torch", name[:-3], infos, write, {}))
+            document = {
+                "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created_by": f"shardwise {__version__}",
+                "parallel": parallel,
+                "members": [{"name": m.name, "size": m.size, "crc32": f"{m.crc32:08x}"} for m in writer.members],
+            }
+            writer.add_bytes(MANIFEST_NAME, (json.dumps(document, indent=1) + "\n").encode("utf-8"))
+    finally:
+        streamer.progress.finish()
+    return [m.name for m in writer.members]
+
+
+def write_nemo(
+    dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, *, config: dict, artifacts, tp: int, pp: int,
+    parallel: dict, weights_format: str, unpacked: bool, overwrite: bool,
+) -> list[str]:
+    """An archive (or, ``unpacked``, a nemo-dir folder) with NeMo's rank folders and a manifest carrying ``parallel``."""
+    shards = [ArchiveShard(t, p, tuple(out_infos(tensors, streamer)), _writer_for(tensors, streamer)) for (t, p), tensors in plan.items()]
+    written = write_archive(
+        dst, config=config, shards=shards, tp=tp, pp=pp, weights_format=weights_format, artifacts=artifacts,
+        overwrite=overwrite, progress=streamer.progress, unpacked=unpacked, manifest_extra={"parallel": parallel},
+    )
+    return [m.name for m in written]
+
+
+def write_hf(dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, add_files, overwrite: bool, max_shard_size: int | None = None) -> list[str]:
+    """An HF folder: safetensors shards named and indexed as ``save_pretrained`` does, then ``add_files(stage)``."""
+    infos = out_infos(tensors, streamer)
+    plan = plan_output(infos, to="hf", max_shard_size=max_shard_size)
+    by_name = {t.info.name: t for t in tensors}
+    streamer.progress.start(plan.total_bytes, "write hf")
+    try:
+        with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
+            for planned in plan.files:
+                file_infos = [p.out for p in planned.tensors]
+                write = _writer_for([by_name[i.name] for i in file_infos], streamer)
+                write_streaming(stage / planned.relpath, lambda sink, file_infos=file_infos, write=write: write_tensor_file(sink, "safetensors", "", file_infos, write, {"format": "pt"}))
+            if plan.index_name:
+                index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
+                _write_text(stage / plan.index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            extra = add_files(stage)
+    finally:
+        streamer.progress.finish()
+    return [f.relpath for f in plan.files] + ([plan.index_name] if plan.index_name else []) + list(extra)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
