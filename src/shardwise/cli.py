@@ -28,6 +28,12 @@ app = typer.Typer(
 
 TrustPickle = typer.Option(False, "--trust-pickle", help="Allow pickled globals outside the safe allow-list (runs code from the file).")
 Quiet = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+Style = typer.Option(None, "--style", help="Tensor naming of sharded outputs: nxdt or megatron (nxdt folders), mcore (archives).")
+TP = typer.Option(None, "--tp", help="Tensor-parallel size of the output.")
+PP = typer.Option(None, "--pp", help="Pipeline-parallel size of the output.")
+QkvLinear = typer.Option(False, "--qkv-linear", help="nxdt: qkv_proj.weight_q/_k/_v (GQAQKVColumnParallelLinear); megatron: query + key_value.")
+FuseQkv = typer.Option(False, "--fuse-qkv", help="nxdt: one qkv_proj.weight_qkv per rank, [Q_r; K_r; V_r].")
+KvMultiplier = typer.Option(None, "--kv-size-multiplier", help="nxdt: replicate each KV head K times so TP may exceed the KV head count.")
 
 
 def _version(value: bool) -> None:
@@ -72,24 +78,35 @@ def inspect(
 def convert(
     src: Path = typer.Argument(..., help="The checkpoint to read (file or folder)."),
     dst: Path = typer.Argument(..., help="Where to write (a file, or a folder for hf and sharded outputs)."),
-    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf or archive (default: from DST's suffix; .nemo is an archive)."),
+    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf, archive, nemo-dir or nxdt (default: from DST's suffix; .nemo is an archive)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),
     weights_format: Optional[str] = typer.Option(None, "--weights-format", help="Archive weights: torch (model_weights.ckpt, default) or safetensors."),
     hparams_file: Optional[Path] = typer.Option(None, "--hparams-file", help="Archive config from this YAML instead of the checkpoint's hyper_parameters.cfg."),
     checkpoint_name: Optional[str] = typer.Option(None, "--checkpoint-name", help="Which .ckpt to take from each mp_rank_XX / tp_rank_XX_pp_rank_XXX folder."),
+    style: Optional[str] = Style,
+    tp: Optional[int] = TP,
+    pp: Optional[int] = PP,
+    qkv_linear: bool = QkvLinear,
+    fuse_qkv: bool = FuseQkv,
+    kv_multiplier: Optional[int] = KvMultiplier,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
 ) -> None:
-    """Convert between formats, one tensor at a time; bit-exact unless --dtype is given."""
+    """Convert between formats and parallel layouts, one tensor at a time; bit-exact unless --dtype is given."""
     from .engine import convert as run
 
     result = run(
         src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config, weights_format=weights_format,
-        hparams_file=hparams_file, checkpoint_name=checkpoint_name, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+        hparams_file=hparams_file, checkpoint_name=checkpoint_name, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear or None,
+        fuse_qkv=fuse_qkv or None, kv_multiplier=kv_multiplier, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
     )
+    _report(result)
+
+
+def _report(result) -> None:
     for warning in result.warnings:
         typer.echo(f"shardwise: warning: {warning}", err=True)
     typer.echo(
@@ -99,19 +116,54 @@ def convert(
 
 
 @app.command()
+def reshard(
+    src: Path = typer.Argument(..., help="A sharded checkpoint: nxdt folder, archive or nemo-dir."),
+    dst: Path = typer.Argument(..., help="Where to write the same format and style at the new layout."),
+    tp: Optional[int] = TP,
+    pp: Optional[int] = PP,
+    kv_multiplier: Optional[int] = KvMultiplier,
+    config: Optional[Path] = typer.Option(None, "--config", help="HF config.json, for checkpoints that do not carry one (NxD-written folders)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
+    quiet: bool = Quiet,
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Change the TP/PP layout of a sharded checkpoint, keeping its format and style, streaming shard to shard."""
+    from .reshard.convert import convert_layout
+
+    _report(convert_layout(
+        src, dst, tp=tp, pp=pp, kv_multiplier=kv_multiplier, config=config, dtype=dtype, keep_layout=True,
+        overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+    ))
+
+
+@app.command(
+    "nxdt-convert",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def nxdt_convert(ctx: typer.Context) -> None:
+    """NxD's checkpoint_converter.py flags (--input_dir --output_dir --tp_size ... --convert_from_full_state); see --help."""
+    from .reshard.nxdt_cli import run_nxdt_convert
+
+    _report(run_nxdt_convert(list(ctx.args), progress=_progress(False)))
+
+
+@app.command()
 def diff(
     a: Path = typer.Argument(..., help="First checkpoint."),
     b: Path = typer.Argument(..., help="Second checkpoint."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: bit-exact)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: bit-exact)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    config: Optional[Path] = typer.Option(None, "--config", help="HF config.json for sharded checkpoints that do not carry one."),
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
 ) -> None:
-    """Compare tensors by name; exit 0 when equal, 1 when not."""
+    """Compare tensors by name (sharded checkpoints by their merged tensors); exit 0 when equal, 1 when not."""
     from .verify.tensor_diff import diff as run
 
-    report = run(a, b, atol=atol, rtol=rtol, trust_pickle=trust_pickle, progress=_progress(quiet))
+    report = run(a, b, atol=atol, rtol=rtol, trust_pickle=trust_pickle, config=config, progress=_progress(quiet))
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     else:

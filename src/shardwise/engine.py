@@ -200,6 +200,12 @@ def convert(
     weights_format: str | None = None,
     hparams_file: str | os.PathLike | None = None,
     checkpoint_name: str | None = None,
+    style: str | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    qkv_linear: bool | None = None,
+    fuse_qkv: bool | None = None,
+    kv_multiplier: int | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
@@ -215,10 +221,25 @@ def convert(
     (otherwise the source folder's is copied). ``dst`` must not exist unless ``overwrite``; it is
     written atomically. Raises :class:`~shardwise.errors.ShardwiseError` subclasses on bad input.
 
+    Llama-family models also convert between parallel layouts (``to`` = ``nxdt``, ``nemo-dir``,
+    ``archive`` or ``hf``; ``style``, ``tp``, ``pp``, ``qkv_linear``, ``fuse_qkv``,
+    ``kv_multiplier``): see :func:`shardwise.reshard.convert.convert_layout`.
+
     >>> shardwise.convert("model.safetensors", "model.pt")  # doctest: +SKIP
     """
     started = time.perf_counter()
     dst = Path(dst)
+    layout_options = {"style": style, "tp": tp, "pp": pp, "qkv_linear": qkv_linear, "fuse_qkv": fuse_qkv, "kv_multiplier": kv_multiplier}
+    from .reshard.convert import convert_layout, needs_layout_engine
+
+    if needs_layout_engine(src, to or _suffix_format(dst), layout_options):
+        for name, value in (("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name)):
+            if value is not None:
+                raise OptionError(f"{name} applies to Lightning checkpoints, not to parallel layouts")
+        return convert_layout(
+            src, dst, to=to or _suffix_format(dst), **layout_options, config=config, dtype=dtype, weights_format=weights_format,
+            max_shard_size=max_shard_size, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress,
+        )
     to = to or infer_format(str(dst))
     if to == "archive":
         if config is not None or max_shard_size is not None:
@@ -270,6 +291,13 @@ def convert(
     return ConvertResult(
         str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, tuple(warnings)
     )
+
+
+def _suffix_format(dst: Path) -> str | None:
+    try:
+        return infer_format(str(dst))
+    except OptionError:
+        return None
 
 
 def _check_writable(plan: OutputPlan, dst: Path) -> None:

@@ -53,6 +53,18 @@ def render_inspect(summary: dict, *, show_all: bool = False) -> None:
         head.add_row("lr_schedulers", str(len(state["lr_schedulers"])))
     if "hyper_parameters" in state:
         head.add_row("hyper_parameters", f"{len(state['hyper_parameters'] or {})} keys (see --json)")
+    parallel = summary.get("parallel")
+    if parallel:
+        if "error" in parallel:
+            head.add_row("parallel", f"not resolved: {parallel['error']}")
+        else:
+            options = f"qkv {parallel['qkv']}" + (f", KV heads x{parallel['kv_size_multiplier']}" if parallel["kv_size_multiplier"] > 1 else "")
+            vocab = f"vocab {parallel['vocab']}" + (f" padded to {parallel['padded_vocab']}" if parallel["padded_vocab"] != parallel["vocab"] else "")
+            head.add_row("parallel", f"{parallel['container']}, style {parallel['style']}, TP={parallel['tp']} PP={parallel['pp']}, {options}, {vocab}"
+                         + ("" if parallel["has_manifest"] else " (inferred: no shardwise manifest)"))
+            for stage in parallel["stages"]:
+                last = stage["first_layer"] + stage["num_layers"] - 1
+                head.add_row("", f"pp_rank {stage['pp_rank']}: layers {stage['first_layer']}-{last}")
     archive = summary.get("archive")
     if archive:
         files = [m for m in archive["members"] if m["kind"] == "file"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
-from .formats import Checkpoint, open_checkpoint
+from .errors import ShardwiseError
+from .formats import Checkpoint, MergedSource, open_checkpoint
 
 __all__ = ["describe", "inspect_path"]
 
@@ -46,7 +48,57 @@ def _archive_summary(archive) -> dict:
     }
 
 
-def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict:
-    """Open ``path`` lazily and describe it (see :func:`describe`)."""
-    with open_checkpoint(path, trust_pickle=trust_pickle) as ckpt:
-        return describe(ckpt)
+def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config: str | os.PathLike | None = None) -> dict:
+    """Open ``path`` lazily and describe it (see :func:`describe`).
+
+    Sharded checkpoints (nxdt folders, nemo-dir folders, sharded archives) list their tensors as
+    ``<rank file>/<name>`` and add ``parallel``: container, style, TP/PP, Q/K/V options, KV
+    replication, vocabulary padding and the layers of each pipeline stage (or ``error`` saying
+    what is needed to tell, such as ``--config``).
+    """
+    from .reshard.canonical import is_layout_checkpoint
+    from .reshard.containers import find_shards
+
+    shards = find_shards(Path(path), trust_pickle=trust_pickle) if Path(path).is_dir() else None
+    if shards is not None:
+        with shards:
+            summary = describe(_shards_checkpoint(shards))
+    else:
+        with open_checkpoint(path, trust_pickle=trust_pickle) as ckpt:
+            summary = describe(ckpt)
+    summary["parallel"] = _parallel_summary(path, config, trust_pickle) if is_layout_checkpoint(path) else None
+    return summary
+
+
+def _shards_checkpoint(shards) -> Checkpoint:
+    keys = sorted(shards.sources)
+    prefixes = [Path(shards.files[k]).parent.name + "/" if shards.container == "nemo-dir" else Path(shards.files[k]).name + "/" for k in keys]
+    source = MergedSource([shards.sources[k] for k in keys], prefixes)
+    layout = {"kind": "sharded", "tp": shards.tp, "pp": shards.pp}
+    return Checkpoint(str(shards.path), shards.container, "torch", source, [shards.files[k] for k in keys], config=shards.nemo_config, layout=layout)
+
+
+def _parallel_summary(path, config, trust_pickle: bool) -> dict:
+    from .layout.parallel import padded_vocab
+    from .reshard.model import open_model
+
+    try:
+        with open_model(path, config=config, trust_pickle=trust_pickle) as model:
+            layout = model.layout
+            return {
+                "container": model.container,
+                "style": layout.style,
+                "tp": layout.tp,
+                "pp": layout.pp,
+                "qkv": layout.qkv,
+                "norms": layout.norms,
+                "kv_size_multiplier": layout.kv_multiplier,
+                "vocab": model.dims.vocab,
+                "padded_vocab": padded_vocab(model.dims.vocab, layout.vocab_multiple, layout.tp) if layout.vocab_multiple else model.dims.vocab,
+                "stages": [{"pp_rank": p, "first_layer": first, "num_layers": count} for p, (first, count) in enumerate(layout.stages)],
+                "dims": model.dims.as_dict(),
+                "has_manifest": model.has_manifest,
+                "warnings": model.warnings,
+            }
+    except ShardwiseError as e:
+        return {"error": str(e)}

@@ -26,7 +26,7 @@ from ..errors import LayoutError
 from ..models.llama import CANONICAL, LAYER_ROLES, STYLES, LlamaDims, Style
 from ..tensors import TensorInfo
 from .parallel import check_divides, local_heads, padded_vocab, split_layers
-from .tiles import Tile, TiledTensor, whole
+from .tiles import Tile, TiledTensor, coalesce, whole
 
 __all__ = ["ShardedLayout", "shard_plan", "canonical_infos", "stored_name"]
 
@@ -139,9 +139,9 @@ class _Builder:
         """Stack row ranges (source or None for zeros, first row, row count) into one tensor of ``cols`` columns."""
         tiles, row, dtype = [], 0, _one_dtype(name, [p[0] for p in pieces], dtype)
         for info, first, count in pieces:
-            tiles.append(Tile(row, 0, count, cols, info.name if info else None, first, 0))
+            tiles.append(Tile(row, 0, count, cols, info.name, first, 0) if info else Tile(row, 0, count, cols, None))
             row += count
-        self.out.append(TiledTensor(TensorInfo(name, (row, cols), dtype), tuple(tiles)))
+        self.out.append(TiledTensor(TensorInfo(name, (row, cols), dtype), tuple(coalesce(tiles))))
 
     def columns(self, name: str, info: TensorInfo, pieces: list[tuple[int, int]]) -> None:
         """Columns ranges (first column, count) of ``info``, side by side."""
@@ -149,7 +149,7 @@ class _Builder:
         for first, count in pieces:
             tiles.append(Tile(0, col, info.shape[0], count, info.name, 0, first))
             col += count
-        self.out.append(TiledTensor(TensorInfo(name, (info.shape[0], col), info.dtype), tuple(tiles)))
+        self.out.append(TiledTensor(TensorInfo(name, (info.shape[0], col), info.dtype), tuple(coalesce(tiles))))
 
     def replicate(self, name: str, info: TensorInfo) -> None:
         self.out.append(whole(TensorInfo(name, info.shape, info.dtype), info.name))
@@ -169,7 +169,7 @@ def shard_plan(dims: LlamaDims, canonical: dict[str, TensorInfo], layout: Sharde
     then per layer its norms, attention, MLP, then the final norm and lm_head.
     """
     style = style_of(layout.style)
-    tp, d = layout.tp, dims.head_dim
+    tp = layout.tp
     check_divides("query heads", dims.heads, tp, "tensor parallel size")
     check_divides("intermediate size (MLP rows)", dims.intermediate, tp, "tensor parallel size")
     embed_rows = _vocab_rows(dims, canonical, layout)

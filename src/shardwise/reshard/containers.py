@@ -62,6 +62,12 @@ class Shards:
         for closer in self.closers:
             closer.close()
 
+    def __enter__(self) -> "Shards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def read_folder_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST_NAME

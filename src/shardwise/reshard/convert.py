@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
@@ -20,7 +19,7 @@ from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
 from ..atomic import check_output_free
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
-from ..errors import LayoutError, OptionError
+from ..errors import LayoutError, OptionError, ShardwiseError
 from ..layout.sharding import ShardedLayout, shard_plan
 from ..layout.stream import TileStreamer
 from ..layout.tiles import compose
@@ -32,10 +31,41 @@ from .model import ShardedModel, open_model
 from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 
-__all__ = ["convert_layout", "target_layout", "SHARDED_OUTPUTS"]
+__all__ = ["convert_layout", "target_layout", "needs_layout_engine", "SHARDED_OUTPUTS"]
 
 SHARDED_OUTPUTS = ("nxdt", "archive", "nemo-dir")
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
+
+
+def needs_layout_engine(src: str | os.PathLike, to: str | None, options: dict) -> bool:
+    """Whether a conversion goes through the parallel-layout engine rather than the plain tensor copy.
+
+    It does when the output is sharded (nxdt, nemo-dir), a layout option is given, the source is a
+    sharded or Megatron-style checkpoint, or a Llama-family HF model becomes an archive (as mcore).
+    """
+    from ..formats.hf import read_config
+    from ..models.llama import MODEL_TYPES
+    from .containers import find_shards
+    from .model import detect_style
+
+    if to in ("nxdt", "nemo-dir") or any(v not in (None, False) for v in options.values()):
+        return True
+    path = Path(src)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / MANIFEST_NAME).is_file():
+        config = read_config(path / "config.json")
+        return to == "archive" and config.get("model_type") in MODEL_TYPES
+    try:
+        shards = find_shards(path)
+    except (OSError, ShardwiseError):
+        return False  # the plain conversion reports what is wrong with the source
+    if shards is None:
+        return False
+    with shards:
+        try:
+            style = detect_style(shards.sources[(0, 0)].keys())[0]
+        except LayoutError:  # not a Llama-family model: only nxdt folders have nothing else to be
+            return shards.container == "nxdt"
+        return shards.container != "archive" or (shards.tp, shards.pp) != (1, 1) or style != "hf"
 
 
 def target_layout(
@@ -55,7 +85,7 @@ def target_layout(
         qkv, norms = _qkv_option(style, source, qkv_linear, fuse_qkv), ""
     if kv_multiplier is None:
         replicating = style == "nxdt" and qkv in ("linear", "fused") and source.dims.kv_heads < tp
-        kv_multiplier = tp // source.dims.kv_heads if replicating and keep and source.layout.kv_multiplier > 1 else 1
+        kv_multiplier = tp // source.dims.kv_heads if replicating and keep and tp % source.dims.kv_heads == 0 else 1
         if replicating and not keep:
             raise LayoutError(
                 f"tensor parallel size {tp} is more than the model's {source.dims.kv_heads} KV heads; "
@@ -99,6 +129,9 @@ def convert_layout(
     weights_format: str | None = None,
     max_shard_size: str | int | None = None,
     keep_layout: bool = False,
+    full_state_file: str | None = None,
+    expect_layers: int | None = None,
+    expect: dict | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
@@ -108,18 +141,24 @@ def convert_layout(
     ``keep_layout`` (``shardwise reshard``) keeps the source's container, style and options and
     changes only what is given (TP, PP). ``config`` supplies the HF config.json when the source
     does not carry one. Bit-exact unless ``dtype`` casts. Raises LayoutError for layouts the model
-    cannot take, OptionError for options that do not apply.
+    cannot take, OptionError for options that do not apply. ``full_state_file`` makes an ``hf``
+    output one torch file of that name (NxD's ``checkpoint.pt``) plus config.json;
+    ``expect_layers`` and ``expect`` (layout fields such as ``tp``, ``qkv``) are checked against
+    the source before anything is written.
     """
     started = time.perf_counter()
     dst = Path(dst)
     cast = parse_cast_dtype(dtype).name if dtype else None
     check_output_free(dst, overwrite, is_dir=True)
-    with open_model(src, config=config, trust_pickle=trust_pickle) as source:
+    with open_model(src, config=config, trust_pickle=trust_pickle, expect=expect) as source:
         to = to or (source.container if keep_layout else None)
         if to not in CONTAINERS:
-            raise OptionError(f"--to {to!r}: choose one of {', '.join(CONTAINERS)}")
+            given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
+            raise OptionError(f"{given}: choose --to {', '.join(CONTAINERS)} for a Llama-family model")
         if keep_layout and to == "hf":
             raise OptionError(f"{src}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
+        if expect_layers is not None and expect_layers != source.dims.layers:
+            raise OptionError(f"{src}: the model has {source.dims.layers} layers, not the {expect_layers} the options say")
         hf_config = source.hf_config or hf_config_from_nemo(source.dims, source.nemo_config or {})
         streamer = TileStreamer(source.lookup, progress, cast)
         warnings = list(source.warnings)
@@ -127,7 +166,7 @@ def convert_layout(
             _no_layout_options(tp, pp, style, qkv_linear, fuse_qkv, kv_multiplier)
             tensors = source.inverse()
             files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings),
-                             overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+                             overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file)
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
             layout = source.layout
         else:

@@ -8,7 +8,6 @@ disk is exactly what that layout predicts. A flag that contradicts the files is 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -52,6 +51,7 @@ class ShardedModel:
     checkpoint: Checkpoint | None = None  # the opened unsharded checkpoint (container hf)
     archive: object = None
     warnings: list[str] = field(default_factory=list)
+    has_manifest: bool = False
     _closers: list = field(default_factory=list)
 
     def inverse(self) -> list[TiledTensor]:
@@ -166,10 +166,12 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
         raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json")
     layout = _infer_options(label, layout, dims, shards)
     _check_expected(label, layout, expect)
-    return _finish(
+    model = _finish(
         label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings,
         nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
     )
+    model.has_manifest = isinstance(parallel, dict)
+    return model
 
 
 def _check_expected(label: str, layout: ShardedLayout, expect: dict) -> None:

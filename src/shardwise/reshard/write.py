@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -91,10 +92,19 @@ def write_nemo(
     return [m.name for m in written]
 
 
-def write_hf(dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, add_files, overwrite: bool, max_shard_size: int | None = None) -> list[str]:
-    """An HF folder: safetensors shards named and indexed as ``save_pretrained`` does, then ``add_files(stage)``."""
+def write_hf(
+    dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, add_files, overwrite: bool, max_shard_size: int | None = None,
+    single_file: str | None = None,
+) -> list[str]:
+    """An HF folder: safetensors shards named and indexed as ``save_pretrained`` does, then ``add_files(stage)``.
+
+    ``single_file`` writes all tensors to one torch file of that name instead (NxD's ``checkpoint.pt``).
+    """
     infos = out_infos(tensors, streamer)
     plan = plan_output(infos, to="hf", max_shard_size=max_shard_size)
+    if single_file:
+        only = plan_output(infos, to="torch").files[0]
+        plan = replace(plan, files=(replace(only, relpath=single_file),), index_name=None)
     by_name = {t.info.name: t for t in tensors}
     streamer.progress.start(plan.total_bytes, "write hf")
     try:
@@ -102,7 +112,8 @@ def write_hf(dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, a
             for planned in plan.files:
                 file_infos = [p.out for p in planned.tensors]
                 write = _writer_for([by_name[i.name] for i in file_infos], streamer)
-                write_streaming(stage / planned.relpath, lambda sink, file_infos=file_infos, write=write: write_tensor_file(sink, "safetensors", "", file_infos, write, {"format": "pt"}))
+                write_streaming(stage / planned.relpath, lambda sink, file_infos=file_infos, write=write, planned=planned: write_tensor_file(
+                    sink, planned.kind, planned.relpath.rsplit(".", 1)[0], file_infos, write, {"format": "pt"}))
             if plan.index_name:
                 index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
                 _write_text(stage / plan.index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")

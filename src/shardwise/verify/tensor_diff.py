@@ -65,16 +65,22 @@ def diff(
     atol: float | None = None,
     rtol: float | None = None,
     trust_pickle: bool = False,
+    config: str | os.PathLike | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> DiffReport:
     """Compare the tensors of checkpoints ``a`` and ``b`` by name (see module docstring).
+
+    Sharded and Megatron-style checkpoints (nxdt folders, sharded archives, nemo-dir) are compared
+    through their canonical HuggingFace-named tensors, merged lazily one at a time, so checkpoints
+    of different layouts compare equal when they hold the same model. ``config`` is the HF
+    config.json for sharded checkpoints that do not carry one.
 
     >>> shardwise.diff("model.safetensors", "model.pt").equal  # doctest: +SKIP
     True
     """
     report = DiffReport(os.fspath(a), os.fspath(b), atol=atol, rtol=rtol)
     tolerant = atol is not None or rtol is not None
-    with open_checkpoint(a, trust_pickle=trust_pickle) as ca, open_checkpoint(b, trust_pickle=trust_pickle) as cb:
+    with _open_side(a, trust_pickle, config) as ca, _open_side(b, trust_pickle, config) as cb:
         names_a, names_b = ca.tensors.keys(), set(cb.tensors.keys())
         report.missing = [n for n in names_a if n not in names_b]
         report.extra = sorted(names_b.difference(names_a))
@@ -92,6 +98,14 @@ def diff(
         finally:
             progress.finish()
     return report
+
+
+def _open_side(path, trust_pickle: bool, config):
+    from ..reshard.canonical import is_layout_checkpoint, open_canonical
+
+    if is_layout_checkpoint(path):
+        return open_canonical(path, config=config, trust_pickle=trust_pickle)
+    return open_checkpoint(path, trust_pickle=trust_pickle)
 
 
 def _describe(info: TensorInfo) -> dict:

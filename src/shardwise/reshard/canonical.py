@@ -1,0 +1,100 @@
+"""A sharded model seen as its full (HuggingFace-named) tensors, merged lazily one tensor at a time.
+
+``diff`` compares checkpoints across layouts through this view: a tensor stored whole in one
+shard is read in place like any file tensor; one spread over shards (or fused, padded, reordered)
+is assembled from its tiles when it is read, and only then.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from ..dtypes import dtype as dtype_row
+from ..layout.stream import TileStreamer
+from ..tensors import FileTensorSource, tensor_bytes
+from .model import ShardedModel, open_model
+
+__all__ = ["CanonicalSource", "open_canonical", "is_layout_checkpoint"]
+
+
+class _BufferSink:
+    """A write-only sink filling a preallocated buffer front to back."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self._view[self._pos:self._pos + len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class CanonicalSource(FileTensorSource):
+    """The canonical tensors of ``model`` (see module docstring). Closing it closes the model."""
+
+    def __init__(self, model: ShardedModel) -> None:
+        super().__init__()
+        self.model = model
+        self._tiled = {t.info.name: t for t in model.inverse()}
+        self._streamer = TileStreamer(model.lookup)
+        self.metadata: dict[str, str] = {}
+        for name, tiled in self._tiled.items():
+            tiles = tiled.tiles
+            if len(tiles) == 1 and (tiles[0].row, tiles[0].col, tiles[0].src_row, tiles[0].src_col) == (0, 0, 0, 0):
+                _, entry = model.lookup(tiles[0].src)
+                if entry.info.shape == tiled.info.shape:
+                    self._tensors[name] = replace(entry, info=tiled.info)
+
+    def keys(self) -> list[str]:
+        return list(self._tiled)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tiled
+
+    def info(self, name: str):
+        return self._tiled[name].info
+
+    def infos(self):
+        return [t.info for t in self._tiled.values()]
+
+    def stored(self, name: str):
+        return self._tensors.get(name)
+
+    def read(self, name: str):
+        if name in self._tensors:
+            return super().read(name)
+        import torch
+
+        tiled = self._tiled[name]
+        out = torch.empty(tiled.info.shape, dtype=dtype_row(tiled.info.dtype).torch())
+        self._streamer.write(tiled, _BufferSink(tensor_bytes(out)))
+        return out
+
+    def close(self) -> None:
+        super().close()
+        self.model.close()
+
+
+class _View:
+    def __init__(self, source: CanonicalSource) -> None:
+        self.tensors = source
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tensors.close()
+
+
+def is_layout_checkpoint(path: str | os.PathLike) -> bool:
+    """True for sharded or Megatron-style checkpoints, which compare through their canonical tensors."""
+    from .convert import needs_layout_engine
+
+    return needs_layout_engine(path, "hf", {})
+
+
+def open_canonical(path: str | os.PathLike, *, config: str | os.PathLike | None = None, trust_pickle: bool = False) -> _View:
+    """A ``with``-able view whose ``tensors`` is the :class:`CanonicalSource` of ``path``."""
+    return _View(CanonicalSource(open_model(path, config=config, trust_pickle=trust_pickle)))
