@@ -246,3 +246,21 @@ def test_nemo_config_yaml_is_valid_yaml_with_stage_counts(models, tmp_path):
     config = yaml.safe_load((tmp_path / "dir" / "model_config.yaml").read_text())
     assert config["num_layers"] == 5 and config["pipeline_model_parallel_size"] == 2
     assert sorted(p.name for p in (tmp_path / "dir").iterdir() if p.name.startswith("tp_rank")) == ["tp_rank_00_pp_rank_000", "tp_rank_00_pp_rank_001"]
+
+
+def test_nemo_written_folders_with_transformer_engine_extra_state_and_no_manifest_are_read(models, tmp_path):
+    import io
+
+    folder = tmp_path / "nemo"
+    convert_layout(models["gqa"], folder, to="nemo-dir", tp=2, pp=2)
+    (folder / "shardwise.json").unlink()
+    for path in folder.glob("tp_rank_*/model_weights.ckpt"):
+        state = torch.load(path, weights_only=True)
+        state["model.decoder.layers.0.self_attention.core_attention._extra_state"] = io.BytesIO(b"fp8 state")  # TE < 2.0
+        state["model.decoder.layers.0.self_attention.linear_qkv._extra_state"] = torch.empty(0, dtype=torch.uint8)  # TE >= 2.0
+        state["model.output_layer._extra_state"] = None
+        torch.save(state, path)
+    with open_model(folder) as model:
+        assert (model.layout.style, model.layout.tp, model.layout.pp, model.has_manifest) == ("mcore", 2, 2, False)
+    convert_layout(folder, tmp_path / "hf", to="hf")
+    assert diff(models["gqa"], tmp_path / "hf").equal

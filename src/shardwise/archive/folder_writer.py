@@ -7,21 +7,18 @@ computed on the way (patched algebraically where a zip writer seeks back), and f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 from ..atomic import durable_close
 from ..background import BackgroundWriter
 from ..errors import FormatError
-from .tar_writer import MemberSink, WrittenMember
+from .tar_writer import MemberSink, MemberWriter, WrittenMember
 
 __all__ = ["FolderWriter"]
 
-_COPY_CHUNK = 8 << 20
 
-
-class FolderWriter:
+class FolderWriter(MemberWriter):
     """Writes members as files under ``root`` (which must exist). ``members`` lists files in order; offsets are 0."""
 
     def __init__(self, root: Path) -> None:
@@ -37,17 +34,6 @@ class FolderWriter:
 
     def add_dir(self, name: str) -> None:
         self._path(name + "/").mkdir(parents=True, exist_ok=True)
-
-    def add_bytes(self, name: str, data: bytes) -> WrittenMember:
-        return self.add_stream(name, lambda sink: sink.write(data))
-
-    def add_file(self, name: str, path: str | os.PathLike) -> WrittenMember:
-        def copy(sink: MemberSink) -> None:
-            with open(path, "rb", buffering=0) as src:
-                while chunk := src.read(_COPY_CHUNK):
-                    sink.write(chunk)
-
-        return self.add_stream(name, copy)
 
     def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
         """Create file ``name`` whose bytes ``produce(sink)`` writes; returns its size and CRC-32."""

@@ -82,7 +82,27 @@ class MemberSink:
         return self._end - self._start
 
 
-class TarWriter:
+class MemberWriter:
+    """What archive-like writers share: members from bytes or files, both through ``add_stream``."""
+
+    def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
+        raise NotImplementedError
+
+    def add_bytes(self, name: str, data: bytes) -> WrittenMember:
+        return self.add_stream(name, lambda sink: sink.write(data))
+
+    def add_file(self, name: str, path: str | os.PathLike) -> WrittenMember:
+        """Copy the regular file at ``path`` in, chunk by chunk."""
+
+        def copy(sink: MemberSink) -> None:
+            with open(path, "rb", buffering=0) as src:
+                while chunk := src.read(_COPY_CHUNK):
+                    sink.write(chunk)
+
+        return self.add_stream(name, copy)
+
+
+class TarWriter(MemberWriter):
     """Writes an uncompressed tar to the seekable binary file ``f``.
 
     >>> with open("a.tar", "wb") as f:  # doctest: +SKIP
@@ -116,19 +136,6 @@ class TarWriter:
         """A folder entry (``""`` is the archive root, written as ``.``)."""
         self._claim(name + "/")
         write_all(self._f, self._header(name, 0, tarfile.DIRTYPE, 0o755))
-
-    def add_bytes(self, name: str, data: bytes) -> WrittenMember:
-        return self.add_stream(name, lambda sink: sink.write(data))
-
-    def add_file(self, name: str, path: str | os.PathLike) -> WrittenMember:
-        """Copy the regular file at ``path`` in, chunk by chunk."""
-
-        def copy(sink: MemberSink) -> None:
-            with open(path, "rb", buffering=0) as src:
-                while chunk := src.read(_COPY_CHUNK):
-                    sink.write(chunk)
-
-        return self.add_stream(name, copy)
 
     def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
         """Add regular file ``name`` whose bytes ``produce(sink)`` writes; returns what was written."""

@@ -6,8 +6,9 @@ The output is written top to bottom in bands of rows that the same tiles cover.
   byte copy through two alternating 16 MiB buffers, the way the conversion engine copies
   tensors: no torch tensor is built.
 - Any other band (columns of a row-parallel weight, side-by-side shards being merged, zero
-  padding, a dtype cast) is built chunk by chunk: at most ~16 MiB of output rows, from the same
-  rows of each source read whole (rows are contiguous on disk, columns are not).
+  padding) is built chunk by chunk in plain bytes: at most ~16 MiB of output rows, from the same
+  rows of each source read whole (rows are contiguous on disk, columns are not). Only dtype
+  casts and strided sources use torch, so a plain conversion never imports it.
 
 So memory is bounded by a chunk times the TP degree, never by a tensor. Sources stored with
 strides (torch files written from transposed views, as NxD writes o_proj) are read whole once
@@ -90,6 +91,36 @@ class TileStreamer:
 
     # -- built rows ----------------------------------------------------------------------------
     def _build_rows(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
+        if self.out_dtype(dtype) != dtype or any(t.src is not None and not self.lookup(t.src)[1].contiguous for t in tiles):
+            return self._build_rows_torch(tiles, start, stop, cols, dtype, sink)
+        itemsize = dtype_row(dtype).itemsize
+        row_bytes = cols * itemsize
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        for first in range(start, stop, step):
+            count = min(stop, first + step) - first
+            out = bytearray(count * row_bytes)  # zero-filled: zero tiles need no work
+            for tile in tiles:
+                if tile.src is not None:
+                    self._place(tile, first, count, out, row_bytes, itemsize)
+            write_all(sink, memoryview(out))
+            self.progress.advance(len(out))
+
+    def _place(self, tile: Tile, first: int, count: int, out: bytearray, row_bytes: int, itemsize: int) -> None:
+        """Copy rows ``first:first+count`` of the band from ``tile``'s source into ``out``, without torch."""
+        source, entry = self.lookup(tile.src)
+        src_row_bytes = matrix_shape(entry.info.shape)[1] * itemsize
+        rows = bytearray(count * src_row_bytes)
+        source.read_into(entry, entry.offset + (tile.src_row + first - tile.row) * src_row_bytes, memoryview(rows))
+        width, src_at, out_at = tile.cols * itemsize, tile.src_col * itemsize, tile.col * itemsize
+        if width == row_bytes == src_row_bytes:
+            out[:] = rows
+            return
+        src_view, out_view = memoryview(rows), memoryview(out)
+        for r in range(count):
+            out_view[r * row_bytes + out_at: r * row_bytes + out_at + width] = src_view[r * src_row_bytes + src_at: r * src_row_bytes + src_at + width]
+
+    def _build_rows_torch(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
+        """Casts and strided sources: built with torch, chunk by chunk."""
         import torch
 
         torch_dtype = dtype_row(dtype).torch()
@@ -97,14 +128,11 @@ class TileStreamer:
         step = max(1, CHUNK_BYTES // max(1, cols * dtype_row(dtype).itemsize))
         for first in range(start, stop, step):
             last = min(stop, first + step)
-            out = torch.empty((last - first, cols), dtype=torch_dtype)
+            out = torch.zeros((last - first, cols), dtype=torch_dtype)
             for tile in tiles:
-                target = out[:, tile.col:tile.col + tile.cols]
-                if tile.src is None:
-                    target.zero_()
-                else:
+                if tile.src is not None:
                     rows = self._source_rows(tile.src, tile.src_row + first - tile.row, last - first)
-                    target.copy_(rows[:, tile.src_col:tile.src_col + tile.cols])
+                    out[:, tile.col:tile.col + tile.cols].copy_(rows[:, tile.src_col:tile.src_col + tile.cols])
             if out_dtype != torch_dtype:
                 out = out.to(out_dtype)
             write_all(sink, tensor_bytes(out))
