@@ -174,6 +174,34 @@ def diff(
 
 
 @app.command()
+def verify(
+    ckpt: Path = typer.Argument(..., help="A Llama-family checkpoint in any layout (nxdt folder, archive, nemo-dir, HF)."),
+    reference: Path = typer.Option(..., "--reference", help="The HF folder whose LlamaForCausalLM logits are the reference."),
+    config: Optional[Path] = typer.Option(None, "--config", help="HF config.json for checkpoints that do not carry one (default: the reference's)."),
+    atol: float = typer.Option(1e-4, "--atol", help="Largest accepted absolute logit difference (fp32)."),
+    seq_len: int = typer.Option(16, "--seq-len", help="Tokens per sequence."),
+    batch: int = typer.Option(2, "--batch", help="Sequences."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the ranks are stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Run the checkpoint under its own TP x PP layout (gloo processes) and compare logits with transformers; exit 0 when within --atol, 1 when not."""
+    from .verify.logits import verify_logits
+
+    report = verify_logits(ckpt, reference, config=config, atol=atol, seq_len=seq_len, batch=batch, seed=seed, timeout=timeout, trust_pickle=trust_pickle)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        verdict = "match" if report.passed else "DIFFER"
+        typer.echo(
+            f"logits {verdict}: max abs difference {report.max_abs_diff:.3g} (atol {report.atol:g}) over {'x'.join(map(str, report.shape))} logits; "
+            f"{report.style} TP={report.tp} PP={report.pp}, {report.tp * report.pp} processes, {report.seconds:.1f} s"
+        )
+    raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command()
 def pack(
     folder: Path = typer.Argument(..., help="The folder to pack (e.g. an unpacked archive)."),
     archive: Path = typer.Argument(..., help="The tar archive to write."),

@@ -8,7 +8,8 @@ The output is written top to bottom in bands of rows that the same tiles cover.
 - Any other band (columns of a row-parallel weight, side-by-side shards being merged, zero
   padding) is built chunk by chunk in plain bytes: at most ~16 MiB of output rows, from the same
   rows of each source read whole (rows are contiguous on disk, columns are not). Only dtype
-  casts and strided sources use torch, so a plain conversion never imports it.
+  casts and strided sources use torch; column slices use numpy views, so a plain conversion
+  never imports torch.
 
 So memory is bounded by a chunk times the TP degree, never by a tensor. Sources stored with
 strides (torch files written from transposed views, as NxD writes o_proj) are read whole once
@@ -98,7 +99,7 @@ class TileStreamer:
         step = max(1, CHUNK_BYTES // max(1, row_bytes))
         for first in range(start, stop, step):
             count = min(stop, first + step) - first
-            out = bytearray(count * row_bytes)  # zero-filled: zero tiles need no work
+            out = bytearray(count * row_bytes)  # zero-filled: zero tiles (vocabulary padding) need no work
             for tile in tiles:
                 if tile.src is not None:
                     self._place(tile, first, count, out, row_bytes, itemsize)
@@ -106,18 +107,19 @@ class TileStreamer:
             self.progress.advance(len(out))
 
     def _place(self, tile: Tile, first: int, count: int, out: bytearray, row_bytes: int, itemsize: int) -> None:
-        """Copy rows ``first:first+count`` of the band from ``tile``'s source into ``out``, without torch."""
+        """Copy rows ``first:first+count`` of the band from ``tile``'s source into ``out`` (numpy views, no torch)."""
+        import numpy as np
+
         source, entry = self.lookup(tile.src)
         src_row_bytes = matrix_shape(entry.info.shape)[1] * itemsize
-        rows = bytearray(count * src_row_bytes)
-        source.read_into(entry, entry.offset + (tile.src_row + first - tile.row) * src_row_bytes, memoryview(rows))
         width, src_at, out_at = tile.cols * itemsize, tile.src_col * itemsize, tile.col * itemsize
+        offset = entry.offset + (tile.src_row + first - tile.row) * src_row_bytes
         if width == row_bytes == src_row_bytes:
-            out[:] = rows
+            source.read_into(entry, offset, memoryview(out))
             return
-        src_view, out_view = memoryview(rows), memoryview(out)
-        for r in range(count):
-            out_view[r * row_bytes + out_at: r * row_bytes + out_at + width] = src_view[r * src_row_bytes + src_at: r * src_row_bytes + src_at + width]
+        rows = np.empty((count, src_row_bytes), dtype=np.uint8)
+        source.read_into(entry, offset, memoryview(rows).cast("B"))
+        np.frombuffer(out, dtype=np.uint8).reshape(count, row_bytes)[:, out_at:out_at + width] = rows[:, src_at:src_at + width]
 
     def _build_rows_torch(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
         """Casts and strided sources: built with torch, chunk by chunk."""

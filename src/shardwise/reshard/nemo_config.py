@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..models.llama import LlamaDims
 
-__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple"]
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple", "rope_settings"]
 
 
 def default_vocab_multiple(vocab: int) -> int:
@@ -18,6 +18,13 @@ def default_vocab_multiple(vocab: int) -> int:
     while vocab % multiple:
         multiple //= 2
     return multiple
+
+
+def rope_settings(hf_config: dict) -> dict:
+    """RoPE theta and scaling from an HF config: top-level (transformers 4) or ``rope_parameters`` (transformers 5)."""
+    nested = hf_config.get("rope_parameters") if isinstance(hf_config.get("rope_parameters"), dict) else {}
+    scaling = hf_config.get("rope_scaling") if isinstance(hf_config.get("rope_scaling"), dict) else nested
+    return {"theta": hf_config.get("rope_theta", nested.get("rope_theta", 10000.0)), "scaling": scaling or {}}
 
 
 def _int(config: dict, key: str, label: str, default=None) -> int:
@@ -44,7 +51,18 @@ def dims_from_nemo_config(config: dict, label: str, *, padded_vocab: int) -> Lla
 
 
 def nemo_llama_config(dims: LlamaDims, hf_config: dict, *, tp: int, pp: int, vocab_multiple: int, precision: str) -> dict:
-    """A ``model_config.yaml`` mapping for a Megatron-core Llama model at TP x PP."""
+    """A ``model_config.yaml`` mapping for a Megatron-core Llama model at TP x PP.
+
+    RoPE scaling is carried as NeMo's converter does: linear and llama3 factors become
+    ``seq_len_interpolation_factor`` (llama3 also sets ``scale_positional_embedding``).
+    """
+    rope = rope_settings(hf_config)
+    rope_type = rope["scaling"].get("rope_type") or rope["scaling"].get("type")
+    scaling = {}
+    if rope_type in ("linear", "llama3") and rope["scaling"].get("factor"):
+        scaling["seq_len_interpolation_factor"] = rope["scaling"]["factor"]
+        if rope_type == "llama3":
+            scaling["scale_positional_embedding"] = True
     return {
         "mcore_gpt": True,
         "transformer_engine": True,
@@ -64,8 +82,9 @@ def nemo_llama_config(dims: LlamaDims, hf_config: dict, *, tp: int, pp: int, voc
         "activation": "fast-swiglu",
         "bias": False,
         "position_embedding_type": "rope",
-        "rotary_base": hf_config.get("rope_theta", 10000.0),
+        "rotary_base": rope["theta"],
         "rotary_percentage": 1.0,
+        **scaling,
         "share_embeddings_and_output_weights": dims.tied,
         "make_vocab_size_divisible_by": vocab_multiple,
         "transformer_block_type": "pre_ln",

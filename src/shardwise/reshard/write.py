@@ -74,6 +74,7 @@ def write_nxdt(dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileSt
                 "members": [{"name": m.name, "size": m.size, "crc32": f"{m.crc32:08x}"} for m in writer.members],
             }
             writer.add_bytes(MANIFEST_NAME, (json.dumps(document, indent=1) + "\n").encode("utf-8"))
+            writer.close()
     finally:
         streamer.progress.finish()
     return [m.name for m in writer.members]
