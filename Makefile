@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
 	$(PY) benchmarks/archive_bench.py
+	$(PY) benchmarks/reshard_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis
