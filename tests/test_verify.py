@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from shardwise.errors import FormatError, LayoutError, OptionError
 from shardwise.reshard.convert import convert_layout
 from shardwise.verify.logits import FAULT_ENV, VerifyError, verify_logits
 
-transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 

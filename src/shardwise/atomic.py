@@ -52,6 +52,15 @@ def durable_close(f: BinaryIO) -> None:
         f.close()
 
 
+def fsync_file(path: Path) -> None:
+    """fsync a file already written and closed (by path)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so that renames and new entries in it survive a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -9,10 +9,10 @@ being produced (fsyncing each file as it is finished stalled the pipeline for th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import fsync_file
 from ..background import BackgroundWriter
 from ..errors import FormatError
 from .tar_writer import MemberSink, MemberWriter, WrittenMember
@@ -62,10 +62,6 @@ class FolderWriter(MemberWriter):
 
     def close(self) -> None:
         """Make every file written durable (fsync); the caller's atomic commit syncs the folders."""
-        while self._unsynced:
-            fd = os.open(self._unsynced[0], os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._unsynced.pop(0)
+        for path in self._unsynced:
+            fsync_file(path)
+        self._unsynced.clear()

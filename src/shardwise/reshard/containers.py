@@ -127,9 +127,8 @@ def _check_grid(path: Path, found: dict[tuple[int, int], Any]) -> None:
                 raise FormatError(f"{path}: checkpoint is incomplete: TP={tp}, PP={pp} but the shard of tp_rank {t}, pp_rank {p} is missing")
 
 
-def _open(file: Path | Any, trust_pickle: bool) -> FileTensorSource:
-    name = file.name if isinstance(file, Path) else file.label
-    if str(name).endswith(".safetensors"):
+def _open(file: Path, trust_pickle: bool) -> FileTensorSource:
+    if file.name.endswith(".safetensors"):
         return SafetensorsFile(file)
     return TorchFile(file, trust=trust_pickle)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
 from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
-from ..atomic import check_output_free
+from ..atomic import check_output_free, fsync_file
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
 from ..errors import LayoutError, OptionError, ShardwiseError
@@ -29,7 +29,7 @@ from ..units import parse_size
 from .containers import CONTAINERS
 from .model import ShardedModel, open_model
 from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
-from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
+from .write import parallel_manifest, write_hf, write_nemo, write_nxdt, write_text_durably
 
 __all__ = ["convert_layout", "target_layout", "needs_layout_engine", "SHARDED_OUTPUTS"]
 
@@ -261,8 +261,9 @@ def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings:
             target = stage / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+            fsync_file(target)
             written.append(name)
-    (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    write_text_durably(stage / "config.json", json.dumps(hf_config, indent=2) + "\n")
     if not source.hf_config:
         warnings.append(f"{source.path}: carries no HF config.json; config.json was built from its model_config.yaml")
     return written + ["config.json"]

@@ -24,7 +24,7 @@ from ..plan import plan_output
 from ..tensors import TensorInfo
 from .containers import nxdt_file_name
 
-__all__ = ["out_infos", "write_nxdt", "write_nemo", "write_hf", "parallel_manifest"]
+__all__ = ["out_infos", "write_nxdt", "write_nemo", "write_hf", "parallel_manifest", "write_text_durably"]
 
 Shard = tuple[int, int]
 
@@ -117,15 +117,17 @@ def write_hf(
                     sink, planned.kind, planned.relpath.rsplit(".", 1)[0], file_infos, write, {"format": "pt"}))
             if plan.index_name:
                 index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
-                _write_text(stage / plan.index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
+                write_text_durably(stage / plan.index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
             extra = add_files(stage)
     finally:
         streamer.progress.finish()
     return [f.relpath for f in plan.files] + ([plan.index_name] if plan.index_name else []) + list(extra)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it (files in a staging folder must be durable before the commit)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
