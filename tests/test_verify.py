@@ -69,6 +69,7 @@ def _drop_hf_config(out: Path) -> None:
 CASES = {  # model, convert_layout options, output suffix, change before verify
     "nxdt-tp2-pp2": ("gqa", dict(to="nxdt", tp=2, pp=2), "", None),
     "nxdt-tp2-fuse-qkv-no-manifest": ("gqa", dict(to="nxdt", tp=2, fuse_qkv=True), "", _drop_manifest),
+    "nxdt-xser-tp2-pp2-no-manifest": ("gqa", dict(to="nxdt", tp=2, pp=2, qkv_linear=True, weights_format="xser"), "", _drop_manifest),
     "megatron-gqa-tp2-pp2": ("gqa", dict(to="nxdt", style="megatron", tp=2, pp=2), "", None),
     "megatron-mha-tp2-fused": ("mha", dict(to="nxdt", style="megatron", tp=2), "", None),
     "archive-tp2-pp2": ("gqa", dict(to="archive", tp=2, pp=2), ".nemo", None),

@@ -82,7 +82,7 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),
-    weights_format: Optional[str] = typer.Option(None, "--weights-format", help="Archive weights: torch (model_weights.ckpt, default) or safetensors."),
+    weights_format: Optional[str] = typer.Option(None, "--weights-format", help="How weights are stored: archives torch (model_weights.ckpt, default) or safetensors; nxdt torch (default) or xser."),
     hparams_file: Optional[Path] = typer.Option(None, "--hparams-file", help="Archive config from this YAML instead of the checkpoint's hyper_parameters.cfg."),
     checkpoint_name: Optional[str] = typer.Option(None, "--checkpoint-name", help="Which .ckpt to take from each mp_rank_XX / tp_rank_XX_pp_rank_XXX folder."),
     style: Optional[str] = Style,
@@ -124,6 +124,7 @@ def reshard(
     kv_multiplier: Optional[int] = KvMultiplier,
     config: Optional[Path] = typer.Option(None, "--config", help="HF config.json, for checkpoints that do not carry one (NxD-written folders)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
+    weights_format: Optional[str] = typer.Option(None, "--weights-format", help="Change how weights are stored (default: as the source): torch, safetensors (archives), xser (nxdt)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
@@ -133,7 +134,7 @@ def reshard(
 
     _report(convert_layout(
         src, dst, tp=tp, pp=pp, kv_multiplier=kv_multiplier, config=config, dtype=dtype, keep_layout=True,
-        overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+        weights_format=weights_format, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
     ))
 
 

@@ -269,6 +269,7 @@ _STANDIN_CLASSES = [
     "numpy.ndarray",
     "numpy.dtype",
     "torch.torch_version.TorchVersion",
+    "torch_xla.utils.serialization.TensorReference",  # xser reference files (resolved by formats.xser)
     "_io.BytesIO",  # Transformer Engine's _extra_state in NeMo/Megatron-core checkpoints (kept as inert bytes)
 ]
 _STANDIN_DICTS = [

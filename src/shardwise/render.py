@@ -60,7 +60,7 @@ def render_inspect(summary: dict, *, show_all: bool = False) -> None:
         else:
             options = f"qkv {parallel['qkv']}" + (f", KV heads x{parallel['kv_size_multiplier']}" if parallel["kv_size_multiplier"] > 1 else "")
             vocab = f"vocab {parallel['vocab']}" + (f" padded to {parallel['padded_vocab']}" if parallel["padded_vocab"] != parallel["vocab"] else "")
-            head.add_row("parallel", f"{parallel['container']}, style {parallel['style']}, TP={parallel['tp']} PP={parallel['pp']}, {options}, {vocab}"
+            head.add_row("parallel", f"{parallel['container']} ({parallel['encoding']}), style {parallel['style']}, TP={parallel['tp']} PP={parallel['pp']}, {options}, {vocab}"
                          + ("" if parallel["has_manifest"] else " (inferred: no shardwise manifest)"))
             for stage in parallel["stages"]:
                 last = stage["first_layer"] + stage["num_layers"] - 1

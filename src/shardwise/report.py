@@ -87,6 +87,7 @@ def _parallel_summary(path, config, trust_pickle: bool) -> dict:
             layout = model.layout
             return {
                 "container": model.container,
+                "encoding": model.encoding,
                 "style": layout.style,
                 "tp": layout.tp,
                 "pp": layout.pp,

@@ -19,7 +19,7 @@ from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, rea
 from .safetensors import SafetensorsFile, looks_like_safetensors
 from .torch_pickle import TorchFile, looks_like_torch
 
-__all__ = ["Checkpoint", "open_checkpoint", "MergedSource"]
+__all__ = ["Checkpoint", "open_checkpoint", "MergedSource", "weights_kind"]
 
 
 class MergedSource(FileTensorSource):
@@ -118,13 +118,13 @@ def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> C
     if path.name.endswith(".index.json"):
         shards = read_index(path)
         source = _open_files(shards, trust_pickle)
-        kind = _weights_kind(source)
+        kind = weights_kind(source)
         return Checkpoint(str(path), kind, kind, source, [str(p) for p in shards], metadata=_first_metadata(source))
     source = _open_file(path, trust_pickle)
     return Checkpoint(
         str(path),
         getattr(source, "format_name", "safetensors"),
-        _weights_kind(source),
+        weights_kind(source),
         source,
         [str(path)],
         config=_lightning_config(source),
@@ -164,7 +164,8 @@ def _open_archive(path: Path, trust_pickle: bool) -> Checkpoint:
     )
 
 
-def _weights_kind(source: FileTensorSource) -> str:
+def weights_kind(source: FileTensorSource) -> str:
+    """``torch`` or ``safetensors``: how a (possibly merged) source stores its tensors."""
     if isinstance(source, TorchFile):
         return "torch"
     if isinstance(source, MergedSource):

@@ -60,7 +60,7 @@ def find_weights(folder: Path) -> FolderWeights:
         p
         for pattern in ("*.bin", "*.pt", "*.pth")
         for p in folder.glob(pattern)
-        if p.is_file() and p.name not in TRAINER_STATE and not p.name.startswith((".", "rng_state"))
+        if p.is_file() and p.name not in TRAINER_STATE and not p.name.startswith((".", "rng_state")) and not _is_xser_info(p)
     )
     if torch_files:
         return FolderWeights("torch", tuple(torch_files), None)
@@ -68,6 +68,11 @@ def find_weights(folder: Path) -> FolderWeights:
         f"{folder}: folder holds no weights (looked for {SAFETENSORS_INDEX}, model.safetensors, *.safetensors, "
         f"{TORCH_INDEX}, pytorch_model.bin, *.bin, *.pt, *.pth)"
     )
+
+
+def _is_xser_info(path: Path) -> bool:
+    """``P.info.pt`` beside an xser file ``P`` (whose tensors are in ``P.tensors/``) is metadata, not weights."""
+    return path.name.endswith(".info.pt") and Path(str(path)[: -len(".info.pt")] + ".tensors").is_dir()
 
 
 def read_index(index_path: Path) -> tuple[Path, ...]:

@@ -32,7 +32,10 @@ from .region import Region, as_region, open_region
 from .lightning import is_lightning, select_weights, training_state
 from .zipwriter import StoredZipWriter
 
-__all__ = ["TorchFile", "TorchPickle", "read_torch_pickle", "write_torch", "looks_like_torch"]
+__all__ = [
+    "TorchFile", "TorchPickle", "read_torch_pickle", "write_torch", "write_torch_archive", "looks_like_torch",
+    "stub_pickle", "TensorStub", "GlobalStub", "ObjectStub",
+]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_VIEW_EXPANSION = 2**30  # broadcast (stride 0) views may repeat their storage, up to this size
@@ -207,7 +210,7 @@ def _pread(f: BinaryIO, offset: int, n: int) -> bytes:
 
 
 # -- writing -----------------------------------------------------------------------------------
-class _Global:
+class GlobalStub:
     """A reference written as a pickle GLOBAL opcode without importing its module."""
 
     __slots__ = ("module", "name")
@@ -226,7 +229,7 @@ class _StorageStub:
         self.pid = pid
 
 
-class _TensorStub:
+class TensorStub:
     """Pickles exactly as ``torch.save`` pickles a contiguous tensor with its own storage."""
 
     __slots__ = ("reduced",)
@@ -236,36 +239,77 @@ class _TensorStub:
         stride = contiguous_strides(info.shape)
         hooks = collections.OrderedDict()
         if row.storage_class:
-            storage = _StorageStub(("storage", _Global("torch", row.storage_class), key, "cpu", info.numel))
-            self.reduced = (_Global("torch._utils", "_rebuild_tensor_v2"), (storage, 0, info.shape, stride, False, hooks))
+            storage = _StorageStub(("storage", GlobalStub("torch", row.storage_class), key, "cpu", info.numel))
+            self.reduced = (GlobalStub("torch._utils", "_rebuild_tensor_v2"), (storage, 0, info.shape, stride, False, hooks))
         else:
-            storage = _StorageStub(("storage", _Global("torch.storage", "UntypedStorage"), key, "cpu", info.nbytes))
-            dtype = _Global("torch", row.name)
-            self.reduced = (_Global("torch._utils", "_rebuild_tensor_v3"), (storage, 0, info.shape, stride, False, hooks, dtype))
+            storage = _StorageStub(("storage", GlobalStub("torch.storage", "UntypedStorage"), key, "cpu", info.nbytes))
+            dtype = GlobalStub("torch", row.name)
+            self.reduced = (GlobalStub("torch._utils", "_rebuild_tensor_v3"), (storage, 0, info.shape, stride, False, hooks, dtype))
 
     def __reduce__(self):
         return self.reduced
 
 
-class _StubPickler(pickle._Pickler):  # the pure-Python pickler lets us emit GLOBALs for _Global
+class ObjectStub:
+    """Pickles as an instance of the class ``cls`` (a :class:`GlobalStub`) with ``__dict__`` ``state``,
+    the way protocol 2 pickles a plain Python object: ``cls``, ``()``, NEWOBJ, ``state``, BUILD."""
+
+    __slots__ = ("cls", "state")
+
+    def __init__(self, cls: GlobalStub, state: dict) -> None:
+        self.cls, self.state = cls, state
+
+
+class _StubPickler(pickle._Pickler):  # the pure-Python pickler lets us emit GLOBALs for GlobalStub
     dispatch = pickle._Pickler.dispatch.copy()
 
-    def _save_global_ref(self, obj: _Global) -> None:
+    def _save_global_ref(self, obj: GlobalStub) -> None:
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
         self.memoize(obj)
 
-    dispatch[_Global] = _save_global_ref
+    def _save_object(self, obj: ObjectStub) -> None:
+        self.save(obj.cls)
+        self.write(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(obj.state)
+        self.write(pickle.BUILD)
+
+    dispatch[GlobalStub] = _save_global_ref
+    dispatch[ObjectStub] = _save_object
 
     def persistent_id(self, obj: Any):
         return obj.pid if isinstance(obj, _StorageStub) else None
 
 
+def stub_pickle(obj: Any) -> bytes:
+    """Pickle ``obj`` (plain containers, :class:`TensorStub`, :class:`GlobalStub`, :class:`ObjectStub`) as torch.save would (protocol 2)."""
+    buf = io.BytesIO()
+    _StubPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def state_dict_pickle(infos: list[TensorInfo]) -> bytes:
     """``data.pkl`` for an ``OrderedDict`` of the given tensors; storage keys are "0", "1", ... in order."""
-    state = collections.OrderedDict((info.name, _TensorStub(str(i), info)) for i, info in enumerate(infos))
-    buf = io.BytesIO()
-    _StubPickler(buf, protocol=2).dump(state)
-    return buf.getvalue()
+    return stub_pickle(collections.OrderedDict((info.name, TensorStub(str(i), info)) for i, info in enumerate(infos)))
+
+
+def write_torch_archive(f: BinaryIO, archive_name: str, data_pkl: bytes, records: list[tuple[int, Callable[[BinaryIO], None]]], *, force_zip64: bool = False) -> None:
+    """Write torch's zip format: ``data_pkl`` as ``data.pkl``, then record ``data/<i>`` of ``records[i] = (nbytes, produce)``.
+
+    ``produce(sink)`` must write exactly ``nbytes`` bytes (a zip member: CRC-32 is computed as data
+    goes through). ``archive_name`` is the folder inside the zip (torch uses the file's stem).
+    ``force_zip64`` writes zip64 records even for small files (for tests of the large-file path).
+    """
+    prefix = f"{archive_name}/"
+    archive = StoredZipWriter(f, alignment=_ALIGNMENT, force_zip64=force_zip64)
+    archive.write_bytes(prefix + "data.pkl", data_pkl)
+    archive.write_bytes(prefix + ".format_version", b"1")
+    archive.write_bytes(prefix + ".storage_alignment", str(_ALIGNMENT).encode())
+    archive.write_bytes(prefix + "byteorder", b"little")
+    for key, (nbytes, produce) in enumerate(records):
+        archive.write_member(f"{prefix}data/{key}", nbytes, produce)
+    archive.write_bytes(prefix + "version", b"3\n")
+    archive.close()
 
 
 def write_torch(
@@ -278,24 +322,14 @@ def write_torch(
 ) -> None:
     """Write a flat state dict in torch's zip format to the seekable binary file ``f``.
 
-    ``archive_name`` is the folder inside the zip (torch uses the file's stem). ``write_tensor(info,
-    sink)`` is called once per tensor, in the order given, and must write exactly ``info.nbytes``
-    bytes to ``sink`` (a zip member: CRC-32 is computed as data goes through). ``force_zip64``
-    writes zip64 records even for small files (for tests of the large-file path).
+    ``write_tensor(info, sink)`` is called once per tensor, in the order given, and must write
+    exactly ``info.nbytes`` bytes to ``sink``. See :func:`write_torch_archive` for the rest.
     """
     names = [t.name for t in infos]
     if len(set(names)) != len(names):
         raise FormatError("duplicate tensor names cannot be written to one torch file")
-    prefix = f"{archive_name}/"
-    archive = StoredZipWriter(f, alignment=_ALIGNMENT, force_zip64=force_zip64)
-    archive.write_bytes(prefix + "data.pkl", state_dict_pickle(infos))
-    archive.write_bytes(prefix + ".format_version", b"1")
-    archive.write_bytes(prefix + ".storage_alignment", str(_ALIGNMENT).encode())
-    archive.write_bytes(prefix + "byteorder", b"little")
-    for key, info in enumerate(infos):
-        archive.write_member(f"{prefix}data/{key}", info.nbytes, lambda sink, info=info: write_tensor(info, sink))
-    archive.write_bytes(prefix + "version", b"3\n")
-    archive.close()
+    records = [(info.nbytes, lambda sink, info=info: write_tensor(info, sink)) for info in infos]
+    write_torch_archive(f, archive_name, state_dict_pickle(infos), records, force_zip64=force_zip64)
 
 
 # -- the tensor source ---------------------------------------------------------------------------
@@ -307,12 +341,16 @@ class TorchFile(FileTensorSource):
 
     ``format_name`` is ``"lightning"`` for Lightning ``.ckpt`` files, else ``"torch"``;
     ``weights_key`` names the mapping the weights came from; ``training_state`` summarises the rest
-    (epoch, global_step, optimizer states, schedulers, hyper-parameters) as plain data.
+    (epoch, global_step, optimizer states, schedulers, hyper-parameters) as plain data. ``xser``
+    is True for a torch-xla xser file, whose tensors are read from ``P.tensors/tensor_<tid>.pt``.
     """
 
     def __init__(self, path: str | os.PathLike | Region, *, trust: bool = False) -> None:
+        from .xser import XserPickle, resolve_references
+
         super().__init__()
-        parsed = read_torch_pickle(path, trust=trust)
+        parsed = resolve_references(read_torch_pickle(path, trust=trust), trust=trust)
+        self.xser = isinstance(parsed, XserPickle)
         self.path = parsed.path
         self.format_name = "lightning" if is_lightning(parsed.root) else "torch"
         try:

@@ -1,7 +1,9 @@
 """Where each container keeps its shards: finding the per-rank weight files of a checkpoint.
 
 - ``nxdt``: ``model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` (NxD v2; ``dp_rank_00_ep_rank_00_...``
-  with expert parallelism, v3), or the older ``tp_rank_XX_pp_rank_XX/checkpoint.pt`` (v1);
+  with expert parallelism, v3), or the older ``tp_rank_XX_pp_rank_XX/checkpoint.pt`` (v1; with
+  xser the file ``tp_rank_XX_pp_rank_XX``); any of them may be xser reference files
+  (:mod:`shardwise.formats.xser`), read transparently;
 - ``archive``: a ``.nemo`` tar (``model_weights.ckpt`` at the root, or in ``mp_rank_XX/`` /
   ``tp_rank_XX_pp_rank_XXX/``), read in place;
 - ``nemo-dir``: the same members unpacked in a folder;
@@ -22,7 +24,7 @@ from ..formats.safetensors import SafetensorsFile
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 
-__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest"]
+__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
 
 CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
 _NXDT_V2 = re.compile(r"dp_rank_(\d+)(?:_ep_rank_(\d+))?_tp_rank_(\d+)_pp_rank_(\d+)\.pt")
@@ -69,6 +71,19 @@ class Shards:
         self.close()
 
 
+def encoding_of(label: str, sources: dict[tuple[int, int], FileTensorSource]) -> str:
+    """How the shards store their tensors: ``xser`` (torch-xla per-tensor files), ``safetensors`` or ``torch``.
+
+    Shards that disagree are a FormatError (no reader handles a mixed checkpoint).
+    """
+    from ..formats import weights_kind
+
+    kinds = {"xser" if getattr(s, "xser", False) else weights_kind(s) for s in sources.values()}
+    if len(kinds) > 1:
+        raise FormatError(f"{label}: shards are stored in different encodings ({', '.join(sorted(kinds))}); the checkpoint is mixed")
+    return kinds.pop() if kinds else "torch"
+
+
 def read_folder_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST_NAME
     if not path.is_file():
@@ -113,6 +128,8 @@ def _nxdt_files(path: Path) -> dict[tuple[int, int], Path]:
         m = _NXDT_V1.fullmatch(child.name)
         if m and (child / "checkpoint.pt").is_file():
             found[(int(m.group(1)), int(m.group(2)))] = child / "checkpoint.pt"
+        elif m and child.is_file():  # v1 saved with xser: the file itself, tensors in <name>.tensors/
+            found[(int(m.group(1)), int(m.group(2)))] = child
     if found:
         _check_grid(path, found)
     return found

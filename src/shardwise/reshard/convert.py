@@ -143,8 +143,10 @@ def convert_layout(
     does not carry one. Bit-exact unless ``dtype`` casts. Raises LayoutError for layouts the model
     cannot take, OptionError for options that do not apply. ``full_state_file`` makes an ``hf``
     output one torch file of that name (NxD's ``checkpoint.pt``) plus config.json;
-    ``expect_layers`` and ``expect`` (layout fields such as ``tp``, ``qkv``) are checked against
-    the source before anything is written.
+    ``expect_layers`` and ``expect`` (layout fields such as ``tp``, ``qkv``, or ``encoding``) are
+    checked against the source before anything is written. ``weights_format`` is how the output
+    stores tensors: ``torch`` or ``xser`` for nxdt (and for ``full_state_file``), ``torch`` or
+    ``safetensors`` for archives; resharding keeps the source's unless it is given.
     """
     started = time.perf_counter()
     dst = Path(dst)
@@ -162,26 +164,43 @@ def convert_layout(
         hf_config = source.hf_config or hf_config_from_nemo(source.dims, source.nemo_config or {})
         streamer = TileStreamer(source.lookup, progress, cast)
         warnings = list(source.warnings)
+        encoding = _output_encoding(to, weights_format, source.encoding if keep_layout else None, full_state_file)
         if to == "hf":
             _no_layout_options(tp, pp, style, qkv_linear, fuse_qkv, kv_multiplier)
             tensors = source.inverse()
             files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings),
-                             overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file)
+                             overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file,
+                             xser=encoding == "xser")
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
             layout = source.layout
         else:
             layout = target_layout(source, to, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear, fuse_qkv=fuse_qkv, kv_multiplier=kv_multiplier, keep=keep_layout)
             plan = compose(shard_plan(source.dims, source.canonical, layout), source.inverse())
-            parallel = parallel_manifest(to, layout, source.dims, hf_config)
+            parallel = parallel_manifest(to, layout, source.dims, hf_config, encoding)
             if to == "nxdt":
-                files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite)
+                files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite, encoding=encoding)
                 if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
                     warnings.append(f"{dst}: nxdt folders hold weights only; tokenizer files were not copied")
             else:
-                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format or "torch", overwrite, warnings)
+                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite, warnings)
             count = sum(len(t) for t in plan.values())
             total = sum(t.info.nbytes for tensors in plan.values() for t in tensors)
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
+
+
+_ENCODINGS = {"nxdt": ("torch", "xser"), "archive": ("torch", "safetensors"), "nemo-dir": ("torch", "safetensors"), "hf": ("safetensors",)}
+
+
+def _output_encoding(to: str, asked: str | None, kept: str | None, full_state_file: str | None) -> str:
+    """How the output stores tensors: ``asked`` (--weights-format), else the source's when resharding, else the container's default."""
+    allowed = ("torch", "xser") if to == "hf" and full_state_file else _ENCODINGS[to]
+    if asked is None:
+        return kept if kept in allowed else allowed[0]
+    if asked not in allowed:
+        if to == "hf":
+            raise OptionError(f"--weights-format {asked} does not apply to --to hf (HF folders hold safetensors shards)")
+        raise OptionError(f"--weights-format {asked} cannot be written as {to}; choose {' or '.join(allowed)}")
+    return asked
 
 
 def _no_layout_options(*values) -> None:

@@ -21,7 +21,7 @@ from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_
 from ..layout.tiles import TiledTensor, invert
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
-from .containers import Shards, find_shards
+from .containers import Shards, encoding_of, find_shards
 from .nemo_config import dims_from_nemo_config
 
 __all__ = ["ShardedModel", "open_model", "detect_style"]
@@ -35,7 +35,8 @@ class ShardedModel:
     """A Llama-family checkpoint in some layout, with the plan that relates it to the canonical model.
 
     ``plan`` maps each shard to its stored tensors as tiles of the canonical (HF) tensors;
-    ``canonical`` describes the full model. Close it to release files.
+    ``canonical`` describes the full model; ``encoding`` says how the shards store their tensors
+    (``torch``, ``safetensors`` or ``xser``). Close it to release files.
     """
 
     path: str
@@ -52,6 +53,7 @@ class ShardedModel:
     archive: object = None
     warnings: list[str] = field(default_factory=list)
     has_manifest: bool = False
+    encoding: str = "torch"  # how the shards store tensors: torch, safetensors or xser
     _closers: list = field(default_factory=list)
 
     def inverse(self) -> list[TiledTensor]:
@@ -128,8 +130,8 @@ def _open_unsharded(path: Path, config, trust_pickle: bool, expect: dict) -> Sha
             raise LayoutError(f"{path}: holds {style}-style tensor names in a single unsharded file; shardwise reads those from their sharded containers")
         dims = dims_from_hf_config(hf_config, str(path))
         layout = ShardedLayout("hf", 1, 1, qkv, norms)
-        _check_expected(str(path), layout, expect)
         shards = {(0, 0): ckpt.tensors}
+        _check_expected(str(path), layout, expect, encoding_of(str(path), shards))
         warnings = []
         if dims.tied and CANONICAL["lm_head"] in names:
             warnings.append(f"{path}: ties lm_head to the embedding but also stores {CANONICAL['lm_head']}; the stored copy is ignored")
@@ -165,7 +167,7 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     else:
         raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json")
     layout = _infer_options(label, layout, dims, shards)
-    _check_expected(label, layout, expect)
+    _check_expected(label, layout, expect, encoding_of(label, shards.sources))
     model = _finish(
         label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings,
         nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
@@ -174,11 +176,12 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     return model
 
 
-def _check_expected(label: str, layout: ShardedLayout, expect: dict) -> None:
+def _check_expected(label: str, layout: ShardedLayout, expect: dict, encoding: str) -> None:
+    """Every option the caller asserts (layout fields, or ``encoding``) must match the files."""
     for key, wanted in expect.items():
         if wanted is None:
             continue
-        actual = getattr(layout, key)
+        actual = encoding if key == "encoding" else getattr(layout, key)
         if actual != wanted and not (key == "qkv" and not wanted):
             raise LayoutError(f"{label}: holds {key.replace('_', ' ')} {actual!r}, not the {wanted!r} the options say")
 
@@ -271,7 +274,7 @@ def _finish(label, container, layout, dims, hf_config, sources, files, warnings,
         _check_shard(files[shard], tensors, stored[shard], tolerate)
     return ShardedModel(
         label, container, layout, dims, hf_config, dict(sources), plan, canonical, dict(files), nemo_config,
-        archive=archive, warnings=warnings, _closers=list(closers),
+        archive=archive, warnings=warnings, encoding=encoding_of(label, sources), _closers=list(closers),
     )
 
 

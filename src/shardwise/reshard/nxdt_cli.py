@@ -8,6 +8,9 @@ Differences from the original, on purpose:
   ``model/`` so converting back needs no flags;
 - to-full splits ``weight_qkv`` by head counts, merges plain q/k/v shards, and writes
   ``checkpoint.pt`` (HF names, as the original) plus ``config.json``;
+- xser inputs are recognised by their ``.tensors`` folders whether or not ``--load_xser`` is
+  given; ``--load_xser`` on files that are not xser is refused. ``--save_xser`` writes NxD's
+  xser files (reference file, ``.pt.tensors/tensor_<i>.pt``, ``.pt.info.pt``);
 - ``--hw_backend trn2`` with ``--kv_size_multiplier`` > 1 is refused: the original pairs some
   ranks' query heads with the other group's KV head there (a model that computes something else).
 """
@@ -74,8 +77,6 @@ def run_nxdt_convert(argv: list[str], progress=None) -> object:
     args = _parser().parse_args(argv)
     if args.convert_from_full_state == args.convert_to_full_state:
         raise OptionError("nxdt-convert: give exactly one of --convert_from_full_state and --convert_to_full_state")
-    if args.save_xser or args.load_xser:
-        raise OptionError("nxdt-convert: xser checkpoints are not supported by this version; convert without --save_xser/--load_xser")
     if args.hf_model_name and not args.input_dir:
         raise OptionError("nxdt-convert: --hf_model_name would download the model, which shardwise does not do here; pass --input_dir with a local copy")
     if not args.input_dir:
@@ -93,13 +94,15 @@ def run_nxdt_convert(argv: list[str], progress=None) -> object:
             args.input_dir, output, to="nxdt", style="nxdt" if args.model_style == "hf" else "megatron", tp=args.tp_size, pp=args.pp_size,
             qkv_linear=args.qkv_linear or None, fuse_qkv=args.fuse_qkv or None,
             kv_multiplier=args.kv_size_multiplier if args.qkv_linear or args.fuse_qkv else None,
-            config=args.config, expect_layers=args.n_layers, overwrite=overwrite, progress=progress,
+            config=args.config, expect_layers=args.n_layers, expect={"encoding": "xser" if args.load_xser else None},
+            weights_format="xser" if args.save_xser else None, overwrite=overwrite, progress=progress,
         )
     expect = {
         "style": "nxdt" if args.model_style == "hf" else "megatron", "tp": args.tp_size, "pp": args.pp_size,
         "qkv": "fused" if args.fuse_qkv else "linear" if args.qkv_linear else "", "kv_multiplier": args.kv_size_multiplier,
+        "encoding": "xser" if args.load_xser else None,
     }
     return convert_layout(
         args.input_dir, output, to="hf", config=args.config, full_state_file="checkpoint.pt", expect_layers=args.n_layers,
-        expect=expect, overwrite=overwrite, progress=progress,
+        expect=expect, weights_format="xser" if args.save_xser else "torch", overwrite=overwrite, progress=progress,
     )

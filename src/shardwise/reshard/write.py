@@ -18,6 +18,7 @@ from ..archive.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from ..archive.writer import ArchiveShard, write_archive
 from ..atomic import atomic_output
 from ..engine import write_streaming, write_tensor_file
+from ..formats.xser import xser_files
 from ..layout.stream import TileStreamer
 from ..layout.tiles import TiledTensor
 from ..plan import plan_output
@@ -43,10 +44,11 @@ def _writer_for(tensors: list[TiledTensor], streamer: TileStreamer):
     return write
 
 
-def parallel_manifest(container: str, layout, dims, hf_config: dict) -> dict:
+def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: str) -> dict:
     """The ``parallel`` entry of ``shardwise.json``: everything needed to read the shards back without flags."""
     return {
         "container": container,
+        "encoding": encoding,
         "layout": layout.as_dict(),
         "stages": [{"pp_rank": p, "layers": list(range(first, first + count))} for p, (first, count) in enumerate(layout.stages)],
         "dims": dims.as_dict(),
@@ -54,8 +56,14 @@ def parallel_manifest(container: str, layout, dims, hf_config: dict) -> dict:
     }
 
 
-def write_nxdt(dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, parallel: dict, *, overwrite: bool) -> list[str]:
-    """``dst/model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` per shard (flat dicts, as NxD writes) and ``dst/shardwise.json``."""
+def write_nxdt(
+    dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, parallel: dict, *, overwrite: bool, encoding: str = "torch",
+) -> list[str]:
+    """``dst/model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` per shard (flat dicts, as NxD writes) and ``dst/shardwise.json``.
+
+    ``encoding`` ``xser`` writes each shard as NxD's ``save_xser`` does: a reference file, its
+    ``.pt.tensors/tensor_<i>.pt`` files and ``.pt.info.pt``.
+    """
     from .. import __version__
 
     total = sum(i.nbytes for tensors in plan.values() for i in out_infos(tensors, streamer))
@@ -67,7 +75,11 @@ def write_nxdt(dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileSt
             for (tp_rank, pp_rank), tensors in sorted(plan.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 name = nxdt_file_name(tp_rank, pp_rank)
                 infos, write = out_infos(tensors, streamer), _writer_for(tensors, streamer)
-                writer.add_stream(f"model/{name}", lambda sink, infos=infos, write=write, name=name: write_tensor_file(sink, "torch", name[:-3], infos, write, {}))
+                if encoding == "xser":
+                    for planned in xser_files(f"model/{name}", infos, write):
+                        writer.add_stream(planned.relpath, planned.produce)
+                else:
+                    writer.add_stream(f"model/{name}", lambda sink, infos=infos, write=write, name=name: write_tensor_file(sink, "torch", name[:-3], infos, write, {}))
             document = {
                 "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created_by": f"shardwise {__version__}",
                 "parallel": parallel,
@@ -95,11 +107,12 @@ def write_nemo(
 
 def write_hf(
     dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, add_files, overwrite: bool, max_shard_size: int | None = None,
-    single_file: str | None = None,
+    single_file: str | None = None, xser: bool = False,
 ) -> list[str]:
     """An HF folder: safetensors shards named and indexed as ``save_pretrained`` does, then ``add_files(stage)``.
 
-    ``single_file`` writes all tensors to one torch file of that name instead (NxD's ``checkpoint.pt``).
+    ``single_file`` writes all tensors to one torch file of that name instead (NxD's ``checkpoint.pt``),
+    with ``xser`` as an xser reference file plus its tensor files.
     """
     infos = out_infos(tensors, streamer)
     plan = plan_output(infos, to="hf", max_shard_size=max_shard_size)
@@ -110,6 +123,8 @@ def write_hf(
     streamer.progress.start(plan.total_bytes, "write hf")
     try:
         with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
+            if xser:
+                return _write_xser_file(stage, single_file, infos, _writer_for(tensors, streamer)) + list(add_files(stage))
             for planned in plan.files:
                 file_infos = [p.out for p in planned.tensors]
                 write = _writer_for([by_name[i.name] for i in file_infos], streamer)
@@ -122,6 +137,15 @@ def write_hf(
     finally:
         streamer.progress.finish()
     return [f.relpath for f in plan.files] + ([plan.index_name] if plan.index_name else []) + list(extra)
+
+
+def _write_xser_file(stage: Path, relpath: str, infos: list[TensorInfo], write) -> list[str]:
+    written = []
+    for planned in xser_files(relpath, infos, write):
+        (stage / planned.relpath).parent.mkdir(parents=True, exist_ok=True)
+        write_streaming(stage / planned.relpath, planned.produce)
+        written.append(planned.relpath)
+    return written
 
 
 def write_text_durably(path: Path, text: str) -> None:
