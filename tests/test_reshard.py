@@ -11,7 +11,7 @@ import yaml
 
 from shardwise.archive.reader import Archive
 from shardwise.cli import run
-from shardwise.errors import LayoutError
+from shardwise.errors import FormatError, LayoutError
 from shardwise.reshard.convert import convert_layout
 from shardwise.reshard.model import open_model
 from shardwise.verify.tensor_diff import diff
@@ -264,3 +264,33 @@ def test_nemo_written_folders_with_transformer_engine_extra_state_and_no_manifes
         assert (model.layout.style, model.layout.tp, model.layout.pp, model.has_manifest) == ("mcore", 2, 2, False)
     convert_layout(folder, tmp_path / "hf", to="hf")
     assert diff(models["gqa"], tmp_path / "hf").equal
+
+
+def test_a_source_truncated_after_it_was_opened_is_an_error_not_a_crash(models, tmp_path):
+    """Sources are read through maps of their pages; touching a page past the end of a file would be SIGBUS."""
+    src = tmp_path / "src"
+    shutil.copytree(models["gqa"], src)
+    with open_model(src) as model:
+        weights = src / "model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        with pytest.raises(FormatError, match="model.safetensors: file is truncated"):
+            convert_layout(model.path, tmp_path / "out", to="nxdt", tp=2)  # opened again: refused at open
+        last = max(model.canonical, key=lambda n: model.lookup(((0, 0), n))[1].offset)
+        source, entry = model.lookup(((0, 0), last))
+        with pytest.raises(FormatError, match="file is truncated"):
+            source.mapped_bytes(entry)
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_checksums_are_the_crc32_of_every_file(models, tmp_path):
+    """Each byte is checksummed once on the way out (zip member CRCs folded into the file's): the folds must be exact."""
+    import zlib
+
+    out = tmp_path / "out"
+    convert_layout(models["gqa"], out, to="nxdt", tp=2, pp=2, fuse_qkv=True)
+    members = json.loads((out / "shardwise.json").read_text())["members"]
+    assert len(members) == 4
+    for member in members:
+        data = (out / member["name"]).read_bytes()
+        assert (len(data), f"{zlib.crc32(data):08x}") == (member["size"], member["crc32"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 
-__all__ = ["crc32", "crc32_shift", "crc32_patched"]
+__all__ = ["crc32", "crc32_shift", "crc32_combine", "crc32_patched"]
 
 try:
     from zlib_ng.zlib_ng import crc32, crc32_combine as _combine
@@ -51,6 +51,15 @@ def crc32_shift(crc: int, nbytes: int) -> int:
         nbytes >>= 1
         k += 1
     return _multmodp(power, crc)
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC of ``a + b`` from ``crc1`` = CRC(a), ``crc2`` = CRC(b) and ``len2`` = len(b), without reading either.
+
+    >>> crc32_combine(crc32(b"head"), crc32(b"tail!"), 5) == crc32(b"headtail!")
+    True
+    """
+    return crc32_shift(crc1, len2) ^ crc2
 
 
 def crc32_patched(crc: int, old: bytes, new: bytes, bytes_after: int) -> int:

@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable
 
 from ..atomic import write_all
 from ..errors import FormatError
-from ..checksum import crc32, crc32_patched
+from ..checksum import crc32, crc32_combine, crc32_patched
 
 __all__ = ["TarWriter", "MemberSink", "WrittenMember"]
 
@@ -51,9 +51,14 @@ class MemberSink:
         self.crc = 0
 
     def write(self, data) -> int:
+        return self.write_checksummed(data, None)
+
+    def write_checksummed(self, data, piece_crc: int | None) -> int:
+        """``write(data)`` when the caller already knows ``crc32(data)`` (``piece_crc``): appended
+        bytes are then not checksummed a second time."""
         view = memoryview(data).cast("B")
         if self._position == self._end:
-            self.crc = crc32(view, self.crc)
+            self.crc = crc32(view, self.crc) if piece_crc is None else crc32_combine(self.crc, piece_crc, len(view))
             self._end += len(view)
         else:
             if self._position + len(view) > self._end:

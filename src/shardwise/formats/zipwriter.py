@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from ..atomic import write_all
-from ..checksum import crc32
+from ..checksum import crc32, crc32_combine
 from ..errors import FormatError
 
 __all__ = ["StoredZipWriter", "crc32"]
@@ -55,9 +55,14 @@ class _MemberSink:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.crc = self._checksum(view, self.crc)
+        piece = self._checksum(view)
+        self.crc = crc32_combine(self.crc, piece, len(view))
         self.count += len(view)
-        write_all(self._f, view)
+        forward = getattr(self._f, "write_checksummed", None)
+        if forward is not None:
+            forward(view, piece)  # the file's own CRC reuses this one: each byte is checksummed once
+        else:
+            write_all(self._f, view)
         return len(view)
 
 

@@ -1,19 +1,20 @@
-"""Executing tiles: write a tiled tensor's bytes to a file, reading only the source rows it needs.
+"""Executing tiles: write a tiled tensor's bytes to a file, touching only the source bytes it needs.
 
-The output is written top to bottom in bands of rows that the same tiles cover.
+Sources are read through read-only maps of their files' pages (one batched fault-in per source
+tensor, no copy), held only while the output tensor that needs them is written. The output is
+written top to bottom in bands of rows that the same tiles cover.
 
-- A band that is one run of whole source rows (a row split, a KV head, a vocabulary slice) is a
-  byte copy through two alternating 16 MiB buffers, the way the conversion engine copies
-  tensors: no torch tensor is built.
+- A band that is one run of whole source rows (a row split, a KV head, a vocabulary slice) is
+  written straight from the mapped pages in 16 MiB slices: the kernel's copy into the output file
+  is the only copy, and no torch tensor is built.
 - Any other band (columns of a row-parallel weight, side-by-side shards being merged, zero
-  padding) is built chunk by chunk in plain bytes: at most ~16 MiB of output rows, from the same
-  rows of each source read whole (rows are contiguous on disk, columns are not). Only dtype
-  casts and strided sources use torch; column slices use numpy views, so a plain conversion
-  never imports torch.
+  padding) is gathered chunk by chunk into two alternating 16 MiB buffers with numpy views of the
+  mapped rows, so a column slice touches its own bytes only, however many ranks share the rows.
+- Only dtype casts and strided sources (torch files written from transposed views, as NxD
+  writes o_proj) use torch: those are read, a strided source whole once per tensor.
 
-So memory is bounded by a chunk times the TP degree, never by a tensor. Sources stored with
-strides (torch files written from transposed views, as NxD writes o_proj) are read whole once
-and kept until the next tensor.
+So memory is bounded by the mapped source tensors of one output tensor plus two chunks; a plain
+conversion never imports torch.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class TileStreamer:
         self.lookup = lookup
         self.progress = progress
         self.cast = cast
-        self._buffers = (memoryview(bytearray(CHUNK_BYTES)), memoryview(bytearray(CHUNK_BYTES)))
+        self._buffers = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
         self._turn = 0
+        self._maps: dict[Hashable, memoryview] = {}  # source bytes mapped for the tensor being written
         self._whole: tuple[Hashable, object] | None = None  # a strided source read whole, kept for one tensor
 
     def out_dtype(self, dtype: str) -> str:
@@ -54,7 +56,11 @@ class TileStreamer:
         return self.cast
 
     def write(self, tensor: TiledTensor, sink: BinaryIO) -> None:
-        """Write ``tensor`` (row-major, in its output dtype) to ``sink``."""
+        """Write ``tensor`` (row-major, in its output dtype) to ``sink``.
+
+        ``sink.write`` may keep a view of the data it is given until its next call (a background
+        writer): views of mapped pages keep their mapping alive, and the gather buffers alternate.
+        """
         rows, cols = tensor.matrix
         dtype = tensor.info.dtype
         try:
@@ -65,6 +71,18 @@ class TileStreamer:
                     self._build_rows(tiles, start, stop, cols, dtype, sink)
         finally:
             self._whole = None
+            self._maps.clear()  # unmapped once no write holds a view
+
+    def _mapped(self, ref: Hashable) -> memoryview:
+        view = self._maps.get(ref)
+        if view is None:
+            source, entry = self.lookup(ref)
+            view = self._maps[ref] = source.mapped_bytes(entry)
+        return view
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        self._turn ^= 1
+        return memoryview(self._buffers[self._turn])[:nbytes]
 
     # -- byte copies ---------------------------------------------------------------------------
     def _is_copy(self, tiles: list[Tile], cols: int, dtype: str) -> bool:
@@ -76,50 +94,48 @@ class TileStreamer:
         return entry.contiguous and matrix_shape(entry.info.shape)[1] == cols
 
     def _copy_rows(self, tile: Tile, start: int, stop: int, cols: int, sink: BinaryIO) -> None:
-        source, entry = self.lookup(tile.src)
+        _, entry = self.lookup(tile.src)
         row_bytes = cols * entry.info.itemsize
-        offset = entry.offset + (tile.src_row + start - tile.row) * row_bytes
-        remaining = (stop - start) * row_bytes
-        while remaining:
-            self._turn ^= 1
-            n = min(remaining, CHUNK_BYTES)
-            chunk = self._buffers[self._turn][:n]
-            source.read_into(entry, offset, chunk)
+        first = (tile.src_row + start - tile.row) * row_bytes
+        run = self._mapped(tile.src)[first:first + (stop - start) * row_bytes]
+        for at in range(0, len(run), CHUNK_BYTES):
+            chunk = run[at:at + CHUNK_BYTES]
             write_all(sink, chunk)
-            offset += n
-            remaining -= n
-            self.progress.advance(n)
+            self.progress.advance(len(chunk))
 
     # -- built rows ----------------------------------------------------------------------------
     def _build_rows(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
         if self.out_dtype(dtype) != dtype or any(t.src is not None and not self.lookup(t.src)[1].contiguous for t in tiles):
             return self._build_rows_torch(tiles, start, stop, cols, dtype, sink)
+        import numpy as np
+
         itemsize = dtype_row(dtype).itemsize
         row_bytes = cols * itemsize
+        covered = sum(t.cols for t in tiles if t.src is not None) == cols
         step = max(1, CHUNK_BYTES // max(1, row_bytes))
         for first in range(start, stop, step):
             count = min(stop, first + step) - first
-            out = bytearray(count * row_bytes)  # zero-filled: zero tiles (vocabulary padding) need no work
+            nbytes = count * row_bytes
+            out = self._buffer(nbytes) if nbytes <= CHUNK_BYTES else memoryview(bytearray(nbytes))  # rows wider than a chunk
+            grid = np.frombuffer(out, dtype=np.uint8).reshape(count, row_bytes)
+            if not covered:
+                grid[:] = 0  # zero tiles: vocabulary padding
             for tile in tiles:
                 if tile.src is not None:
-                    self._place(tile, first, count, out, row_bytes, itemsize)
-            write_all(sink, memoryview(out))
-            self.progress.advance(len(out))
+                    self._place(tile, first, count, grid, itemsize)
+            write_all(sink, out)
+            self.progress.advance(nbytes)
 
-    def _place(self, tile: Tile, first: int, count: int, out: bytearray, row_bytes: int, itemsize: int) -> None:
-        """Copy rows ``first:first+count`` of the band from ``tile``'s source into ``out`` (numpy views, no torch)."""
+    def _place(self, tile: Tile, first: int, count: int, grid, itemsize: int) -> None:
+        """Copy rows ``first:first+count`` of the band from ``tile``'s mapped source into ``grid`` (numpy views, no torch)."""
         import numpy as np
 
-        source, entry = self.lookup(tile.src)
-        src_row_bytes = matrix_shape(entry.info.shape)[1] * itemsize
+        _, entry = self.lookup(tile.src)
+        src_rows, src_cols = matrix_shape(entry.info.shape)
+        source = np.frombuffer(self._mapped(tile.src), dtype=np.uint8, count=src_rows * src_cols * itemsize).reshape(src_rows, src_cols * itemsize)
+        row = tile.src_row + first - tile.row
         width, src_at, out_at = tile.cols * itemsize, tile.src_col * itemsize, tile.col * itemsize
-        offset = entry.offset + (tile.src_row + first - tile.row) * src_row_bytes
-        if width == row_bytes == src_row_bytes:
-            source.read_into(entry, offset, memoryview(out))
-            return
-        rows = np.empty((count, src_row_bytes), dtype=np.uint8)
-        source.read_into(entry, offset, memoryview(rows).cast("B"))
-        np.frombuffer(out, dtype=np.uint8).reshape(count, row_bytes)[:, out_at:out_at + width] = rows[:, src_at:src_at + width]
+        grid[:, out_at:out_at + width] = source[row:row + count, src_at:src_at + width]
 
     def _build_rows_torch(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
         """Casts and strided sources: built with torch, chunk by chunk."""
