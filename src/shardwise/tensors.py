@@ -197,26 +197,29 @@ class FileTensorSource:
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=entry.offset - start)
         return flat.view(dtype_row(info.dtype).torch()).reshape(info.shape)
 
-    def mapped_bytes(self, entry: StoredTensor) -> memoryview:
-        """The stored bytes of ``entry`` (``entry.span`` of them from ``entry.offset``) as a read-only
+    def mapped_bytes(self, entry: StoredTensor, start: int = 0, length: int | None = None) -> memoryview:
+        """Bytes ``start:start+length`` of ``entry``'s stored span (all of it by default) as a read-only
         view of the file's pages, populated now (one batched fault-in, no copy).
 
         The mapping lives as long as the view (or any slice of it) does; dropping the last reference
-        unmaps it. Mapped pages count in resident memory while mapped, so callers map one tensor at a
-        time. A file shorter than the entry needs is a FormatError (reading it would be SIGBUS).
+        unmaps it. Mapped pages count in resident memory while mapped, so callers map what they are
+        about to use. A file shorter than that is a FormatError (touching it would be SIGBUS).
         """
         import mmap
 
+        length = entry.span - start if length is None else length
+        if start < 0 or length < 0 or start + length > entry.span:
+            raise ValueError(f"bytes {start}:{start + length} are outside tensor '{entry.info.name}' ({entry.span} bytes)")
         fd = self._fd(entry.path)
-        end = entry.offset + entry.span
+        begin, end = entry.offset + start, entry.offset + start + length
         if os.fstat(fd).st_size < end:
             raise FormatError(f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset {end}")
-        if entry.span == 0:
+        if length == 0:
             return memoryview(b"")
-        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-        return memoryview(mapping)[entry.offset - start:]
+        mapping = mmap.mmap(fd, end - aligned, flags=flags, prot=mmap.PROT_READ, offset=aligned)
+        return memoryview(mapping)[begin - aligned:]
 
     def read_rows(self, name: str, start: int, stop: int):
         """Rows ``start:stop`` of dimension 0, reading only their bytes when the tensor is contiguous."""

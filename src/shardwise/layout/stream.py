@@ -46,7 +46,6 @@ class TileStreamer:
         self.cast = cast
         self._buffers = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
         self._turn = 0
-        self._maps: dict[Hashable, memoryview] = {}  # source bytes mapped for the tensor being written
         self._whole: tuple[Hashable, object] | None = None  # a strided source read whole, kept for one tensor
 
     def out_dtype(self, dtype: str) -> str:
@@ -71,14 +70,12 @@ class TileStreamer:
                     self._build_rows(tiles, start, stop, cols, dtype, sink)
         finally:
             self._whole = None
-            self._maps.clear()  # unmapped once no write holds a view
 
-    def _mapped(self, ref: Hashable) -> memoryview:
-        view = self._maps.get(ref)
-        if view is None:
-            source, entry = self.lookup(ref)
-            view = self._maps[ref] = source.mapped_bytes(entry)
-        return view
+    def _mapped_rows(self, ref: Hashable, first: int, count: int) -> memoryview:
+        """Rows ``first:first+count`` of a contiguous source, mapped (unmapped when the view is dropped)."""
+        source, entry = self.lookup(ref)
+        row_bytes = matrix_shape(entry.info.shape)[1] * entry.info.itemsize
+        return source.mapped_bytes(entry, first * row_bytes, count * row_bytes)
 
     def _buffer(self, nbytes: int) -> memoryview:
         self._turn ^= 1
@@ -94,12 +91,11 @@ class TileStreamer:
         return entry.contiguous and matrix_shape(entry.info.shape)[1] == cols
 
     def _copy_rows(self, tile: Tile, start: int, stop: int, cols: int, sink: BinaryIO) -> None:
-        _, entry = self.lookup(tile.src)
-        row_bytes = cols * entry.info.itemsize
-        first = (tile.src_row + start - tile.row) * row_bytes
-        run = self._mapped(tile.src)[first:first + (stop - start) * row_bytes]
-        for at in range(0, len(run), CHUNK_BYTES):
-            chunk = run[at:at + CHUNK_BYTES]
+        source, entry = self.lookup(tile.src)
+        first = (tile.src_row + start - tile.row) * cols * entry.info.itemsize
+        length = (stop - start) * cols * entry.info.itemsize
+        for at in range(first, first + length, CHUNK_BYTES):
+            chunk = source.mapped_bytes(entry, at, min(CHUNK_BYTES, first + length - at))  # one chunk mapped at a time
             write_all(sink, chunk)
             self.progress.advance(len(chunk))
 
@@ -130,12 +126,9 @@ class TileStreamer:
         """Copy rows ``first:first+count`` of the band from ``tile``'s mapped source into ``grid`` (numpy views, no torch)."""
         import numpy as np
 
-        _, entry = self.lookup(tile.src)
-        src_rows, src_cols = matrix_shape(entry.info.shape)
-        source = np.frombuffer(self._mapped(tile.src), dtype=np.uint8, count=src_rows * src_cols * itemsize).reshape(src_rows, src_cols * itemsize)
-        row = tile.src_row + first - tile.row
+        rows = np.frombuffer(self._mapped_rows(tile.src, tile.src_row + first - tile.row, count), dtype=np.uint8).reshape(count, -1)
         width, src_at, out_at = tile.cols * itemsize, tile.src_col * itemsize, tile.col * itemsize
-        grid[:, out_at:out_at + width] = source[row:row + count, src_at:src_at + width]
+        grid[:, out_at:out_at + width] = rows[:, src_at:src_at + width]
 
     def _build_rows_torch(self, tiles: list[Tile], start: int, stop: int, cols: int, dtype: str, sink: BinaryIO) -> None:
         """Casts and strided sources: built with torch, chunk by chunk."""
