@@ -11,6 +11,7 @@ name, so the pickles name the same global as real ones.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 import zipfile
@@ -103,6 +104,9 @@ def test_ours_load_in_torch_xla_terms_and_pickle_as_torch_save_does(torch_xla_mo
     table = torch.load(str(path) + ".info.pt", weights_only=True)
     assert table == {tid: {"dtype": t.dtype, "shape": t.shape} for tid, t in enumerate(state.values())}
     assert type(table[0]["shape"]) is torch.Size
+    torch.save(table, tmp_path / "real_info.pt")
+    assert zipfile.ZipFile(str(path) + ".info.pt").read("m.pt.info/data.pkl") == zipfile.ZipFile(tmp_path / "real_info.pt").read("real_info/data.pkl")
+    assert [(r.shape, r.dtype) for r in references.values()] == [(t.shape, t.dtype) for t in state.values()]
     # the reference pickle is the one torch.save writes for the same references
     torch.save(references, tmp_path / "real.pt")
     ours = zipfile.ZipFile(path).read("m/data.pkl")
@@ -222,3 +226,46 @@ def test_a_malicious_tensor_file_is_refused_without_running_it(torch_xla_module,
         TorchFile(tmp_path / "m.pt")
     result = cli("inspect", tmp_path / "m.pt")
     assert result.code == 2 and "ran" not in result.out
+
+
+def test_a_tensor_referenced_twice_reads_the_same_bytes_both_times(torch_xla_module, tmp_path):
+    state = _state(5)
+    save_like_nxd(state, tmp_path / "m.pt")
+    shared = TensorReference(1)
+    torch.save(OrderedDict([("a", shared), ("b", TensorReference(0)), ("tied", shared), ("again", TensorReference(1))]), tmp_path / "m.pt")
+    source = TorchFile(tmp_path / "m.pt")
+    for name in ("a", "tied", "again"):
+        assert torch.equal(source.read(name), state["layers.0.weight"])
+    assert torch.equal(source.read("b"), state["embed.weight"])
+
+
+def test_references_inside_an_archive_member_and_runaway_nesting_are_refused(torch_xla_module, tmp_path):
+    from shardwise.formats.region import Region
+    from shardwise.formats.torch_pickle import TorchPickle
+    from shardwise.formats.xser import resolve_references
+
+    torch.save({"a": TensorReference(0)}, tmp_path / "member.pt")
+    (tmp_path / "outer.tar").write_bytes(b"\0" * 512 + (tmp_path / "member.pt").read_bytes())
+    region = Region(str(tmp_path / "outer.tar"), 512, (tmp_path / "member.pt").stat().st_size, "outer.tar:member.pt")
+    with pytest.raises(FormatError, match="outer.tar:member.pt: holds xser tensor references"):
+        TorchFile(region)
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    region = Region.whole_file(tmp_path / "member.pt")
+    with pytest.raises(FormatError, match="nests too deeply"):
+        resolve_references(TorchPickle(region, deep, {}))
+
+
+def test_many_tensor_files_never_hold_more_descriptors_than_the_pool_allows(torch_xla_module, tmp_path, monkeypatch):
+    from shardwise import tensors
+
+    monkeypatch.setattr(tensors._DESCRIPTORS, "limit", 4)
+    state = OrderedDict((f"t{i}", torch.full((3,), float(i))) for i in range(40))
+    save_like_nxd(state, tmp_path / "m.pt")
+    before = len(os.listdir("/proc/self/fd"))
+    with TorchFile(tmp_path / "m.pt") as source:
+        for name, tensor in state.items():
+            assert torch.equal(source.read(name), tensor)
+            assert len(os.listdir("/proc/self/fd")) <= before + 4
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -49,7 +48,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 def _libc_function(name: str, argtypes: tuple | None = None):
     """A libc function through ctypes, or None where libc or the function is missing."""
     try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)  # the C library this process already has
     except (OSError, AttributeError):
         return None
     if argtypes is not None:

@@ -9,8 +9,11 @@ torch until a caller asks for a ``torch.Tensor``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -128,17 +131,71 @@ class TensorSource(Protocol):
     def close(self) -> None: ...
 
 
+class _Descriptors:
+    """Read-only descriptors of source files, shared by all sources of the process, at most
+    ``limit`` idle ones kept open (least recently used closed first).
+
+    A checkpoint can have more files than the process may open: xser keeps one file per tensor,
+    and a resharded checkpoint one per rank. A descriptor is pinned while a read or ``mmap`` call
+    uses it (``with descriptors.use(owner, path) as fd``) and is never closed under a caller,
+    whatever other threads do; ``mmap`` keeps its own duplicate.
+    """
+
+    def __init__(self, limit: int = 128) -> None:
+        self.limit = limit
+        self._open: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._pins: dict[tuple[int, str], int] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self, owner: object, path: str) -> Iterator[int]:
+        key = (id(owner), path)
+        with self._lock:
+            fd = self._open.pop(key, None)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+            self._open[key] = fd
+            self._pins[key] = self._pins.get(key, 0) + 1
+            self._evict()
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+                    if key not in self._open:  # released while in use: close it now
+                        os.close(fd)
+
+    def _evict(self) -> None:
+        idle = [k for k in self._open if k not in self._pins]
+        for key in idle[: max(0, len(self._open) - self.limit)]:
+            os.close(self._open.pop(key))
+
+    def release(self, owner: object) -> None:
+        """Close ``owner``'s descriptors (those in use are closed when their call ends)."""
+        with self._lock:
+            for key in [k for k in self._open if k[0] == id(owner)]:
+                fd = self._open.pop(key)
+                if key not in self._pins:
+                    os.close(fd)
+
+
+_DESCRIPTORS = _Descriptors()
+
+
 class FileTensorSource:
     """A source whose tensors all live at known offsets in local files.
 
     Subclasses fill ``self._tensors`` (name -> :class:`StoredTensor`, in on-disk order). Reads use
-    ``preadv`` into caller-owned or fresh buffers: no mmap, so reading a tensor never leaves the
-    file's pages counted in this process's resident memory.
+    ``preadv`` into caller-owned or fresh buffers; :meth:`mapped_bytes` and :meth:`map` give views
+    of the file's pages instead, which count in resident memory while they live. Files are opened
+    on demand and share a process-wide pool of descriptors, so sources of many files never exhaust
+    the descriptor limit.
     """
 
     def __init__(self) -> None:
         self._tensors: dict[str, StoredTensor] = {}
-        self._fds: dict[str, int] = {}
 
     # -- the TensorSource protocol -------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -193,7 +250,8 @@ class FileTensorSource:
         if not entry.contiguous or info.nbytes == 0:
             return self.read(name)
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self._fd(entry.path), entry.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        with self._descriptor(entry.path) as fd:
+            mapping = mmap.mmap(fd, entry.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         flat = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=entry.offset - start)
         return flat.view(dtype_row(info.dtype).torch()).reshape(info.shape)
 
@@ -203,22 +261,29 @@ class FileTensorSource:
 
         The mapping lives as long as the view (or any slice of it) does; dropping the last reference
         unmaps it. Mapped pages count in resident memory while mapped, so callers map what they are
-        about to use. A file shorter than that is a FormatError (touching it would be SIGBUS).
+        about to use. A file already shorter than that is a FormatError; one truncated while mapped,
+        or a disk error under the mapping, kills the process with SIGBUS, as for any mmap reader
+        (``safetensors`` included). Where the filesystem cannot map, the bytes are read instead.
         """
         import mmap
 
         length = entry.span - start if length is None else length
         if start < 0 or length < 0 or start + length > entry.span:
             raise ValueError(f"bytes {start}:{start + length} are outside tensor '{entry.info.name}' ({entry.span} bytes)")
-        fd = self._fd(entry.path)
         begin, end = entry.offset + start, entry.offset + start + length
-        if os.fstat(fd).st_size < end:
-            raise FormatError(f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset {end}")
-        if length == 0:
-            return memoryview(b"")
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(fd, end - aligned, flags=flags, prot=mmap.PROT_READ, offset=aligned)
+        with self._descriptor(entry.path) as fd:
+            if os.fstat(fd).st_size < end:
+                raise FormatError(f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset {end}")
+            if length == 0:
+                return memoryview(b"")
+            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            try:
+                mapping = mmap.mmap(fd, end - aligned, flags=flags, prot=mmap.PROT_READ, offset=aligned)
+            except OSError:  # a filesystem that cannot map (some FUSE mounts): read the bytes instead
+                out = memoryview(bytearray(length))
+                self.read_into(entry, begin, out)
+                return out
         return memoryview(mapping)[begin - aligned:]
 
     def read_rows(self, name: str, start: int, stop: int):
@@ -239,21 +304,19 @@ class FileTensorSource:
 
     def read_into(self, entry: StoredTensor, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the file's bytes from ``offset``; a short file is a FormatError."""
-        fd = self._fd(entry.path)
         done = 0
-        while done < len(out):
-            n = os.preadv(fd, [out[done:]], offset + done)
-            if n == 0:
-                raise FormatError(
-                    f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset "
-                    f"{offset + len(out)} but the file ends at {offset + done}"
-                )
-            done += n
+        with self._descriptor(entry.path) as fd:
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], offset + done)
+                if n == 0:
+                    raise FormatError(
+                        f"{entry.path}: file is truncated: tensor '{entry.info.name}' needs bytes up to offset "
+                        f"{offset + len(out)} but the file ends at {offset + done}"
+                    )
+                done += n
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        _DESCRIPTORS.release(self)
 
     def __enter__(self):
         return self
@@ -274,11 +337,9 @@ class FileTensorSource:
         except KeyError:
             raise KeyError(f"no tensor named {name!r}") from None
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+    def _descriptor(self, path: str):
+        """``with self._descriptor(path) as fd``: a read-only descriptor of ``path``, valid inside the block."""
+        return _DESCRIPTORS.use(self, path)
 
 
 def tensor_from_bytes(buf: bytearray | memoryview, info: TensorInfo):

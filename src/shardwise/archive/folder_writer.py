@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import fsync_file
+from ..atomic import fsync_dir, fsync_file
 from ..background import BackgroundWriter
 from ..errors import FormatError
 from .tar_writer import MemberSink, MemberWriter, WrittenMember
@@ -61,7 +61,14 @@ class FolderWriter(MemberWriter):
         return member
 
     def close(self) -> None:
-        """Make every file written durable (fsync); the caller's atomic commit syncs the folders."""
+        """Make every file written, and every folder that holds them, durable (fsync).
+
+        The caller's atomic commit syncs the root's parent; sub-folders (``model/``, xser's
+        ``.tensors/``) are synced here, so no file written can vanish from its folder in a crash.
+        """
+        folders = {path.parent for path in self._unsynced}
         for path in self._unsynced:
             fsync_file(path)
         self._unsynced.clear()
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)

@@ -264,6 +264,10 @@ class _StubPickler(pickle._Pickler):  # the pure-Python pickler lets us emit GLO
     dispatch = pickle._Pickler.dispatch.copy()
 
     def _save_global_ref(self, obj: GlobalStub) -> None:
+        first = self._globals.setdefault((obj.module, obj.name), obj)  # one GLOBAL per name, as pickle memoizes classes
+        if id(first) in self.memo:
+            self.write(self.get(self.memo[id(first)][0]))
+            return
         self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
         self.memoize(obj)
 
@@ -276,6 +280,10 @@ class _StubPickler(pickle._Pickler):  # the pure-Python pickler lets us emit GLO
 
     dispatch[GlobalStub] = _save_global_ref
     dispatch[ObjectStub] = _save_object
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._globals: dict[tuple[str, str], GlobalStub] = {}
 
     def persistent_id(self, obj: Any):
         return obj.pid if isinstance(obj, _StorageStub) else None

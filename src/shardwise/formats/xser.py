@@ -27,7 +27,7 @@ from ..pickle_safety import LazyTensor, PickledObject, StructureError, _Walk
 from ..tensors import TensorInfo
 from .torch_pickle import GlobalStub, ObjectStub, TensorStub, TorchPickle, read_torch_pickle, stub_pickle, write_torch_archive
 
-__all__ = ["REFERENCE_CLASS", "XserPickle", "resolve_references", "tensor_folder", "xser_files", "is_xser"]
+__all__ = ["REFERENCE_CLASS", "XserPickle", "resolve_references", "tensor_folder", "info_file", "xser_files"]
 
 REFERENCE_CLASS = "torch_xla.utils.serialization.TensorReference"
 _MAX_TID = 10_000_000
@@ -41,11 +41,6 @@ def tensor_folder(path: str | os.PathLike) -> Path:
 def info_file(path: str | os.PathLike) -> Path:
     """``P.info.pt``: NxD's table of each tid's dtype and shape."""
     return Path(os.fspath(path) + ".info.pt")
-
-
-def is_xser(path: str | os.PathLike) -> bool:
-    """Whether the file at ``path`` has an xser tensor folder beside it."""
-    return tensor_folder(path).is_dir()
 
 
 class XserPickle:
@@ -90,6 +85,10 @@ def resolve_references(parsed: TorchPickle, *, trust: bool = False) -> TorchPick
     walk = _Walk()
 
     def load(tid: int) -> LazyTensor:
+        if tid in tensors:  # one tensor referenced from two places
+            return tensors[tid].root
+        if parsed.region.start != 0 or parsed.region.label != parsed.region.path:
+            raise FormatError(f"{path}: holds xser tensor references, which only work in a file with its .tensors folder beside it")
         file = folder / f"tensor_{tid}.pt"
         if not folder.is_dir():
             raise FormatError(f"{path}: is an xser file but its tensor folder {folder} is missing")
@@ -126,6 +125,8 @@ def resolve_references(parsed: TorchPickle, *, trust: bool = False) -> TorchPick
         root = visit(parsed.root)
     except StructureError as e:
         raise FormatError(f"{path}: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: the pickled structure nests too deeply to read safely") from None
     if not found:
         return parsed
     resolved = XserPickle(parsed, root, tensors)
@@ -148,6 +149,8 @@ def _check_info(resolved: XserPickle, trust: bool) -> None:
         lazy = tensor_file.root
         dtype, shape = entry.get("dtype"), entry.get("shape")
         dtype_name = getattr(dtype, "name", None)
+        if shape is not None and not isinstance(shape, (tuple, list)):
+            raise FormatError(f"{path}: tid {tid} has shape {shape!r:.40}, not a list of sizes")
         if (dtype_name is not None and dtype_name != lazy.dtype) or (shape is not None and tuple(shape) != lazy.shape):
             raise FormatError(
                 f"{tensor_file.path}: holds {lazy.dtype} {list(lazy.shape)} but {path.name} records "
@@ -180,7 +183,9 @@ def xser_files(relpath: str, infos: list[TensorInfo], write_tensor: Callable[[Te
     """The files saving the flat state dict ``infos`` with xser at ``relpath``, in writing order.
 
     Tensor files first (``relpath.tensors/tensor_<i>.pt``, tid = position in ``infos``), then the
-    reference file and NxD's info file. ``write_tensor(info, sink)`` writes one tensor's bytes.
+    reference file and NxD's info file. Each reference carries ``tid``, ``shape`` and ``dtype``:
+    torch-xla's and NxD's loaders read ``tid``, and the variant whose ``TensorReference`` takes
+    ``(tid, shape, dtype)`` checks the other two. ``write_tensor(info, sink)`` writes one tensor's bytes.
     """
     reference_class = GlobalStub(*REFERENCE_CLASS.rsplit(".", 1))
     files = []
@@ -189,7 +194,10 @@ def xser_files(relpath: str, infos: list[TensorInfo], write_tensor: Callable[[Te
         produce = (lambda sink, info=info, name=name: write_torch_archive(
             sink, name, stub_pickle(TensorStub("0", info)), [(info.nbytes, lambda out: write_tensor(info, out))]))
         files.append(PlannedFile(f"{relpath}.tensors/{name}.pt", produce))
-    references = collections.OrderedDict((info.name, ObjectStub(reference_class, {"tid": tid})) for tid, info in enumerate(infos))
+    references = collections.OrderedDict(
+        (info.name, ObjectStub(reference_class, {"tid": tid, "shape": _SizeStub(info.shape), "dtype": GlobalStub("torch", info.dtype)}))
+        for tid, info in enumerate(infos)
+    )
     table = {tid: {"dtype": GlobalStub("torch", info.dtype), "shape": _SizeStub(info.shape)} for tid, info in enumerate(infos)}
     stem = Path(relpath).name
     files.append(PlannedFile(relpath, lambda sink: write_torch_archive(sink, stem.rsplit(".", 1)[0], stub_pickle(references), [])))

@@ -47,7 +47,7 @@ class _Member:
 class _MemberSink:
     """What a member's producer writes to: checksums and counts on the way to the file."""
 
-    def __init__(self, f: BinaryIO, checksum: Callable[[bytes, int], int]) -> None:
+    def __init__(self, f: BinaryIO, checksum: Callable[..., int]) -> None:  # crc32(data[, start])
         self._f = f
         self._checksum = checksum
         self.crc = 0

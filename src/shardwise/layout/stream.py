@@ -1,20 +1,21 @@
-"""Executing tiles: write a tiled tensor's bytes to a file, touching only the source bytes it needs.
+"""Executing tiles: write a tiled tensor's bytes to a file, touching only the source rows it needs.
 
-Sources are read through read-only maps of their files' pages (one batched fault-in per source
-tensor, no copy), held only while the output tensor that needs them is written. The output is
+Sources are read through read-only maps of their files' pages, populated in one batch per map
+(no copy into this process), and mapped a chunk at a time: never a whole tensor. The output is
 written top to bottom in bands of rows that the same tiles cover.
 
 - A band that is one run of whole source rows (a row split, a KV head, a vocabulary slice) is
-  written straight from the mapped pages in 16 MiB slices: the kernel's copy into the output file
-  is the only copy, and no torch tensor is built.
+  written straight from the mapped pages in 16 MiB slices: the kernel's copy into the output
+  file is the only copy, and no torch tensor is built.
 - Any other band (columns of a row-parallel weight, side-by-side shards being merged, zero
-  padding) is gathered chunk by chunk into two alternating 16 MiB buffers with numpy views of the
-  mapped rows, so a column slice touches its own bytes only, however many ranks share the rows.
+  padding) is gathered chunk by chunk into two alternating 16 MiB buffers with numpy views of
+  the mapped source rows; a chunk has as many rows as fit 16 MiB of the widest row involved, so
+  what is mapped at once stays near 16 MiB per tile.
 - Only dtype casts and strided sources (torch files written from transposed views, as NxD
   writes o_proj) use torch: those are read, a strided source whole once per tensor.
 
-So memory is bounded by the mapped source tensors of one output tensor plus two chunks; a plain
-conversion never imports torch.
+So memory is bounded by a few chunks per tile, never by a tensor, and a plain conversion never
+imports torch.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class TileStreamer:
         itemsize = dtype_row(dtype).itemsize
         row_bytes = cols * itemsize
         covered = sum(t.cols for t in tiles if t.src is not None) == cols
-        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        widest = max([row_bytes] + [matrix_shape(self.lookup(t.src)[1].info.shape)[1] * itemsize for t in tiles if t.src is not None])
+        step = max(1, CHUNK_BYTES // max(1, widest))
         for first in range(start, stop, step):
             count = min(stop, first + step) - first
             nbytes = count * row_bytes

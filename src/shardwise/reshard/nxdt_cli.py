@@ -8,8 +8,8 @@ Differences from the original, on purpose:
   ``model/`` so converting back needs no flags;
 - to-full splits ``weight_qkv`` by head counts, merges plain q/k/v shards, and writes
   ``checkpoint.pt`` (HF names, as the original) plus ``config.json``;
-- xser inputs are recognised by their ``.tensors`` folders whether or not ``--load_xser`` is
-  given; ``--load_xser`` on files that are not xser is refused. ``--save_xser`` writes NxD's
+- xser inputs are recognised by the tensor references in their pickles whether or not
+  ``--load_xser`` is given; ``--load_xser`` on files that are not xser is refused. ``--save_xser`` writes NxD's
   xser files (reference file, ``.pt.tensors/tensor_<i>.pt``, ``.pt.info.pt``);
 - ``--hw_backend trn2`` with ``--kv_size_multiplier`` > 1 is refused: the original pairs some
   ranks' query heads with the other group's KV head there (a model that computes something else).
