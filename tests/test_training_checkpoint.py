@@ -1,0 +1,195 @@
+"""save_checkpoint / load_checkpoint in one process: NxD's layout, exact resume, retention by save order,
+checksummed loads, and a save killed at random moments never costing the newest complete checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+
+import pytest
+import torch
+
+import shardwise
+from shardwise.errors import FormatError, IntegrityError, UnsafeCheckpointError
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+
+def _train(model, optimizer, scheduler, steps, start):
+    losses = []
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _setup(seed=0):
+    model = _model(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def test_resume_continues_the_loss_exactly(tmp_path):
+    model, optimizer, scheduler = _setup()
+    _train(model, optimizer, scheduler, 5, 0)
+    tag = shardwise.save_checkpoint(tmp_path, "step_5", model=model, optimizer=optimizer, scheduler=scheduler, user_content={"step": 5})
+    expected = _train(model, optimizer, scheduler, 5, 5)
+
+    model2, optimizer2, scheduler2 = _setup(seed=123)  # different initial weights: the load must overwrite them
+    user = shardwise.load_checkpoint(tmp_path, model=model2, optimizer=optimizer2, scheduler=scheduler2)
+    assert tag == "step_5" and user == {"step": 5}
+    assert _train(model2, optimizer2, scheduler2, 5, user["step"]) == expected
+
+
+def test_the_tag_holds_nxd_names_loadable_by_torch_and_a_manifest_with_checksums(tmp_path):
+    model, optimizer, scheduler = _setup()
+    _train(model, optimizer, scheduler, 1, 0)
+    shardwise.save_checkpoint(tmp_path, "t", model=model, optimizer=optimizer, scheduler=scheduler, user_content={"a": 1})
+    tag = tmp_path / "t"
+    assert sorted(p.relative_to(tag).as_posix() for p in tag.rglob("*") if p.is_file()) == [
+        "checkpoint", "done", "model/dp_rank_00_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_00_tp_rank_00_pp_rank_00.pt",
+        "scheduler.pt", "shardwise.json", "user_content.pt",
+    ]
+    assert (tag / "checkpoint").read_text() == "1" and (tag / "done").read_text() == "1"
+    state = torch.load(tag / "model/dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)  # as NxD's loader reads it
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    manifest = json.loads((tag / "shardwise.json").read_text())
+    assert manifest["sequence"] == 1 and manifest["tag"] == "t" and manifest["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero1": False}
+    for entry in manifest["files"]:
+        data = (tag / entry["name"]).read_bytes()
+        assert (len(data), f"{zlib.crc32(data):08x}") == (entry["size"], entry["crc32"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_retention_keeps_the_newest_by_save_order_and_spares_a_newer_incomplete_tag(tmp_path):
+    model = _model()
+    for name in ("d", "c", "b", "a"):  # save order is not name order
+        shardwise.save_checkpoint(tmp_path, name, model=model)
+    old = time.time() + 3600
+    for name in ("d", "c"):  # file times lie: the oldest saves look newest
+        os.utime(tmp_path / name / "done", (old, old))
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "checkpoint").write_text("1")  # a save in progress elsewhere, no done yet
+    time.sleep(0.01)
+    shardwise.save_checkpoint(tmp_path, "e", model=model, num_kept_ckpts=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "e", "z"]
+    # an interrupted removal (done already gone) is finished by the next retention pass
+    (tmp_path / "a" / "done").unlink()
+    shardwise.save_checkpoint(tmp_path, "f", model=model, num_kept_ckpts=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "f", "z"]
+
+
+def test_the_default_tag_is_the_newest_complete_and_damage_is_named(tmp_path):
+    model = _model()
+    first = shardwise.save_checkpoint(tmp_path, model=model, user_content=1)
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    second = shardwise.save_checkpoint(tmp_path, model=model, user_content=2)
+    assert (first, second) == ("checkpoint_1", "checkpoint_2")
+    assert shardwise.load_checkpoint(tmp_path) == 2
+    weights = tmp_path / second / "model/dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    data = bytearray(weights.read_bytes())
+    data[-200] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="dp_rank_00_tp_rank_00_pp_rank_00.pt: CRC-32 does not match"):
+        shardwise.load_checkpoint(tmp_path, model=_model())
+    # truncation makes the newest incomplete; the older one is taken, with a warning
+    weights.write_bytes(bytes(data[:-100]))
+    with pytest.warns(UserWarning, match="checkpoint_2: marked done but its files do not match"):
+        assert shardwise.load_checkpoint(tmp_path) == 1
+    with pytest.raises(IntegrityError, match="checkpoint_2: checkpoint is incomplete"):
+        shardwise.load_checkpoint(tmp_path, "checkpoint_2")
+
+
+def test_user_content_with_arbitrary_classes_needs_the_opt_in(tmp_path):
+    from fractions import Fraction
+
+    shardwise.save_checkpoint(tmp_path, "t", user_content={"lr_scale": Fraction(1, 3)})  # a class torch's weights_only refuses
+    with pytest.raises(UnsafeCheckpointError, match="user_content.pt: refused to load"):
+        shardwise.load_checkpoint(tmp_path)
+    assert shardwise.load_checkpoint(tmp_path, trust_pickle=True) == {"lr_scale": Fraction(1, 3)}
+
+
+def test_bad_arguments_and_empty_folders_are_clear(tmp_path):
+    with pytest.raises(FormatError, match="holds no complete checkpoint"):
+        shardwise.load_checkpoint(tmp_path)
+    with pytest.raises(shardwise.OptionError, match="num_kept_ckpts must be at least 1"):
+        shardwise.save_checkpoint(tmp_path, "t", model=_model(), num_kept_ckpts=0)
+    with pytest.raises(shardwise.OptionError, match="plain folder name"):
+        shardwise.save_checkpoint(tmp_path, "../t", model=_model())
+
+
+_SAVER = textwrap.dedent("""
+    import sys, torch, shardwise
+    root = sys.argv[1]
+    model = torch.nn.Linear(1024, 1024)
+    step = 0
+    while True:
+        step += 1
+        with torch.no_grad():
+            model.weight.fill_(step)
+        shardwise.save_checkpoint(root, f"step_{step}", model=model, user_content={"step": step}, num_kept_ckpts=2)
+        print(step, flush=True)
+""")
+
+
+def _kill_during_saves(root, delay):
+    child = subprocess.Popen([sys.executable, "-c", _SAVER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()  # one save is complete
+        time.sleep(delay)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_a_save_killed_at_random_moments_never_costs_the_newest_complete_checkpoint(tmp_path):
+    rng = random.Random(7)
+    for trial in range(20):
+        root = tmp_path / f"run{trial}"
+        _kill_during_saves(root, rng.uniform(0, 0.4))
+        model = torch.nn.Linear(1024, 1024)
+        user = shardwise.load_checkpoint(root, model=model)  # verifies every CRC
+        assert torch.all(model.weight == user["step"]), trial
+        complete = [p for p in root.iterdir() if (p / "done").is_file() and not p.name.startswith(".")]
+        assert 1 <= len(complete) <= 3, (trial, sorted(p.name for p in root.iterdir()))
+        for tag in complete:
+            assert shardwise.load_checkpoint(root, tag.name) is not None
+        left = [p for p in root.iterdir() if p.name.startswith(".")]  # a staging folder the kill interrupted
+        shardwise.save_checkpoint(root, "after", model=model)  # the next save clears it
+        assert not any(p.exists() for p in left)
+
+
+def test_a_write_that_fails_midway_raises_and_leaves_earlier_checkpoints_intact(tmp_path):
+    script = textwrap.dedent("""
+        import resource, signal, sys, torch, shardwise
+        root = sys.argv[1]
+        shardwise.save_checkpoint(root, "small", model=torch.nn.Linear(4, 4))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            shardwise.save_checkpoint(root, "big", model=torch.nn.Linear(1024, 1024))
+        except Exception as e:
+            print(type(e).__name__, e)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert "File too large" in result.stdout and "earlier checkpoints are untouched" in result.stdout, result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
+    shardwise.load_checkpoint(tmp_path, model=torch.nn.Linear(4, 4))
