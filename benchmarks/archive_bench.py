@@ -53,6 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder, middleman and options
     add_common_options,
+    parse_checked,
+    ratio,
     close_workdir,
     open_workdir,
     GiB,
@@ -371,10 +373,6 @@ PAIRS = [  # (label, shardwise step, NeMo-way step)
 ]
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
 def summarize(steps: dict[str, Step], base_rss: int) -> dict:
     ratios = {}
     for label, ours, theirs in PAIRS:
@@ -471,10 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for details.")
     add_common_options(p)
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH ('-': stdout, report to stderr)")
-    args = p.parse_args(argv)
-    if args.repeat < 1 or args.warmup < 0:
-        p.error("--repeat must be >= 1 and --warmup >= 0")
-    return args
+    return parse_checked(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

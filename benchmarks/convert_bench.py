@@ -489,6 +489,14 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of all steps first (default 1)")
 
 
+def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``p`` (which has :func:`add_common_options`) and refuse impossible repetitions."""
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat must be >= 1 and --warmup >= 0")
+    return args
+
+
 def open_workdir(args: argparse.Namespace, prefix: str) -> tuple[Path, bool]:
     """A fresh subfolder of ``--workdir`` for this run, and whether ``--workdir`` itself was created."""
     created = not args.workdir.exists()
@@ -514,10 +522,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true", help="skip the naive load-everything route")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON to PATH ('-': stdout, report to stderr)")
     p.add_argument("--check", action="store_true", help="exit 3 when the time or memory goal is missed")
-    args = p.parse_args(argv)
-    if args.repeat < 1 or args.warmup < 0:
-        p.error("--repeat must be >= 1 and --warmup >= 0")
-    return args
+    return parse_checked(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,8 @@ from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint b
     Bench,
     Step,
     add_common_options,
+    parse_checked,
+    ratio,
     build_checkpoint,
     close_workdir,
     llama_infos,
@@ -145,15 +147,11 @@ def largest_file(path: Path) -> int:
     return max((p.stat().st_size for p in path.rglob("*") if p.is_file()), default=0) if path.is_dir() else path.stat().st_size
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(p)
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON to PATH")
-    args = p.parse_args(argv)
+    args = parse_checked(p, argv)
     cli = shardwise_cli()
     work, created = open_workdir(args, "reshard-")
     try:
@@ -199,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_vs_naive": ratio(by["naive"].peak_rss - base_rss, by["shardwise"].peak_rss - base_rss),
                 "bit_exact": check.returncode == 0,
             }
-            bench_out = by["shardwise"].output
-            log(f"  {job}: output {largest_file(bench_out) / MiB:.0f} MiB largest file")
+            log(f"  {job}: output {largest_file(out) / MiB:.0f} MiB largest file")
         print_report(args, base_rss, largest_tensor, results)
         if args.json:
             Path(args.json).write_text(json.dumps({"size_gib": args.size_gib, "baseline_rss": base_rss, "jobs": results}, indent=2))

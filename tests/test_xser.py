@@ -242,7 +242,7 @@ def test_a_tensor_referenced_twice_reads_the_same_bytes_both_times(torch_xla_mod
 def test_references_inside_an_archive_member_and_runaway_nesting_are_refused(torch_xla_module, tmp_path):
     from shardwise.formats.region import Region
     from shardwise.formats.torch_pickle import TorchPickle
-    from shardwise.formats.xser import resolve_references
+    from shardwise.formats.xser import REFERENCE_CLASS, resolve_references
 
     torch.save({"a": TensorReference(0)}, tmp_path / "member.pt")
     (tmp_path / "outer.tar").write_bytes(b"\0" * 512 + (tmp_path / "member.pt").read_bytes())
@@ -254,7 +254,7 @@ def test_references_inside_an_archive_member_and_runaway_nesting_are_refused(tor
         deep = [deep]
     region = Region.whole_file(tmp_path / "member.pt")
     with pytest.raises(FormatError, match="nests too deeply"):
-        resolve_references(TorchPickle(region, deep, {}))
+        resolve_references(TorchPickle(region, deep, {}, frozenset({REFERENCE_CLASS})))
 
 
 def test_many_tensor_files_never_hold_more_descriptors_than_the_pool_allows(torch_xla_module, tmp_path, monkeypatch):

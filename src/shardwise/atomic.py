@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,15 +21,37 @@ from typing import BinaryIO, Iterator
 
 from .errors import OutputExistsError
 
-__all__ = ["atomic_output", "durable_close", "fsync_dir", "staging_name", "write_all", "start_writeback"]
+__all__ = [
+    "atomic_output", "durable_close", "fsync_dir", "fsync_file", "staging_name", "remove_stale_stages", "write_all",
+    "write_text_durably", "start_writeback",
+]
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _RENAME_EXCHANGE = 2
 
 
+_STAGE = re.compile(r"\.(?P<name>.+)\.shardwise-tmp-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
 def staging_name(dst: Path) -> Path:
-    """A hidden sibling of ``dst`` used while writing it."""
+    """A hidden sibling of ``dst`` used while writing it (named for the writing process)."""
     return dst.parent / f".{dst.name}.shardwise-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_stages(folder: Path) -> None:
+    """Remove the staging entries in ``folder`` whose writing process no longer exists (killed mid-write)."""
+    for child in folder.iterdir():
+        m = _STAGE.fullmatch(child.name)
+        if m and not _process_exists(int(m["pid"])):
+            _remove(child)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True  # including PermissionError: it exists, under another user
 
 
 def write_all(f: BinaryIO, data) -> None:
@@ -77,6 +100,14 @@ def durable_close(f: BinaryIO) -> None:
         os.fsync(f.fileno())
     finally:
         f.close()
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) and fsync it: small files in a staging folder must be durable before the commit."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_file(path: Path) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import os
 import threading
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Callable
 
-from .atomic import start_writeback, write_all
+from .atomic import durable_close, start_writeback, write_all
 
-__all__ = ["BackgroundWriter"]
+__all__ = ["BackgroundWriter", "write_streaming"]
 
 
 class BackgroundWriter(io.RawIOBase):
@@ -119,3 +120,27 @@ class BackgroundWriter(io.RawIOBase):
 
     def readable(self) -> bool:
         return False
+
+
+def write_streaming(path: Path, produce: Callable[[BackgroundWriter], None], *, mode: str = "wb", sync: bool = True) -> None:
+    """Create ``path`` and let ``produce(sink)`` fill it through a :class:`BackgroundWriter`, then fsync
+    (unless ``sync`` is false: the caller fsyncs later, as a folder writer does for all its files at once).
+
+    Each write overlaps with reading (and checksumming) the next chunk. On any error no write is
+    left running and the file is closed (the caller's atomic staging removes it).
+    """
+    f = open(path, mode, buffering=0)
+    background = BackgroundWriter(f)
+    try:
+        produce(background)
+        background.close()  # waits for the last write and raises its error, if any
+    except BaseException:
+        try:
+            background.abort()  # no write may still be running when the file is closed
+        finally:
+            f.close()
+        raise
+    if sync:
+        durable_close(f)
+    else:
+        f.close()

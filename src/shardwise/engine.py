@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .atomic import atomic_output, durable_close, write_all
-from .background import BackgroundWriter
+from .atomic import atomic_output, fsync_file, write_all, write_text_durably
+from .background import write_streaming
 from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
@@ -34,11 +34,10 @@ from .formats.torch_pickle import write_torch
 from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_output
 from .progress import NO_PROGRESS, Progress
 from .tensors import FileTensorSource, StoredTensor, TensorInfo, tensor_bytes
-from .units import parse_size
+from .units import CHUNK_BYTES, parse_size
 
 __all__ = ["convert", "ConvertResult", "TensorStreamer", "CHUNK_BYTES"]
 
-CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -139,37 +138,15 @@ def write_weights(sink: BinaryIO, archive_name: str, planned_file: PlannedFile, 
     write_tensor_file(sink, planned_file.kind, archive_name, [t.out for t in planned_file.tensors], write_tensor, metadata)
 
 
-def write_streaming(path: Path, produce, *, mode: str = "wb") -> None:
-    """Create ``path`` and let ``produce(sink)`` fill it through a :class:`BackgroundWriter`, then fsync.
-
-    Each write overlaps with reading (and checksumming) the next chunk. On any error no write is
-    left running and the file is closed (the caller's atomic staging removes it).
-    """
-    f = open(path, mode, buffering=0)
-    background = BackgroundWriter(f)
-    try:
-        produce(background)
-        background.close()  # waits for the last write and raises its error, if any
-    except BaseException:
-        try:
-            background.abort()  # no write may still be running when the file is closed
-        finally:
-            f.close()
-        raise
-    durable_close(f)
-
-
 def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer: TensorStreamer, metadata: dict[str, str]) -> None:
     archive_name = os.path.splitext(final_name)[0] or "archive"
     write_streaming(path, lambda sink: write_weights(sink, archive_name, planned_file, streamer, metadata))
 
 
-def _write_index(path: Path, plan: OutputPlan) -> None:
+def write_index(path: Path, plan: OutputPlan) -> None:
+    """The HF ``*.index.json`` of a sharded output plan, written durably."""
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_text_durably(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_companions(ckpt: Checkpoint, stage: Path, config: str | os.PathLike | None) -> list[str]:
@@ -184,8 +161,7 @@ def _copy_companions(ckpt: Checkpoint, stage: Path, config: str | os.PathLike | 
         shutil.copyfile(config, stage / "config.json")
         copied.append("config.json")
     for name in copied:
-        with open(stage / name, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(stage / name)
     return copied
 
 
@@ -232,12 +208,13 @@ def convert(
     layout_options = {"style": style, "tp": tp, "pp": pp, "qkv_linear": qkv_linear, "fuse_qkv": fuse_qkv, "kv_multiplier": kv_multiplier}
     from .reshard.convert import convert_layout, needs_layout_engine
 
-    if needs_layout_engine(src, to or _suffix_format(dst), layout_options):
+    layout_to = to or _suffix_format(dst)
+    if needs_layout_engine(src, layout_to, layout_options):
         for name, value in (("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name)):
             if value is not None:
                 raise OptionError(f"{name} applies to Lightning checkpoints, not to parallel layouts")
         return convert_layout(
-            src, dst, to=to or _suffix_format(dst), **layout_options, config=config, dtype=dtype, weights_format=weights_format,
+            src, dst, to=layout_to, **layout_options, config=config, dtype=dtype, weights_format=weights_format,
             max_shard_size=max_shard_size, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress,
         )
     to = to or infer_format(str(dst))
@@ -278,7 +255,7 @@ def convert(
                     else:
                         _write_file(stage, dst.name, planned_file, streamer, metadata)
                 if plan.index_name:
-                    _write_index(stage / plan.index_name, plan)
+                    write_index(stage / plan.index_name, plan)
                 if ckpt.archive is not None and plan.copy_companions:
                     from .archive.convert import export_hf_files
 

@@ -347,13 +347,17 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that only resolves allow-listed globals, each to an inert stand-in.
 
     ``persistent_load`` receives torch's storage records; the caller maps them to
-    :class:`StorageRef`. ``path`` is named in every error. With ``trust=True`` unknown globals are
+    :class:`StorageRef`. ``path`` is named in every error; ``seen``, when given, collects the
+    qualified name of every global the pickle names. With ``trust=True`` unknown globals are
     imported as the standard unpickler would (executing whatever they do); torch tensors still load
     lazily.
     """
 
-    def __init__(self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False):
+    def __init__(
+        self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False, seen: set[str] | None = None,
+    ):
         super().__init__(file)
+        self._seen = seen
         self._allowed = _build_allowlist()
         self._path = path
         self._trust = trust
@@ -364,6 +368,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if self._seen is not None:
+            self._seen.add(f"{module}.{name}")
         found = self._allowed.get((module, name))
         if found is not None:
             return found

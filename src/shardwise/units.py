@@ -1,4 +1,4 @@
-"""Byte sizes: parsing ``--max-shard-size`` values and printing sizes for people."""
+"""Byte sizes: parsing ``--max-shard-size`` values, printing sizes for people, and the streaming chunk size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import re
 
 from .errors import OptionError
 
-__all__ = ["parse_size", "format_bytes"]
+__all__ = ["parse_size", "format_bytes", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 16 * 1024 * 1024  # what streaming code reads, gathers or checksums at once
 
 _UNITS = {
     "": 1, "b": 1,

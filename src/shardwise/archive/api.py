@@ -123,7 +123,6 @@ class _ArtifactFolder:
     """A folder of extracted artifacts, removed when its owner is garbage-collected or on cleanup()."""
 
     def __init__(self, owner: Any, folder: Path, temporary: bool) -> None:
-        self.path = folder
         self._finalizer = weakref.finalize(owner, shutil.rmtree, str(folder), True) if temporary else None
 
     def cleanup(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import fsync_dir, fsync_file
-from ..background import BackgroundWriter
+from ..background import write_streaming
 from ..errors import FormatError
 from .tar_writer import MemberSink, MemberWriter, WrittenMember
 
@@ -42,19 +42,14 @@ class FolderWriter(MemberWriter):
         """Create file ``name`` whose bytes ``produce(sink)`` writes; returns its size and CRC-32."""
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "w+b", buffering=0)
-        background = BackgroundWriter(f)
-        try:
-            sink = MemberSink(background, 0)
-            produce(sink)
-            background.close()
-        except BaseException:
-            try:
-                background.abort()
-            finally:
-                f.close()
-            raise
-        f.close()
+        sinks: list[MemberSink] = []
+
+        def fill(background) -> None:
+            sinks.append(MemberSink(background, 0))
+            produce(sinks[0])
+
+        write_streaming(path, fill, mode="w+b", sync=False)  # fsynced together by close()
+        sink = sinks[0]
         self._unsynced.append(path)
         member = WrittenMember(name, sink.size, 0, sink.crc)
         self.members.append(member)

@@ -18,7 +18,7 @@ from ..errors import FormatError, LayoutError
 
 __all__ = [
     "CONFIG_NAME", "MANIFEST_NAME", "WEIGHTS_NAMES", "DISTRIBUTED_FOLDER",
-    "ArchiveLayout", "rank_folder", "parse_rank_folder", "detect_layout", "ranks_of_process",
+    "ArchiveLayout", "rank_folder", "parse_rank_folder", "detect_layout", "grid_of", "ranks_of_process",
 ]
 
 CONFIG_NAME = "model_config.yaml"
@@ -114,15 +114,21 @@ def detect_layout(names: list[str], label: str) -> ArchiveLayout:
     formats = {WEIGHTS_NAMES[n.rpartition("/")[2]] for n in ranked.values()}
     if len(formats) > 1:
         raise FormatError(f"{label}: rank folders hold weights of different formats ({', '.join(sorted(formats))})")
-    tp = max(t for t, _ in ranked) + 1
-    pp = max(p for _, p in ranked) + 1
-    for tp_rank in range(tp):
-        for pp_rank in range(pp):
-            if (tp_rank, pp_rank) not in ranked:
-                base = next(iter(ranked.values())).rpartition("/")[2]
-                missing = f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}" if styles == {"tp_pp"} else f"mp_rank_{tp_rank:02d}"
-                raise FormatError(f"{label}: archive is incomplete: TP={tp}, PP={pp} but {missing}/{base} is missing")
+    tp, pp, gap = grid_of(ranked)
+    if gap is not None:
+        base = next(iter(ranked.values())).rpartition("/")[2]
+        missing = f"tp_rank_{gap[0]:02d}_pp_rank_{gap[1]:03d}" if styles == {"tp_pp"} else f"mp_rank_{gap[0]:02d}"
+        raise FormatError(f"{label}: archive is incomplete: TP={tp}, PP={pp} but {missing}/{base} is missing")
     return ArchiveLayout("sharded", tp, pp, formats.pop(), ranked)
+
+
+def grid_of(ranks) -> tuple[int, int, tuple[int, int] | None]:
+    """(TP, PP) of the smallest grid holding every (tp_rank, pp_rank) in ``ranks``, and the first
+    cell of that grid ``ranks`` lacks (None when the grid is complete)."""
+    tp = max(t for t, _ in ranks) + 1
+    pp = max(p for _, p in ranks) + 1
+    gap = next(((t, p) for t in range(tp) for p in range(pp) if (t, p) not in ranks), None)
+    return tp, pp, gap
 
 
 def ranks_of_process(rank: int, world_size: int, tp: int, pp: int) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_output
-from ..engine import write_streaming
+from ..background import write_streaming
 from ..errors import FormatError, OptionError
 from .layout import MANIFEST_NAME, detect_layout
 from .manifest import check_crc, manifest_bytes, read_manifest

@@ -15,20 +15,21 @@ from typing import BinaryIO, Callable
 import yaml
 
 from ..atomic import atomic_output
-from ..engine import TensorStreamer, write_streaming, write_tensor_file
+from ..background import write_streaming
+from ..engine import TensorStreamer, write_tensor_file
 from ..errors import OptionError
 from ..plan import PlannedFile
 from ..progress import NO_PROGRESS, Progress
 from ..tensors import TensorInfo
 from .artifacts import PlannedArtifact
 from .folder_writer import FolderWriter
-from .layout import CONFIG_NAME, MANIFEST_NAME, ArchiveLayout, rank_folder
+from .layout import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAMES, ArchiveLayout, rank_folder
 from .manifest import manifest_bytes
 from .tar_writer import TarWriter, WrittenMember
 
 __all__ = ["ArchiveShard", "planned_shards", "write_archive", "config_yaml", "WEIGHTS_MEMBER"]
 
-WEIGHTS_MEMBER = {"torch": "model_weights.ckpt", "safetensors": "model_weights.safetensors"}
+WEIGHTS_MEMBER = {kind: name for name, kind in WEIGHTS_NAMES.items()}  # weights format -> member name
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,6 @@ def write_archive(
         raise OptionError(f"{dst}: the shards given do not form a TP={tp} x PP={pp} grid")
     config_bytes = config_yaml(config, f"{dst}: {CONFIG_NAME}")
     weights_name = WEIGHTS_MEMBER[weights_format]
-    kind = "torch" if weights_format == "torch" else "safetensors"
     members = {(s.tp_rank, s.pp_rank): "/".join(filter(None, [rank_folder(s.tp_rank, s.pp_rank, tp, pp), weights_name])) for s in shards}
     layout = ArchiveLayout("single" if tp * pp == 1 else "sharded", tp, pp, weights_format, members)
 
@@ -128,7 +128,7 @@ def write_archive(
                 writer.add_dir(folder)
             writer.add_stream(
                 members[(shard.tp_rank, shard.pp_rank)],
-                lambda member, shard=shard: write_tensor_file(member, kind, "model_weights", list(shard.infos), shard.write_tensor, {"format": "pt"}),
+                lambda member, shard=shard: write_tensor_file(member, weights_format, "model_weights", list(shard.infos), shard.write_tensor, {"format": "pt"}),
             )
         writer.add_bytes(MANIFEST_NAME, manifest_bytes(writer.members, layout.as_dict(), manifest_extra))
         writer.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
+from ..jsonfile import read_json_object
 
 __all__ = ["FolderWeights", "find_weights", "read_index", "companion_files", "TOKENIZER_FILES", "is_weight_file"]
 
@@ -72,7 +73,9 @@ def find_weights(folder: Path) -> FolderWeights:
 
 def _is_xser_info(path: Path) -> bool:
     """``P.info.pt`` beside an xser file ``P`` (whose tensors are in ``P.tensors/``) is metadata, not weights."""
-    return path.name.endswith(".info.pt") and Path(str(path)[: -len(".info.pt")] + ".tensors").is_dir()
+    from .xser import tensor_folder
+
+    return path.name.endswith(".info.pt") and tensor_folder(str(path)[: -len(".info.pt")]).is_dir()
 
 
 def read_index(index_path: Path) -> tuple[Path, ...]:
@@ -104,10 +107,4 @@ def companion_files(folder: Path) -> list[Path]:
 
 def read_config(path: Path) -> dict:
     """A JSON config file as a dict; FormatError naming the file when it is not a JSON object."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: config is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: config is not a JSON object")
-    return config
+    return read_json_object(path, "config")

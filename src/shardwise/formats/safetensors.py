@@ -168,11 +168,8 @@ def header_bytes(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tu
     if metadata is not None:  # as the library does: {} is written, None is left out
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for info in ordered:
-        code = dtypes.dtype(info.dtype).safetensors
-        if code is None:
-            raise FormatError(f"tensor '{info.name}' has dtype {info.dtype}, which safetensors cannot store")
-        header[info.name] = {"dtype": code, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+    for info in ordered:  # dtypes were checked by check_writable
+        header[info.name] = {"dtype": dtypes.dtype(info.dtype).safetensors, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
         offset += info.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)

@@ -61,10 +61,11 @@ class TorchPickle:
     and inert records in place of allow-listed objects. ``stored(lazy, name)`` locates a tensor.
     """
 
-    def __init__(self, region: Region, root: Any, storage_offsets: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, region: Region, root: Any, storage_offsets: dict[str, tuple[int, int]], globals_seen: frozenset[str] = frozenset()) -> None:
         self.region = region
         self.path = region.label
         self.root = root
+        self.globals_seen = globals_seen  # every global the pickle names (so xser references are found without a walk)
         self._storage_offsets = storage_offsets  # key -> (byte offset in the region, byte length)
 
     def stored(self, lazy: LazyTensor, name: str) -> StoredTensor:
@@ -157,12 +158,13 @@ def _read_zip(region: Region, trust: bool) -> TorchPickle:
             data = archive.read(pkl)
         except zipfile.BadZipFile as e:
             raise FormatError(f"{path}: corrupted archive member data.pkl ({e})") from None
-        root = RestrictedUnpickler(io.BytesIO(data), path=path, persistent_load=persistent, trust=trust).load()
+        seen: set[str] = set()
+        root = RestrictedUnpickler(io.BytesIO(data), path=path, persistent_load=persistent, trust=trust, seen=seen).load()
         offsets = {key: locate(key) for key in refs}
         for key, (start, length) in offsets.items():
             if start + length > region.size:
                 raise FormatError(f"{path}: file is truncated: storage data/{key} ends past the end of the file")
-    return TorchPickle(region, root, offsets)
+    return TorchPickle(region, root, offsets, frozenset(seen))
 
 
 def _read_legacy(region: Region, trust: bool) -> TorchPickle:
@@ -178,7 +180,8 @@ def _read_legacy(region: Region, trust: bool) -> TorchPickle:
         return ref
 
     with open_region(region) as f:
-        unpickle = lambda: RestrictedUnpickler(f, path=path, persistent_load=persistent, trust=trust).load()  # noqa: E731
+        seen: set[str] = set()
+        unpickle = lambda: RestrictedUnpickler(f, path=path, persistent_load=persistent, trust=trust, seen=seen).load()  # noqa: E731
         if unpickle() != _LEGACY_MAGIC:
             raise FormatError(f"{path}: not a torch checkpoint (neither a zip archive nor torch's legacy pickle format)")
         unpickle()  # protocol version
@@ -201,7 +204,7 @@ def _read_legacy(region: Region, trust: bool) -> TorchPickle:
             pos += 8 + numel * itemsize
             if pos > file_size:
                 raise FormatError(f"{path}: file is truncated: storage {key!r} ends past the end of the file")
-    return TorchPickle(region, root, offsets)
+    return TorchPickle(region, root, offsets, frozenset(seen))
 
 
 def _pread(f: BinaryIO, offset: int, n: int) -> bytes:

@@ -78,6 +78,8 @@ def resolve_references(parsed: TorchPickle, *, trust: bool = False) -> TorchPick
     Raises FormatError naming the file when the tensor folder or a tensor file is missing, a
     tensor file holds something other than one tensor, or the info file disagrees with it.
     """
+    if REFERENCE_CLASS not in parsed.globals_seen:
+        return parsed  # no reference anywhere: nothing to walk
     path = parsed.path
     folder = tensor_folder(parsed.region.path)
     tensors: dict[int, TorchPickle] = {}

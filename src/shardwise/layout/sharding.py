@@ -20,7 +20,6 @@ these same tiles by :func:`~shardwise.layout.tiles.invert` and :func:`~shardwise
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Hashable
 
 from ..errors import LayoutError
 from ..models.llama import CANONICAL, LAYER_ROLES, STYLES, LlamaDims, Style
@@ -252,7 +251,3 @@ def _layer(b: _Builder, layer: int, index: int, q_heads: list[int], kv_heads: li
     if style.keeps_inv_freq and inv_freq in b.canonical:
         b.replicate(name("inv_freq"), b.canonical[inv_freq])
 
-
-def source_refs(plan: dict[Shard, list[TiledTensor]]) -> set[Hashable]:
-    """Every source tensor the plan reads."""
-    return {src for tensors in plan.values() for t in tensors for src in t.sources()}

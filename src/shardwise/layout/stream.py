@@ -25,12 +25,12 @@ from typing import BinaryIO, Callable, Hashable
 from ..atomic import write_all
 from ..dtypes import dtype as dtype_row
 from ..progress import NO_PROGRESS, Progress
+from ..units import CHUNK_BYTES
 from ..tensors import FileTensorSource, StoredTensor, tensor_bytes
 from .tiles import Tile, TiledTensor, matrix_shape
 
 __all__ = ["TileStreamer", "CHUNK_BYTES"]
 
-CHUNK_BYTES = 16 * 1024 * 1024
 Lookup = Callable[[Hashable], tuple[FileTensorSource, StoredTensor]]
 
 

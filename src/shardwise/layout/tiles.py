@@ -51,9 +51,6 @@ class Tile:
     src_row: int = 0
     src_col: int = 0
 
-    def shifted(self, drow: int, dcol: int) -> "Tile":
-        return replace(self, row=self.row + drow, col=self.col + dcol)
-
 
 @dataclass(frozen=True)
 class TiledTensor:

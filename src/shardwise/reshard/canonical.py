@@ -39,7 +39,6 @@ class CanonicalSource(FileTensorSource):
         self.model = model
         self._tiled = {t.info.name: t for t in model.inverse()}
         self._streamer = TileStreamer(model.lookup)
-        self.metadata: dict[str, str] = {}
         for name, tiled in self._tiled.items():
             tiles = tiled.tiles
             if len(tiles) == 1 and (tiles[0].row, tiles[0].col, tiles[0].src_row, tiles[0].src_col) == (0, 0, 0, 0):

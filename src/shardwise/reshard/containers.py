@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, detect_layout
+from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, detect_layout, grid_of
 from ..errors import FormatError
+from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
+from ..jsonfile import read_json_object
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 
@@ -86,15 +88,7 @@ def encoding_of(label: str, sources: dict[tuple[int, int], FileTensorSource]) ->
 
 def read_folder_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: manifest is not valid JSON ({e})") from None
-    if not isinstance(document, dict):
-        raise FormatError(f"{path}: not a shardwise manifest")
-    return document
+    return read_json_object(path, "manifest") if path.is_file() else None
 
 
 def find_shards(path: Path, *, trust_pickle: bool = False) -> Shards | None:
@@ -136,12 +130,9 @@ def _nxdt_files(path: Path) -> dict[tuple[int, int], Path]:
 
 
 def _check_grid(path: Path, found: dict[tuple[int, int], Any]) -> None:
-    tp = max(t for t, _ in found) + 1
-    pp = max(p for _, p in found) + 1
-    for t in range(tp):
-        for p in range(pp):
-            if (t, p) not in found:
-                raise FormatError(f"{path}: checkpoint is incomplete: TP={tp}, PP={pp} but the shard of tp_rank {t}, pp_rank {p} is missing")
+    tp, pp, gap = grid_of(found)
+    if gap is not None:
+        raise FormatError(f"{path}: checkpoint is incomplete: TP={tp}, PP={pp} but the shard of tp_rank {gap[0]}, pp_rank {gap[1]} is missing")
 
 
 def _open(file: Path, trust_pickle: bool) -> FileTensorSource:
@@ -151,6 +142,7 @@ def _open(file: Path, trust_pickle: bool) -> FileTensorSource:
 
 
 def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
+    from ..archive.artifacts import NEMO_PREFIX
     from ..archive.convert import HF_CONFIG_KEY
     from ..archive.reader import Archive
 
@@ -162,8 +154,8 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
         sources = {key: archive.weights(*key, trust_pickle=trust_pickle) for key in layout.shards}
         hf_config = None
         reference = archive.config.get(HF_CONFIG_KEY)
-        if isinstance(reference, str) and reference.startswith("nemo:"):
-            member = archive.index.get(reference[len("nemo:"):])
+        if isinstance(reference, str) and reference.startswith(NEMO_PREFIX):
+            member = archive.index.get(reference[len(NEMO_PREFIX):])
             if member is not None and member.kind == "file":
                 hf_config = json.loads(archive.index.read(member))
         manifest = archive.manifest
@@ -188,7 +180,7 @@ def _nemo_dir_shards(folder: Path, trust_pickle: bool) -> Shards:
     inner = config.get("model") if isinstance(config.get("model"), dict) else config
     hf_config = None
     for candidate in folder.glob("*config.json"):
-        hf_config = json.loads(candidate.read_text(encoding="utf-8"))
+        hf_config = read_config(candidate)
         break
     return Shards(
         folder, "nemo-dir", sources, {k: str(folder / v) for k, v in layout.shards.items()},

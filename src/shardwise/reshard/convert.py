@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
 from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
-from ..atomic import check_output_free, fsync_file
+from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
 from ..errors import LayoutError, OptionError, ShardwiseError
@@ -29,11 +29,10 @@ from ..units import parse_size
 from .containers import CONTAINERS
 from .model import ShardedModel, open_model
 from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
-from .write import parallel_manifest, write_hf, write_nemo, write_nxdt, write_text_durably
+from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 
-__all__ = ["convert_layout", "target_layout", "needs_layout_engine", "SHARDED_OUTPUTS"]
+__all__ = ["convert_layout", "target_layout", "needs_layout_engine"]
 
-SHARDED_OUTPUTS = ("nxdt", "archive", "nemo-dir")
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
 
 

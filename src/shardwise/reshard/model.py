@@ -131,11 +131,12 @@ def _open_unsharded(path: Path, config, trust_pickle: bool, expect: dict) -> Sha
         dims = dims_from_hf_config(hf_config, str(path))
         layout = ShardedLayout("hf", 1, 1, qkv, norms)
         shards = {(0, 0): ckpt.tensors}
-        _check_expected(str(path), layout, expect, encoding_of(str(path), shards))
+        encoding = encoding_of(str(path), shards)
+        _check_expected(str(path), layout, expect, encoding)
         warnings = []
         if dims.tied and CANONICAL["lm_head"] in names:
             warnings.append(f"{path}: ties lm_head to the embedding but also stores {CANONICAL['lm_head']}; the stored copy is ignored")
-        model = _finish(str(path), "hf", layout, dims, hf_config, shards, {(0, 0): str(path)}, warnings, tolerate={CANONICAL["lm_head"]} if dims.tied else set())
+        model = _finish(str(path), "hf", layout, dims, hf_config, shards, {(0, 0): str(path)}, warnings, encoding, tolerate={CANONICAL["lm_head"]} if dims.tied else set())
     except BaseException:
         ckpt.close()
         raise
@@ -167,9 +168,10 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     else:
         raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json")
     layout = _infer_options(label, layout, dims, shards)
-    _check_expected(label, layout, expect, encoding_of(label, shards.sources))
+    encoding = encoding_of(label, shards.sources)
+    _check_expected(label, layout, expect, encoding)
     model = _finish(
-        label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings,
+        label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings, encoding,
         nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
     )
     model.has_manifest = isinstance(parallel, dict)
@@ -250,7 +252,7 @@ def _infer_options(label: str, layout: ShardedLayout, dims: LlamaDims, shards: S
     return replace(layout, kv_multiplier=multiplier, vocab_multiple=vocab_multiple)
 
 
-def _finish(label, container, layout, dims, hf_config, sources, files, warnings, *, tolerate=frozenset(), nemo_config=None, archive=None, closers=()) -> ShardedModel:
+def _finish(label, container, layout, dims, hf_config, sources, files, warnings, encoding, *, tolerate=frozenset(), nemo_config=None, archive=None, closers=()) -> ShardedModel:
     """Resolve the layout, plan it, take the dtypes from disk, and check every stored tensor against the plan."""
     layout = layout.resolved(dims.layers)
     style = style_of(layout.style)
@@ -274,7 +276,7 @@ def _finish(label, container, layout, dims, hf_config, sources, files, warnings,
         _check_shard(files[shard], tensors, stored[shard], tolerate)
     return ShardedModel(
         label, container, layout, dims, hf_config, dict(sources), plan, canonical, dict(files), nemo_config,
-        archive=archive, warnings=warnings, encoding=encoding_of(label, sources), _closers=list(closers),
+        archive=archive, warnings=warnings, encoding=encoding, _closers=list(closers),
     )
 
 

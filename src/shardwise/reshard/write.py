@@ -7,7 +7,6 @@ source shards; outputs are staged and committed atomically, with ``shardwise.jso
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +16,8 @@ from ..archive.layout import MANIFEST_NAME
 from ..archive.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from ..archive.writer import ArchiveShard, write_archive
 from ..atomic import atomic_output
-from ..engine import write_streaming, write_tensor_file
+from ..background import write_streaming
+from ..engine import write_index, write_tensor_file
 from ..formats.xser import xser_files
 from ..layout.stream import TileStreamer
 from ..layout.tiles import TiledTensor
@@ -25,7 +25,7 @@ from ..plan import plan_output
 from ..tensors import TensorInfo
 from .containers import nxdt_file_name
 
-__all__ = ["out_infos", "write_nxdt", "write_nemo", "write_hf", "parallel_manifest", "write_text_durably"]
+__all__ = ["out_infos", "write_nxdt", "write_nemo", "write_hf", "parallel_manifest"]
 
 Shard = tuple[int, int]
 
@@ -131,8 +131,7 @@ def write_hf(
                 write_streaming(stage / planned.relpath, lambda sink, file_infos=file_infos, write=write, planned=planned: write_tensor_file(
                     sink, planned.kind, planned.relpath.rsplit(".", 1)[0], file_infos, write, {"format": "pt"}))
             if plan.index_name:
-                index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
-                write_text_durably(stage / plan.index_name, json.dumps(index, indent=2, sort_keys=True) + "\n")
+                write_index(stage / plan.index_name, plan)
             extra = add_files(stage)
     finally:
         streamer.progress.finish()
@@ -146,12 +145,3 @@ def _write_xser_file(stage: Path, relpath: str, infos: list[TensorInfo], write) 
         write_streaming(stage / planned.relpath, planned.produce)
         written.append(planned.relpath)
     return written
-
-
-def write_text_durably(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` and fsync it (files in a staging folder must be durable before the commit)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-

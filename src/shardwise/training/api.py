@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_output, fsync_dir
+from ..atomic import atomic_output, fsync_dir, remove_stale_stages, write_text_durably
 from ..errors import FormatError, IntegrityError, OptionError, UnsafeCheckpointError
-from .files import check_file, save_object, write_text
+from .files import check_file, save_object
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, MARKER, SCHEDULER, USER_CONTENT, model_file, optim_file
 from .tags import Tag, list_tags, next_sequence, tags_to_remove
 
 __all__ = ["save_checkpoint", "load_checkpoint", "ENCODINGS"]
 
 ENCODINGS = ("pt",)
-_STALE_STAGE = re.compile(r"\.(?P<tag>.+)\.shardwise-tmp-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def _state_of(obj: Any) -> Any:
@@ -67,10 +65,10 @@ def save_checkpoint(
     tag = tag or f"checkpoint_{sequence}"
     if "/" in tag or tag in (".", "..") or tag.startswith("."):
         raise OptionError(f"tag {tag!r} must be a plain folder name")
-    _remove_stale_stages(root)
+    remove_stale_stages(root)  # tags whose save was killed
     parts = [(model_file(), model), (optim_file(), optimizer), (SCHEDULER, scheduler)]
     with atomic_output(root / tag, is_dir=True, overwrite=True) as stage:
-        write_text(stage / MARKER, "1")
+        write_text_durably(stage / MARKER, "1")
         files = []
         for name, obj in parts:
             if obj is not None:
@@ -81,8 +79,8 @@ def save_checkpoint(
             files.append({"name": USER_CONTENT, "size": size, "crc32": f"{crc:08x}"})
         for folder in {(stage / f["name"]).parent for f in files}:
             fsync_dir(folder)
-        write_text(stage / MANIFEST, json.dumps(_manifest(tag, sequence, encoding, files), indent=1) + "\n")
-        write_text(stage / DONE, "1")
+        write_text_durably(stage / MANIFEST, json.dumps(_manifest(tag, sequence, encoding, files), indent=1) + "\n")
+        write_text_durably(stage / DONE, "1")
     for old in tags_to_remove(list_tags(root), num_kept_ckpts, tag):
         remove_tag(old)
     return tag
@@ -97,24 +95,6 @@ def _manifest(tag: str, sequence: int, encoding: str, files: list[dict]) -> dict
         "layout": {"tp": 1, "pp": 1, "dp": 1, "zero1": False},
         "files": files,
     }
-
-
-def _remove_stale_stages(root: Path) -> None:
-    """Staging folders left by processes that died (SIGKILL) mid-save."""
-    for child in root.iterdir():
-        m = _STALE_STAGE.fullmatch(child.name)
-        if m and child.is_dir() and not _alive(int(m["pid"])):
-            shutil.rmtree(child, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_tag(tag: Tag) -> None:
@@ -179,7 +159,7 @@ def _choose(root: Path, tag: str | None) -> Tag:
     if not complete:
         raise FormatError(f"{root}: holds no complete checkpoint")
     for t in tags[tags.index(complete[-1]) + 1:]:
-        if (t.path / DONE).is_file():
+        if t.done:
             warnings.warn(f"{t.path}: marked done but its files do not match its manifest; loading {complete[-1].name} instead", stacklevel=3)
     return complete[-1]
 

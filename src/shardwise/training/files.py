@@ -1,9 +1,8 @@
 """Writing and checking the files of a training checkpoint: durable, checksummed on the way out.
 
 :func:`save_object` writes with ``torch.save`` (the payload NxD reads) through a sink that
-computes the CRC-32 as bytes go by, into a temporary name that is fsynced and renamed into
-place, so a file is either the old one, the new one complete, or absent. :func:`check_file`
-recomputes size and CRC-32 against the manifest.
+computes the CRC-32 as bytes go by, then fsyncs; atomicity comes from the tag's staging folder.
+:func:`check_file` recomputes size and CRC-32 against the manifest.
 """
 
 from __future__ import annotations
@@ -13,13 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import fsync_dir, write_all
+from ..atomic import write_all
 from ..checksum import crc32
 from ..errors import IntegrityError
+from ..units import CHUNK_BYTES
 
-__all__ = ["save_object", "write_text", "check_file", "file_crc32"]
+__all__ = ["save_object", "check_file", "file_crc32"]
 
-_READ_CHUNK = 16 << 20
+_READ_CHUNK = CHUNK_BYTES
 
 
 class _ChecksummingFile(io.RawIOBase):
@@ -50,51 +50,28 @@ class _ChecksummingFile(io.RawIOBase):
         self._f.flush()
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.shardwise-tmp-{os.getpid()}")
-
-
 def save_object(obj: Any, path: Path) -> tuple[int, int]:
-    """``torch.save(obj)`` to ``path`` atomically and durably; returns (size, CRC-32) of the file."""
+    """``torch.save(obj)`` to ``path``, fsynced; returns (size, CRC-32) of the file.
+
+    ``path`` is inside a tag's staging folder, which makes the whole tag atomic; a failed write
+    raises OSError naming the file.
+    """
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
     try:
-        with open(tmp, "wb", buffering=0) as raw:
+        with open(path, "wb", buffering=0) as raw:
             sink = _ChecksummingFile(raw)
             try:
                 torch.save(obj, sink)
             except RuntimeError:
                 if sink.error is None:
                     raise
-                raise sink.error from None
+                raise sink.error from None  # torch reports a failed write as a RuntimeError about positions
             os.fsync(raw.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"{path}: writing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return sink.size, sink.crc
-
-
-def write_text(path: Path, text: str) -> tuple[int, int]:
-    """A small text file (markers, the manifest), atomically and durably; returns (size, CRC-32)."""
-    data = text.encode("utf-8")
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return len(data), crc32(data)
 
 
 def file_crc32(path: Path) -> int:

@@ -8,11 +8,11 @@ sequence are ordered among themselves, as NxD orders them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
+from ..jsonfile import read_json_object
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER
 
 __all__ = ["Tag", "list_tags", "tags_to_remove", "next_sequence"]
@@ -25,6 +25,7 @@ class Tag:
 
     name: str
     path: Path
+    done: bool
     complete: bool
     sequence: int | None
     manifest: dict | None
@@ -36,12 +37,10 @@ def _manifest(path: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = read_json_object(file, "manifest")
+    except FormatError:
         return {"broken": True}
-    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
-        return {"broken": True}
-    return document
+    return document if document.get("format") == MANIFEST_FORMAT else {"broken": True}
 
 
 def _sizes_match(path: Path, manifest: dict) -> bool:
@@ -61,7 +60,7 @@ def _read_tag(path: Path) -> Tag:
     stamp = (path / DONE) if done else (path / MARKER)
     mtime = stamp.stat().st_mtime if stamp.exists() else 0.0
     order_key = (0, sequence, mtime) if sequence is not None else (1, 0, mtime)
-    return Tag(path.name, path, complete, sequence, None if broken else manifest, order_key)
+    return Tag(path.name, path, done, complete, sequence, None if broken else manifest, order_key)
 
 
 def list_tags(root: Path) -> list[Tag]:
@@ -83,7 +82,7 @@ def next_sequence(tags: list[Tag]) -> int:
 
 
 def tags_to_remove(tags: list[Tag], keep: int | None, current: str) -> list[Tag]:
-    """What retention removes after ``current`` was saved, given ``tags`` oldest first.
+    """What retention removes after ``current`` was saved, given ``tags`` oldest first (``keep`` >= 1, or None/-1).
 
     - complete tags beyond the ``keep`` newest (``None`` or -1 keeps all);
     - incomplete tags older than the oldest complete tag that is kept: interrupted removals or
@@ -93,8 +92,6 @@ def tags_to_remove(tags: list[Tag], keep: int | None, current: str) -> list[Tag]
     """
     if keep is None or keep < 0:
         return []
-    if keep == 0:
-        raise ValueError("num_kept_ckpts must be at least 1 (or None/-1 to keep everything)")
     complete = [t for t in tags if t.complete]
     kept = complete[-keep:]
     oldest_kept = tags.index(kept[0]) if kept else len(tags)

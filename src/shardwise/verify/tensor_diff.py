@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
 from ..tensors import FileTensorSource, TensorInfo, tensor_bytes, tensor_from_bytes
+from ..units import CHUNK_BYTES
 
 __all__ = ["diff", "DiffReport", "Mismatch"]
 
@@ -146,7 +147,7 @@ def _raw(chunk) -> memoryview:
     return tensor_bytes(chunk.contiguous())
 
 
-_COMPARE_BYTES = 16 * 1024 * 1024
+_COMPARE_BYTES = CHUNK_BYTES
 
 
 def _bytes_equal(sa: FileTensorSource, sb: FileTensorSource, name: str) -> bool:
