@@ -71,7 +71,7 @@ def test_the_tag_holds_nxd_names_loadable_by_torch_and_a_manifest_with_checksums
     state = torch.load(tag / "model/dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)  # as NxD's loader reads it
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     manifest = json.loads((tag / "shardwise.json").read_text())
-    assert manifest["sequence"] == 1 and manifest["tag"] == "t" and manifest["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero1": False}
+    assert manifest["sequence"] == 1 and manifest["tag"] == "t" and manifest["layout"] == {"tp": 1, "pp": 1, "dp": 1, "optimizer": "replicated"}
     for entry in manifest["files"]:
         data = (tag / entry["name"]).read_bytes()
         assert (len(data), f"{zlib.crc32(data):08x}") == (entry["size"], entry["crc32"])

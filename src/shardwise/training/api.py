@@ -22,7 +22,7 @@ from typing import Any
 from ..atomic import atomic_output, fsync_dir, remove_stale_stages, write_text_durably
 from ..errors import FormatError, IntegrityError, OptionError, UnsafeCheckpointError
 from .files import check_file, save_object
-from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, MARKER, SCHEDULER, USER_CONTENT, model_file, optim_file
+from .layout import DONE, MANIFEST, MARKER, SCHEDULER, USER_CONTENT, manifest_document, model_file, optim_file
 from .tags import Tag, list_tags, next_sequence, tags_to_remove
 
 __all__ = ["save_checkpoint", "load_checkpoint", "ENCODINGS"]
@@ -79,22 +79,12 @@ def save_checkpoint(
             files.append({"name": USER_CONTENT, "size": size, "crc32": f"{crc:08x}"})
         for folder in {(stage / f["name"]).parent for f in files}:
             fsync_dir(folder)
-        write_text_durably(stage / MANIFEST, json.dumps(_manifest(tag, sequence, encoding, files), indent=1) + "\n")
+        layout = {"tp": 1, "pp": 1, "dp": 1, "optimizer": "replicated"}
+        write_text_durably(stage / MANIFEST, json.dumps(manifest_document(tag, sequence, encoding, layout, files), indent=1) + "\n")
         write_text_durably(stage / DONE, "1")
     for old in tags_to_remove(list_tags(root), num_kept_ckpts, tag):
         remove_tag(old)
     return tag
-
-
-def _manifest(tag: str, sequence: int, encoding: str, files: list[dict]) -> dict:
-    from .. import __version__
-
-    return {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created_by": f"shardwise {__version__}",
-        "tag": tag, "sequence": sequence, "encoding": encoding,
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero1": False},
-        "files": files,
-    }
 
 
 def remove_tag(tag: Tag) -> None:

@@ -3,18 +3,25 @@
     <root>/<tag>/checkpoint                              marker, written first ("1")
     <root>/<tag>/model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt
     <root>/<tag>/optim/dp_rank_DD_tp_rank_TT_pp_rank_PP.pt   (one per DP rank with ZeRO-1)
+    <root>/<tag>/optim/full_tp_rank_TT_pp_rank_PP.pt         (ZeRO-1 merged by ``zero-convert --to-full``)
     <root>/<tag>/scheduler.pt
     <root>/<tag>/user_content.pt
-    <root>/<tag>/shardwise.json                          manifest: order, sizes, CRC-32s
+    <root>/<tag>/shardwise.json                          manifest: order, layout, sizes, CRC-32s
     <root>/<tag>/done                                    written last ("1")
 
-Names follow NxD's ``_get_path`` (dp, then tp, then pp, two digits), so NxD loads our checkpoints
-and we load NxD's.
+Names follow NxD's ``_get_path`` (dp, then ep when expert parallelism is on, then tp, then pp, two
+digits), so NxD loads our checkpoints and we load NxD's.
 """
 
 from __future__ import annotations
 
-__all__ = ["MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "model_file", "optim_file", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "MANIFEST_FORMAT", "MANIFEST_VERSION",
+    "OPTIMIZER_KINDS", "RankFile", "model_file", "optim_file", "full_optim_file", "parse_rank_file", "manifest_document",
+]
 
 MARKER = "checkpoint"
 DONE = "done"
@@ -23,17 +30,57 @@ SCHEDULER = "scheduler.pt"
 USER_CONTENT = "user_content.pt"
 MANIFEST_FORMAT = "shardwise-training-checkpoint"
 MANIFEST_VERSION = 1
+OPTIMIZER_KINDS = ("replicated", "zero1", "zero1-full")  # the manifest's layout["optimizer"]
+
+_RANK_FILE = re.compile(r"(?:dp_rank_(?P<dp>\d+)|(?P<full>full))(?:_ep_rank_(?P<ep>\d+))?_tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+)\.pt")
 
 
-def _ranks(dp: int, tp: int, pp: int) -> str:
-    return f"dp_rank_{dp:02d}_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt"
+@dataclass(frozen=True)
+class RankFile:
+    """The coordinates in a model or optimizer file name; ``dp`` is None for a merged (``full_``) file."""
+
+    dp: int | None
+    tp: int
+    pp: int
+    ep: int | None = None
 
 
-def model_file(tp_rank: int = 0, pp_rank: int = 0) -> str:
+def _name(dp: int | None, tp: int, pp: int, ep: int | None) -> str:
+    head = "full" if dp is None else f"dp_rank_{dp:02d}"
+    ep_part = "" if ep is None else f"_ep_rank_{ep:02d}"
+    return f"{head}{ep_part}_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt"
+
+
+def model_file(tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
     """A model shard's path inside the tag; always named for DP rank 0, as NxD names it."""
-    return f"model/{_ranks(0, tp_rank, pp_rank)}"
+    return f"model/{_name(0, tp_rank, pp_rank, ep_rank)}"
 
 
-def optim_file(dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0) -> str:
+def optim_file(dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
     """An optimizer shard's path inside the tag (``dp_rank`` > 0 only with ZeRO-1)."""
-    return f"optim/{_ranks(dp_rank, tp_rank, pp_rank)}"
+    return f"optim/{_name(dp_rank, tp_rank, pp_rank, ep_rank)}"
+
+
+def full_optim_file(tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
+    """A ZeRO-1 optimizer state merged over DP, as NxD's ``nxd_convert_zero_checkpoints --convert_to_full`` names it."""
+    return f"optim/{_name(None, tp_rank, pp_rank, ep_rank)}"
+
+
+def parse_rank_file(file_name: str) -> RankFile | None:
+    """The coordinates of ``dp_rank_DD[_ep_rank_EE]_tp_rank_TT_pp_rank_PP.pt`` or ``full_...``; None for other names."""
+    m = _RANK_FILE.fullmatch(file_name)
+    if m is None:
+        return None
+    return RankFile(None if m["full"] else int(m["dp"]), int(m["tp"]), int(m["pp"]), None if m["ep"] is None else int(m["ep"]))
+
+
+def manifest_document(tag: str, sequence: int, encoding: str, layout: dict, files: list[dict]) -> dict:
+    """The manifest of one tag. ``layout`` holds ``tp``, ``pp``, ``dp`` and ``optimizer`` (one of
+    OPTIMIZER_KINDS); ``files`` lists ``{"name", "size", "crc32"}`` (crc32 as 8 hex digits), sorted by name."""
+    from .. import __version__
+
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created_by": f"shardwise {__version__}",
+        "tag": tag, "sequence": sequence, "encoding": encoding, "layout": layout,
+        "files": sorted(files, key=lambda f: f["name"]),
+    }
