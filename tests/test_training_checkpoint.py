@@ -108,7 +108,7 @@ def test_the_default_tag_is_the_newest_complete_and_damage_is_named(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-200] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="dp_rank_00_tp_rank_00_pp_rank_00.pt: CRC-32 does not match"):
+    with pytest.raises(IntegrityError, match="dp_rank_00_tp_rank_00_pp_rank_00.pt: CRC-32 [0-9a-f]{8} does not match"):
         shardwise.load_checkpoint(tmp_path, model=_model())
     # truncation makes the newest incomplete; the older one is taken, with a warning
     weights.write_bytes(bytes(data[:-100]))
@@ -138,20 +138,23 @@ def test_bad_arguments_and_empty_folders_are_clear(tmp_path):
 
 _SAVER = textwrap.dedent("""
     import sys, torch, shardwise
-    root = sys.argv[1]
+    root, async_save = sys.argv[1], sys.argv[2] == "async"
     model = torch.nn.Linear(1024, 1024)
     step = 0
     while True:
         step += 1
         with torch.no_grad():
             model.weight.fill_(step)
-        shardwise.save_checkpoint(root, f"step_{step}", model=model, user_content={"step": step}, num_kept_ckpts=2)
+        shardwise.save_checkpoint(root, f"step_{step}", model=model, user_content={"step": step}, num_kept_ckpts=2, async_save=async_save)
+        if async_save:
+            model.weight.data.fill_(-1.0)  # the snapshot was taken: this must never reach the files
+            shardwise.finalize_checkpoint()
         print(step, flush=True)
 """)
 
 
-def _kill_during_saves(root, delay):
-    child = subprocess.Popen([sys.executable, "-c", _SAVER, str(root)], stdout=subprocess.PIPE, text=True)
+def _kill_during_saves(root, delay, mode):
+    child = subprocess.Popen([sys.executable, "-c", _SAVER, str(root), mode], stdout=subprocess.PIPE, text=True)
     try:
         child.stdout.readline()  # one save is complete
         time.sleep(delay)
@@ -160,11 +163,12 @@ def _kill_during_saves(root, delay):
         child.wait()
 
 
-def test_a_save_killed_at_random_moments_never_costs_the_newest_complete_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode, trials", [("sync", 12), ("async", 10)])
+def test_a_save_killed_at_random_moments_never_costs_the_newest_complete_checkpoint(tmp_path, mode, trials):
     rng = random.Random(7)
-    for trial in range(20):
+    for trial in range(trials):
         root = tmp_path / f"run{trial}"
-        _kill_during_saves(root, rng.uniform(0, 0.4))
+        _kill_during_saves(root, rng.uniform(0, 0.4), mode)
         model = torch.nn.Linear(1024, 1024)
         user = shardwise.load_checkpoint(root, model=model)  # verifies every CRC
         assert torch.all(model.weight == user["step"]), trial
@@ -193,3 +197,49 @@ def test_a_write_that_fails_midway_raises_and_leaves_earlier_checkpoints_intact(
     assert "File too large" in result.stdout and "earlier checkpoints are untouched" in result.stdout, result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]
     shardwise.load_checkpoint(tmp_path, model=torch.nn.Linear(4, 4))
+
+
+_ASYNC_FAILS = textwrap.dedent("""
+    import resource, signal, sys, torch, shardwise
+    root = sys.argv[1]
+    shardwise.save_checkpoint(root, "small", model=torch.nn.Linear(4, 4), async_save=True)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    shardwise.finalize_checkpoint()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    shardwise.save_checkpoint(root, "big", model=torch.nn.Linear(1024, 1024), async_save=True)  # returns: the write fails later
+    print("returned", flush=True)
+    try:
+        shardwise.{wait}
+    except OSError as e:
+        print("raised", e)
+    shardwise.save_checkpoint(root, "after", model=torch.nn.Linear(4, 4), async_save=True)  # left to interpreter exit
+""")
+
+
+@pytest.mark.parametrize("wait", ["finalize_checkpoint()", "save_checkpoint(root, 'next', model=torch.nn.Linear(4, 4))"])
+def test_an_async_error_is_raised_by_the_next_call_and_exit_waits_for_the_last_save(tmp_path, wait):
+    script = _ASYNC_FAILS.replace("{wait}", wait)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "returned" and lines[1].startswith("raised") and "File too large" in lines[1], result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["after", "small"]  # exit finished "after"; "big" left nothing
+    for tag in ("small", "after"):
+        shardwise.load_checkpoint(tmp_path, tag, model=torch.nn.Linear(4, 4))
+
+
+def test_async_saves_snapshot_the_state_and_may_change_tag_names(tmp_path):
+    model = _model()
+    names = []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.fill_(step)
+        names.append(shardwise.save_checkpoint(tmp_path, f"checkpoint-{10 * step}", model=model, user_content=step, async_save=True, num_kept_ckpts=2))
+        with torch.no_grad():
+            model[0].weight.fill_(-1)  # after the call returns, training goes on
+    shardwise.finalize_checkpoint()
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[1:]
+    for step, name in enumerate(names[1:], start=1):
+        restored = _model(seed=5)
+        assert shardwise.load_checkpoint(tmp_path, name, model=restored) == step
+        assert torch.all(restored[0].weight == step)

@@ -9,7 +9,9 @@ The public API (everything else is implementation):
 - :func:`save_to` / :func:`restore_from` a model with its config and artifacts as one
   NeMo-compatible archive; :class:`ArchiveMixin` adds both to an ``nn.Module`` subclass
 - :func:`save_checkpoint` / :func:`load_checkpoint` training state (model, optimizer, scheduler,
-  user content) in NxD's layout, crash-safe, with retention and checksummed resume
+  user content) in NxD's layout on one process or across TP/PP/DP ranks, async, crash-safe, with
+  retention and checksummed resume; :func:`finalize_checkpoint` waits for an async save
+- :mod:`shardwise.distributed`: the parallel coordinates a training run passes in
 - the errors in :mod:`shardwise.errors`
 """
 
@@ -31,7 +33,7 @@ from .errors import (
 from .formats import Checkpoint, open_checkpoint as open  # noqa: A001 - the documented name
 from .report import inspect_path as inspect
 from .tensors import StoredTensor, TensorInfo, TensorSource
-from .training import load_checkpoint, save_checkpoint
+from .training import finalize_checkpoint, load_checkpoint, save_checkpoint
 from .verify import DiffReport, Mismatch, diff
 
 __all__ = [
@@ -39,5 +41,5 @@ __all__ = [
     "open", "convert", "diff", "inspect", "save_to", "restore_from", "ArchiveMixin", "RestoredArchive",
     "Checkpoint", "ConvertResult", "DiffReport", "Mismatch", "TensorInfo", "TensorSource", "StoredTensor",
     "ShardwiseError", "FormatError", "UnsafeCheckpointError", "OutputExistsError", "IntegrityError",
-    "LayoutError", "OptionError", "save_checkpoint", "load_checkpoint",
+    "LayoutError", "OptionError", "save_checkpoint", "load_checkpoint", "finalize_checkpoint",
 ]

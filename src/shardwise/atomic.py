@@ -23,7 +23,7 @@ from .errors import OutputExistsError
 
 __all__ = [
     "atomic_output", "durable_close", "fsync_dir", "fsync_file", "staging_name", "remove_stale_stages", "write_all",
-    "write_text_durably", "start_writeback",
+    "write_text_durably", "start_writeback", "commit_stage", "discard_stage",
 ]
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
@@ -181,13 +181,27 @@ def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = Fal
         stage.mkdir()
     try:
         yield stage
-        if is_dir:
-            fsync_dir(stage)
-        _commit(stage, dst, overwrite)
+        commit_stage(stage, dst, overwrite)
     except BaseException:
-        _remove(stage)
+        discard_stage(stage)
         raise
+
+
+def commit_stage(stage: Path, dst: Path, overwrite: bool) -> None:
+    """Move a fully written staging path (from :func:`staging_name`) to ``dst``, durably.
+
+    A staged folder is fsynced first (its files must be already); ``dst`` is replaced atomically
+    when ``overwrite`` (see :func:`atomic_output`), else OutputExistsError if it appeared meanwhile.
+    """
+    if stage.is_dir():
+        fsync_dir(stage)
+    _commit(stage, dst, overwrite)
     fsync_dir(dst.parent)
+
+
+def discard_stage(stage: Path) -> None:
+    """Remove a staging path after a failed write (no error if it is already gone)."""
+    _remove(stage)
 
 
 def _commit(stage: Path, dst: Path, overwrite: bool) -> None:

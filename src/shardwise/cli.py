@@ -228,6 +228,30 @@ def unpack(
     typer.echo(f"wrote {folder}: {len(names)} files")
 
 
+@app.command("zero-convert")
+def zero_convert(
+    src: Path = typer.Argument(..., help="A checkpoint tag folder (checkpoint, model/, optim/, ...)."),
+    dst: Path = typer.Argument(..., help="The checkpoint tag folder to write (a complete copy with the converted optim/)."),
+    to_full: bool = typer.Option(False, "--to-full", help="Merge each TP/PP rank's ZeRO-1 shards into optim/full_tp_rank_TT_pp_rank_PP.pt."),
+    to_sharded: bool = typer.Option(False, "--to-sharded", help="Split the optimizer state over --dp N ranks (input sharded or full)."),
+    dp: Optional[int] = typer.Option(None, "--dp", help="DP size of the output (with --to-sharded)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
+    quiet: bool = Quiet,
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Merge or re-shard a checkpoint's ZeRO-1 optimizer state over DP (NxD's nxd_convert_zero_checkpoints), writing a complete checkpoint."""
+    from .errors import OptionError
+    from .training.zero_convert import zero_convert as run
+
+    if to_full == to_sharded:
+        raise OptionError("give exactly one of --to-full and --to-sharded")
+    result = run(src, dst, to_full=to_full, dp=dp, overwrite=overwrite, trust_pickle=trust_pickle)  # no progress bar: --quiet changes nothing yet
+    typer.echo(
+        f"wrote {result.path}: {result.optimizer} optimizer state at DP={result.dp}, {len(result.written)} optimizer file(s) "
+        f"written, {len(result.copied)} file(s) copied, {result.seconds:.2f} s"
+    )
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning deliberate errors into one stderr line and exit code 2."""
     try:
@@ -257,3 +281,4 @@ def run(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run())
+

@@ -1,5 +1,5 @@
 """Training checkpoints: ``save_checkpoint`` / ``load_checkpoint`` in NxD's layout (see :mod:`.api`)."""
 
-from .api import load_checkpoint, save_checkpoint
+from .api import finalize_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "finalize_checkpoint"]

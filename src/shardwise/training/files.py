@@ -2,7 +2,8 @@
 
 :func:`save_object` writes with ``torch.save`` (the payload NxD reads) through a sink that
 computes the CRC-32 as bytes go by, then fsyncs; atomicity comes from the tag's staging folder.
-:func:`check_file` recomputes size and CRC-32 against the manifest.
+:func:`check_file` recomputes size and CRC-32 against the manifest; :func:`torch_load` reads a
+file back without running arbitrary pickle.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 
 from ..atomic import write_all
 from ..checksum import crc32
-from ..errors import IntegrityError
+from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..units import CHUNK_BYTES
 
-__all__ = ["save_object", "check_file", "file_crc32"]
+__all__ = ["save_object", "check_file", "check_against", "file_crc32", "torch_load"]
 
 _READ_CHUNK = CHUNK_BYTES
 
@@ -82,12 +83,51 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
-def check_file(path: Path, size: int, crc: int | None) -> None:
-    """IntegrityError naming ``path`` unless it exists with ``size`` bytes (and CRC-32 ``crc``, when given)."""
+def check_against(path: Path, entry: dict, size: int, crc: int | None) -> None:
+    """IntegrityError naming ``path`` unless ``size`` (and ``crc``, when given) are what the manifest ``entry`` lists."""
+    if size != entry["size"]:
+        raise IntegrityError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+    if crc is not None and crc != int(entry["crc32"], 16):
+        raise IntegrityError(f"{path}: CRC-32 {crc:08x} does not match the manifest's {entry['crc32']} (the file is corrupted)")
+
+
+def check_file(path: Path, entry: dict, verify: bool = True) -> None:
+    """IntegrityError naming ``path`` unless it exists with the manifest ``entry``'s size (and CRC-32, when ``verify``)."""
     if not path.is_file():
         raise IntegrityError(f"{path}: missing (the checkpoint's manifest lists it)")
-    actual = path.stat().st_size
-    if actual != size:
-        raise IntegrityError(f"{path}: {actual} bytes, the manifest says {size} (truncated or replaced)")
-    if crc is not None and file_crc32(path) != crc:
-        raise IntegrityError(f"{path}: CRC-32 does not match the manifest (the file is corrupted)")
+    check_against(path, entry, path.stat().st_size, None)
+    if verify:
+        check_against(path, entry, entry["size"], file_crc32(path))
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of a loading error (torch wraps it in paragraphs of general advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(_TORCH_ADVICE)]
+    return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
+
+
+def torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` on CPU, ``weights_only`` unless ``trust_pickle``: tensors, containers and numbers
+    load, any other class is refused (UnsafeCheckpointError) before anything runs; unreadable or
+    truncated files are a FormatError; both name the file in one line."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise FormatError(f"{path}: cannot be unpickled ({_reason(e)})") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it pickles objects beyond tensors, containers and numbers ({_reason(e)}); "
+            f"pass --trust-pickle (trust_pickle=True) only if you trust where it came from"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, ImportError) as e:
+        raise FormatError(f"{path}: not a readable torch file, or truncated ({type(e).__name__}: {_reason(e)})") from None

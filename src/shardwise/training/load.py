@@ -1,0 +1,123 @@
+"""Loading one rank's part of a training checkpoint (see :func:`shardwise.load_checkpoint`).
+
+The leader picks the tag; each rank then reads only its own files: the model shard of its
+(tp, pp), the optimizer state of its (dp, tp, pp), the scheduler and the user content. A ZeRO-1
+state saved at another DP size (or merged to ``full_`` by ``zero-convert``) is merged over the
+saved DP ranks of this (tp, pp) and re-split for this run's DP size. Every file read is first
+checked against the manifest; tags written by NxD (no manifest) are loaded unchecked, their
+layout read from file names.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..distributed import ParallelCoords
+from ..errors import FormatError, IntegrityError, LayoutError
+from .files import check_file, torch_load
+from .group import Group
+from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
+from .tags import Tag, list_tags
+
+__all__ = ["load_states", "saved_layout", "read_file"]
+
+
+def _choose(root: Path, tag: str | None) -> Tag:
+    tags = list_tags(root)
+    if tag is not None:
+        for t in tags:
+            if t.name == tag:
+                if not t.complete:
+                    raise IntegrityError(f"{t.path}: checkpoint is incomplete (no done marker, or files shorter than its manifest says)")
+                return t
+        raise FormatError(f"{root / tag}: no such checkpoint")
+    complete = [t for t in tags if t.complete]
+    if not complete:
+        raise FormatError(f"{root}: holds no complete checkpoint")
+    for t in tags[tags.index(complete[-1]) + 1:]:
+        if t.done:
+            warnings.warn(f"{t.path}: marked done but its files do not match its manifest; loading {complete[-1].name} instead", stacklevel=4)
+    return complete[-1]
+
+
+def saved_layout(tag: Tag) -> dict:
+    """The tag's layout (tp, pp, dp, optimizer kind): from its manifest, else from NxD's file names."""
+    if tag.manifest is not None and isinstance(tag.manifest.get("layout"), dict) and "optimizer" in tag.manifest["layout"]:
+        return tag.manifest["layout"]
+    def ranks(folder: str) -> list:
+        names = os.listdir(tag.path / folder) if (tag.path / folder).is_dir() else []
+        return [r for r in map(parse_rank_file, names) if r is not None]
+
+    model, optim = ranks("model"), ranks("optim")
+    dps = {r.dp for r in optim}
+    kind = "zero1-full" if None in dps else "zero1" if len(dps) > 1 else "replicated"  # NxD's rule: a dp_rank_01 file means ZeRO-1
+    return {
+        "tp": 1 + max((r.tp for r in model + optim), default=0), "pp": 1 + max((r.pp for r in model + optim), default=0),
+        "dp": len(dps) if kind == "zero1" else 1, "optimizer": kind,
+    }
+
+
+def read_file(tag: Tag, name: str, verify: bool, trust_pickle: bool) -> Any:
+    """``torch.load`` of one file of ``tag``, checked against the manifest first (when there is one)."""
+    path = tag.path / name
+    if tag.manifest is not None:
+        entry = next((f for f in tag.manifest.get("files", []) if f.get("name") == name), None)
+        if entry is None:
+            raise IntegrityError(f"{path}: not listed in the checkpoint's manifest")
+        check_file(path, entry, verify)
+    elif not path.is_file():
+        raise FormatError(f"{path}: missing")
+    return torch_load(path, trust_pickle)
+
+
+def _apply(target: Any, state: Any, strict: bool | None) -> None:
+    if isinstance(target, dict):
+        target.update(state)
+    elif strict is not None:
+        target.load_state_dict(state, strict=strict)
+    else:
+        target.load_state_dict(state)
+
+
+def _optimizer_state(tag: Tag, layout: dict, coords: ParallelCoords, verify: bool, trust_pickle: bool) -> Any:
+    t, p = coords.tp_rank, coords.pp_rank
+    kind = layout["optimizer"]
+    if kind == "replicated":
+        return read_file(tag, optim_file(0, t, p), verify, trust_pickle)
+    if kind == "zero1" and layout["dp"] == coords.dp_size:
+        return read_file(tag, optim_file(coords.dp_rank, t, p), verify, trust_pickle)
+    from .zero1 import merge_zero1, split_zero1
+
+    if kind == "zero1":
+        shards = [read_file(tag, optim_file(d, t, p), verify, trust_pickle) for d in range(layout["dp"])]
+        full = merge_zero1(shards, str(tag.path / "optim"))
+    else:
+        full = read_file(tag, full_optim_file(t, p), verify, trust_pickle)
+    return split_zero1(full, coords.dp_size, str(tag.path / full_optim_file(t, p)))[coords.dp_rank]
+
+
+def load_states(
+    checkpoint_dir: str | os.PathLike, tag: str | None, coords: ParallelCoords, group: Group, *,
+    model: Any, optimizer: Any, scheduler: Any, strict: bool, verify: bool, trust_pickle: bool,
+) -> Any:
+    """Load this rank's part of ``tag`` into the objects given; the user content, or None."""
+    root = Path(checkpoint_dir)
+    chosen = group.leader_decides(lambda: _choose(root, tag))
+    layout = saved_layout(chosen)
+    if model is not None or optimizer is not None:
+        if (layout["tp"], layout["pp"]) != (coords.tp_size, coords.pp_size):
+            raise LayoutError(
+                f"{chosen.path}: saved at tp {layout['tp']} x pp {layout['pp']}, this run is tp {coords.tp_size} x pp {coords.pp_size}; "
+                f"convert it first with `shardwise reshard` (model weights) — optimizer states keep their TP/PP"
+            )
+    if model is not None:
+        _apply(model, read_file(chosen, model_file(coords.tp_rank, coords.pp_rank), verify, trust_pickle), strict)
+    if optimizer is not None:
+        _apply(optimizer, _optimizer_state(chosen, layout, coords, verify, trust_pickle), None)
+    if scheduler is not None:
+        _apply(scheduler, read_file(chosen, SCHEDULER, verify, trust_pickle), None)
+    has_user = (chosen.path / USER_CONTENT).is_file()
+    return read_file(chosen, USER_CONTENT, verify, trust_pickle) if has_user else None
