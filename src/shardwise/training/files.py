@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_all
+from ..atomic import start_writeback, write_all
 from ..checksum import crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..units import CHUNK_BYTES
@@ -29,6 +29,7 @@ class _ChecksummingFile(io.RawIOBase):
     def __init__(self, f) -> None:
         super().__init__()
         self._f = f
+        self._fd = f.fileno()
         self.crc = 0
         self.size = 0
         self.error: OSError | None = None  # torch's writer reports a failed write as a RuntimeError about positions
@@ -45,6 +46,7 @@ class _ChecksummingFile(io.RawIOBase):
         except OSError as e:
             self.error = e
             raise
+        start_writeback(self._fd, self.size - len(view), len(view))  # the closing fsync then has little left to wait for
         return len(view)
 
     def flush(self) -> None:
@@ -109,10 +111,14 @@ def _reason(error: Exception) -> str:
     return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
-def torch_load(path: Path, trust_pickle: bool) -> Any:
+def torch_load(path: Path, trust_pickle: bool, mapped: bool = False) -> Any:
     """``torch.load`` on CPU, ``weights_only`` unless ``trust_pickle``: tensors, containers and numbers
     load, any other class is refused (UnsafeCheckpointError) before anything runs; unreadable or
-    truncated files are a FormatError; both name the file in one line."""
+    truncated files are a FormatError; both name the file in one line.
+
+    ``mapped`` returns tensors backed by a private map of the file (no copy now, copy-on-write
+    later): for states that are copied into place right away, as ``Module.load_state_dict`` does.
+    """
     import pickle
     import warnings
 
@@ -121,7 +127,7 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mapped)
     except pickle.UnpicklingError as e:
         if trust_pickle:
             raise FormatError(f"{path}: cannot be unpickled ({_reason(e)})") from None

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..distributed import ParallelCoords
-from ..errors import FormatError, IntegrityError, LayoutError
-from .files import check_file, torch_load
+from ..errors import FormatError, IntegrityError, LayoutError, ShardwiseError
+from .files import check_against, check_file, file_crc32, torch_load
 from .group import Group
 from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
 from .tags import Tag, list_tags
@@ -60,17 +61,34 @@ def saved_layout(tag: Tag) -> dict:
     }
 
 
-def read_file(tag: Tag, name: str, verify: bool, trust_pickle: bool) -> Any:
-    """``torch.load`` of one file of ``tag``, checked against the manifest first (when there is one)."""
+def read_file(tag: Tag, name: str, verify: bool, trust_pickle: bool, mapped: bool = False) -> Any:
+    """``torch.load`` of one file of ``tag``, checked against the manifest (when there is one); ``mapped``: see :func:`.files.torch_load`."""
     path = tag.path / name
     if tag.manifest is not None:
         entry = next((f for f in tag.manifest.get("files", []) if f.get("name") == name), None)
         if entry is None:
             raise IntegrityError(f"{path}: not listed in the checkpoint's manifest")
-        check_file(path, entry, verify)
+        check_file(path, entry, verify=False)
+        if verify:
+            return _load_checked(path, entry, trust_pickle, mapped)
     elif not path.is_file():
         raise FormatError(f"{path}: missing")
-    return torch_load(path, trust_pickle)
+    return torch_load(path, trust_pickle, mapped)
+
+
+def _load_checked(path: Path, entry: dict, trust_pickle: bool, mapped: bool) -> Any:
+    """``torch_load`` while another thread computes the file's CRC-32 (both read the same cached
+    pages, on two cores); the CRC verdict comes first, so damage is reported as damage even when
+    it also made the file unreadable. The restricted unpickler makes loading unverified bytes safe."""
+    with ThreadPoolExecutor(1, thread_name_prefix="shardwise-crc") as pool:
+        crc = pool.submit(file_crc32, path)
+        try:
+            state = torch_load(path, trust_pickle, mapped)
+        except ShardwiseError:
+            check_against(path, entry, entry["size"], crc.result())
+            raise
+        check_against(path, entry, entry["size"], crc.result())
+    return state
 
 
 def _apply(target: Any, state: Any, strict: bool | None) -> None:
@@ -114,7 +132,8 @@ def load_states(
                 f"convert it first with `shardwise reshard` (model weights) — optimizer states keep their TP/PP"
             )
     if model is not None:
-        _apply(model, read_file(chosen, model_file(coords.tp_rank, coords.pp_rank), verify, trust_pickle), strict)
+        copies = hasattr(model, "load_state_dict") and not isinstance(model, dict)  # Module.load_state_dict copies into the parameters
+        _apply(model, read_file(chosen, model_file(coords.tp_rank, coords.pp_rank), verify, trust_pickle, mapped=copies), strict)
     if optimizer is not None:
         _apply(optimizer, _optimizer_state(chosen, layout, coords, verify, trust_pickle), None)
     if scheduler is not None:
