@@ -110,3 +110,26 @@ def test_coordinates_that_do_not_match_the_world_are_refused(tmp_path):
         shardwise.save_checkpoint(tmp_path, model={"w": torch.zeros(1)}, parallel=ParallelCoords(tp_rank=0, tp_size=2))
     with pytest.raises(LayoutError, match="tp_rank 2 is not within tp_size 2"):
         ParallelCoords(tp_rank=2, tp_size=2)
+
+
+def test_a_llama_saved_at_tp2_pp2_loads_at_another_tp_and_pp(tmp_path):
+    from shardwise.reshard.convert import convert_layout
+    from test_reshard import _llama
+
+    hf = _llama(tmp_path / "hf", heads=8, kv_heads=4, layers=4, tied=False)
+    convert_layout(hf, tmp_path / "tp2pp2", to="nxdt", tp=2, pp=2)
+    root, out = tmp_path / "ckpt", tmp_path / "loaded"
+    out.mkdir()
+    run_ranks(tmp_path / "save", 4, [{"kind": "llama_save", "tp": 2, "pp": 2, "src": str(tmp_path / "tp2pp2"), "root": str(root), "config": str(hf / "config.json")}])
+    run_ranks(tmp_path / "load", 4, [{"kind": "llama_load", "tp": 4, "pp": 1, "root": str(root), "out": str(out)}])
+    convert_layout(hf, tmp_path / "tp4", to="nxdt", tp=4, pp=1)
+    single = {}
+    shardwise.load_checkpoint(root, model=single)  # one process: tp 1, pp 1
+    convert_layout(hf, tmp_path / "tp1", to="nxdt", tp=1, pp=1)
+    cases = [(out / f"dp_rank_00_tp_rank_0{t}_pp_rank_00.pt", tmp_path / f"tp4/model/dp_rank_00_tp_rank_0{t}_pp_rank_00.pt") for t in range(4)]
+    for got, expected in cases + [(single, tmp_path / "tp1/model/dp_rank_00_tp_rank_00_pp_rank_00.pt")]:
+        got = torch.load(got, weights_only=True) if isinstance(got, Path) else got
+        want = torch.load(expected, weights_only=True)
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), expected.name
+    with pytest.raises(LayoutError, match="optimizer states saved at tp 2 x pp 2 cannot load into tp 1 x pp 1"):
+        shardwise.load_checkpoint(root, model={}, optimizer={})

@@ -191,9 +191,27 @@ def build(coords, tp_group, seed: int, zero1: bool):
     return model, optimizer, scheduler
 
 
+def llama_phase(phase: dict, coords) -> dict:
+    """Save this rank's shard of an engine-written nxdt Llama (``src``), or load one at this run's layout into ``out``."""
+    import shardwise
+
+    name = f"dp_rank_00_tp_rank_{coords.tp_rank:02d}_pp_rank_{coords.pp_rank:02d}.pt"
+    if phase["kind"] == "llama_save":
+        state = torch.load(Path(phase["src"]) / "model" / name, weights_only=True)
+        shardwise.save_checkpoint(phase["root"], "llama", model=state, model_config=json.loads(Path(phase["config"]).read_text()))
+    else:
+        state: dict = {}
+        shardwise.load_checkpoint(phase["root"], model=state)
+        if coords.dp_rank == 0:
+            torch.save(state, Path(phase["out"]) / name)
+    return {"losses": []}
+
+
 def run_phase(phase: dict, coords, tp_group) -> dict:
     import shardwise
 
+    if phase.get("kind", "train") != "train":
+        return llama_phase(phase, coords)
     zero1 = phase.get("zero1", False)
     model, optimizer, scheduler = build(coords, tp_group, phase.get("seed", 0), zero1)
     start = 0

@@ -27,7 +27,7 @@ from ..pickle_safety import LazyTensor, PickledObject, StructureError, _Walk
 from ..tensors import TensorInfo
 from .torch_pickle import GlobalStub, ObjectStub, TensorStub, TorchPickle, read_torch_pickle, stub_pickle, write_torch_archive
 
-__all__ = ["REFERENCE_CLASS", "XserPickle", "resolve_references", "tensor_folder", "info_file", "xser_files"]
+__all__ = ["REFERENCE_CLASS", "XserPickle", "resolve_references", "tensor_folder", "info_file", "xser_files", "reference_stub", "info_table"]
 
 REFERENCE_CLASS = "torch_xla.utils.serialization.TensorReference"
 _MAX_TID = 10_000_000
@@ -173,6 +173,16 @@ class _SizeStub:
         return (GlobalStub("torch", "Size"), (self.shape,))
 
 
+def reference_stub(tid: int, info: TensorInfo) -> ObjectStub:
+    """What stands for tensor ``tid`` in the reference file: a ``TensorReference`` with tid, shape and dtype."""
+    return ObjectStub(GlobalStub(*REFERENCE_CLASS.rsplit(".", 1)), {"tid": tid, "shape": _SizeStub(info.shape), "dtype": GlobalStub("torch", info.dtype)})
+
+
+def info_table(infos: list[TensorInfo]) -> dict:
+    """NxD's ``.info.pt`` contents for tensors ``infos`` (tid = position): ``{tid: {"dtype", "shape"}}``, for :func:`stub_pickle`."""
+    return {tid: {"dtype": GlobalStub("torch", info.dtype), "shape": _SizeStub(info.shape)} for tid, info in enumerate(infos)}
+
+
 @dataclass(frozen=True)
 class PlannedFile:
     """One file of an xser checkpoint: its path relative to the output, and how to write its bytes."""
@@ -189,18 +199,14 @@ def xser_files(relpath: str, infos: list[TensorInfo], write_tensor: Callable[[Te
     torch-xla's and NxD's loaders read ``tid``, and the variant whose ``TensorReference`` takes
     ``(tid, shape, dtype)`` checks the other two. ``write_tensor(info, sink)`` writes one tensor's bytes.
     """
-    reference_class = GlobalStub(*REFERENCE_CLASS.rsplit(".", 1))
     files = []
     for tid, info in enumerate(infos):
         name = f"tensor_{tid}"
         produce = (lambda sink, info=info, name=name: write_torch_archive(
             sink, name, stub_pickle(TensorStub("0", info)), [(info.nbytes, lambda out: write_tensor(info, out))]))
         files.append(PlannedFile(f"{relpath}.tensors/{name}.pt", produce))
-    references = collections.OrderedDict(
-        (info.name, ObjectStub(reference_class, {"tid": tid, "shape": _SizeStub(info.shape), "dtype": GlobalStub("torch", info.dtype)}))
-        for tid, info in enumerate(infos)
-    )
-    table = {tid: {"dtype": GlobalStub("torch", info.dtype), "shape": _SizeStub(info.shape)} for tid, info in enumerate(infos)}
+    references = collections.OrderedDict((info.name, reference_stub(tid, info)) for tid, info in enumerate(infos))
+    table = info_table(infos)
     stem = Path(relpath).name
     files.append(PlannedFile(relpath, lambda sink: write_torch_archive(sink, stem.rsplit(".", 1)[0], stub_pickle(references), [])))
     info_name = Path(info_file(relpath)).name

@@ -24,12 +24,13 @@ from typing import BinaryIO, Callable, Hashable
 
 from ..atomic import write_all
 from ..dtypes import dtype as dtype_row
+from ..errors import LayoutError
 from ..progress import NO_PROGRESS, Progress
 from ..units import CHUNK_BYTES
 from ..tensors import FileTensorSource, StoredTensor, tensor_bytes
 from .tiles import Tile, TiledTensor, matrix_shape
 
-__all__ = ["TileStreamer", "CHUNK_BYTES"]
+__all__ = ["TileStreamer", "CHUNK_BYTES", "read_tiled"]
 
 Lookup = Callable[[Hashable], tuple[FileTensorSource, StoredTensor]]
 
@@ -159,6 +160,38 @@ class TileStreamer:
         if self._whole is None or self._whole[0] != ref:
             self._whole = (ref, source.read(entry.info.name).reshape(shape))
         return self._whole[1][first:first + count]
+
+
+class _FillSink:
+    """A write-only sink filling a preallocated buffer front to back (the streamer writes row-major, in order)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self.view[self.pos:self.pos + len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def read_tiled(streamer: TileStreamer, tensor: TiledTensor):
+    """``tensor`` built in memory: a new contiguous CPU ``torch.Tensor`` in the streamer's output dtype.
+
+    The tiles are executed as :meth:`TileStreamer.write` executes them, into the new tensor
+    instead of a file: memory is the tensor plus the streamer's chunks. Not thread-safe (the
+    streamer's buffers).
+
+    >>> weight = read_tiled(TileStreamer(model.lookup), plan[(0, 0)][0])  # doctest: +SKIP
+    """
+    import torch
+
+    out = torch.empty(tensor.info.shape, dtype=dtype_row(streamer.out_dtype(tensor.info.dtype)).torch())
+    sink = _FillSink(tensor_bytes(out))
+    streamer.write(tensor, sink)
+    if sink.pos != len(sink.view):  # the tiles must cover the tensor; a gap would leave garbage, not zeros
+        raise LayoutError(f"{tensor.info.name}: the tiles wrote {sink.pos} of its {len(sink.view)} bytes")
+    return out
 
 
 def _bands(tiles: tuple[Tile, ...], rows: int) -> list[tuple[int, int, list[Tile]]]:

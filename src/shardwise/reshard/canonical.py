@@ -10,25 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from ..dtypes import dtype as dtype_row
-from ..layout.stream import TileStreamer
-from ..tensors import FileTensorSource, tensor_bytes
+from ..layout.stream import TileStreamer, read_tiled
+from ..tensors import FileTensorSource
 from .model import ShardedModel, open_model
 
 __all__ = ["CanonicalSource", "open_canonical", "is_layout_checkpoint"]
-
-
-class _BufferSink:
-    """A write-only sink filling a preallocated buffer front to back."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view, self._pos = view, 0
-
-    def write(self, data) -> int:
-        data = memoryview(data).cast("B")
-        self._view[self._pos:self._pos + len(data)] = data
-        self._pos += len(data)
-        return len(data)
 
 
 class CanonicalSource(FileTensorSource):
@@ -64,12 +50,7 @@ class CanonicalSource(FileTensorSource):
     def read(self, name: str):
         if name in self._tensors:
             return super().read(name)
-        import torch
-
-        tiled = self._tiled[name]
-        out = torch.empty(tiled.info.shape, dtype=dtype_row(tiled.info.dtype).torch())
-        self._streamer.write(tiled, _BufferSink(tensor_bytes(out)))
-        return out
+        return read_tiled(self._streamer, self._tiled[name])
 
     def close(self) -> None:
         super().close()

@@ -24,7 +24,7 @@ from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .containers import Shards, encoding_of, find_shards
 from .nemo_config import dims_from_nemo_config
 
-__all__ = ["ShardedModel", "open_model", "detect_style"]
+__all__ = ["ShardedModel", "open_model", "open_shards", "detect_style"]
 
 Shard = tuple[int, int]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -118,6 +118,22 @@ def open_model(
         raise
 
 
+def open_shards(shards: Shards, *, config: dict | str | os.PathLike | None = None, expect: dict | None = None) -> ShardedModel:
+    """Open shards already found by :func:`~.containers.find_shards` as a model, as :func:`open_model` does.
+
+    ``config`` is the HF config, as a dict or the path of a config.json; when given it wins over
+    any the container carries. The model takes over ``shards`` (closing the model closes them;
+    they are closed here when opening fails).
+
+    >>> model = open_shards(find_shards(Path("tag/model")), config={"hidden_size": 64, ...})  # doctest: +SKIP
+    """
+    try:
+        return _open_sharded(shards, config, expect or {})
+    except BaseException:
+        shards.close()
+        raise
+
+
 def _open_unsharded(path: Path, config, trust_pickle: bool, expect: dict) -> ShardedModel:
     ckpt = open_checkpoint(path, trust_pickle=trust_pickle)
     try:
@@ -148,7 +164,7 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     label = str(shards.path)
     parallel = (shards.manifest or {}).get("parallel")
     warnings: list[str] = []
-    hf_config = read_config(Path(config)) if config is not None else None
+    hf_config = dict(config) if isinstance(config, dict) else read_config(Path(config)) if config is not None else None
     if hf_config is None and isinstance(parallel, dict):
         hf_config = parallel.get("config")
     hf_config = hf_config or shards.hf_config

@@ -51,6 +51,7 @@ def save_checkpoint(
     zero1: bool = False,
     encoding: str = "pt",
     parallel: Any = None,
+    model_config: dict | None = None,
 ) -> str:
     """Save what is given under ``checkpoint_dir/tag`` on every rank and return the tag (collective).
 
@@ -62,6 +63,8 @@ def save_checkpoint(
     order, removing the others once this one is complete. With ``async_save`` the call returns as
     soon as the states are copied to CPU memory; a writer thread finishes the save, and the next
     save, a load or :func:`finalize_checkpoint` waits for it and raises its error, if any.
+    ``model_config`` (the model's HF config dict) is recorded in the manifest, so a later load at
+    another TP/PP can reshard the weights without being told the model's shape.
     Raises OptionError for bad arguments; a failed write raises OSError naming the file (on the
     rank that failed; the others name that rank) and leaves earlier checkpoints untouched.
     """
@@ -79,7 +82,7 @@ def save_checkpoint(
         user_content=user_content, zero1=zero1,
     )
     layout = {"tp": coords.tp_size, "pp": coords.pp_size, "dp": coords.dp_size, "optimizer": "zero1" if zero1 else "replicated"}
-    plan = begin(group, Path(checkpoint_dir), tag, encoding, layout, num_kept_ckpts)
+    plan = begin(group, Path(checkpoint_dir), tag, encoding, layout, num_kept_ckpts, model_config)
     if not async_save:
         run_save(group, plan, writes)
         return plan.tag
@@ -104,6 +107,7 @@ def load_checkpoint(
     verify: bool = True,
     trust_pickle: bool = False,
     parallel: Any = None,
+    model_config: Any = None,
 ) -> Any:
     """Load ``tag`` (default: the newest complete checkpoint) into this rank's objects; return the user content or None.
 
@@ -111,12 +115,14 @@ def load_checkpoint(
     the files it reads against the manifest first (size and CRC-32; ``verify=False`` checks sizes
     only): a damaged file is an IntegrityError naming it, and with ``tag=None`` the newest complete
     checkpoint is never silently passed over for an older one. A ZeRO-1 optimizer state saved at
-    another DP size is merged and re-split for this one. Files are unpickled with
+    another DP size is merged and re-split for this one; model weights saved at another TP/PP are
+resharded for this rank (Llama family, through the layout engine; ``model_config``, an HF
+config dict or config.json, is needed unless the save recorded one). Files are unpickled with
     ``torch.load(weights_only=True)`` unless ``trust_pickle``. ``model`` takes ``load_state_dict``
     (with ``strict``) or is a dict updated in place; ``optimizer`` and ``scheduler`` likewise.
     """
     background.wait()
     return load_states(
         checkpoint_dir, tag, coords_of(parallel), checkpoint_group(), model=model, optimizer=optimizer, scheduler=scheduler,
-        strict=strict, verify=verify, trust_pickle=trust_pickle,
+        strict=strict, verify=verify, trust_pickle=trust_pickle, model_config=model_config,
     )

@@ -5,7 +5,9 @@ The leader picks the tag; each rank then reads only its own files: the model sha
 state saved at another DP size (or merged to ``full_`` by ``zero-convert``) is merged over the
 saved DP ranks of this (tp, pp) and re-split for this run's DP size. Every file read is first
 checked against the manifest; tags written by NxD (no manifest) are loaded unchecked, their
-layout read from file names.
+layout read from file names. Model weights saved at another TP/PP are rebuilt for this rank by
+the layout engine (:mod:`.reshard_load`, Llama family; the model's HF config comes from the
+manifest or ``model_config``).
 """
 
 from __future__ import annotations
@@ -119,21 +121,30 @@ def _optimizer_state(tag: Tag, layout: dict, coords: ParallelCoords, verify: boo
 
 def load_states(
     checkpoint_dir: str | os.PathLike, tag: str | None, coords: ParallelCoords, group: Group, *,
-    model: Any, optimizer: Any, scheduler: Any, strict: bool, verify: bool, trust_pickle: bool,
+    model: Any, optimizer: Any, scheduler: Any, strict: bool, verify: bool, trust_pickle: bool, model_config: Any = None,
 ) -> Any:
     """Load this rank's part of ``tag`` into the objects given; the user content, or None."""
     root = Path(checkpoint_dir)
     chosen = group.leader_decides(lambda: _choose(root, tag))
     layout = saved_layout(chosen)
-    if model is not None or optimizer is not None:
-        if (layout["tp"], layout["pp"]) != (coords.tp_size, coords.pp_size):
-            raise LayoutError(
-                f"{chosen.path}: saved at tp {layout['tp']} x pp {layout['pp']}, this run is tp {coords.tp_size} x pp {coords.pp_size}; "
-                f"convert it first with `shardwise reshard` (model weights) — optimizer states keep their TP/PP"
-            )
+    same_grid = (layout["tp"], layout["pp"]) == (coords.tp_size, coords.pp_size)
+    if optimizer is not None and not same_grid:
+        raise LayoutError(
+            f"{chosen.path}: optimizer states saved at tp {layout['tp']} x pp {layout['pp']} cannot load into tp {coords.tp_size} "
+            f"x pp {coords.pp_size} (they follow the parameters' TP/PP split); load the model alone, or at the saved TP/PP"
+        )
     if model is not None:
         copies = hasattr(model, "load_state_dict") and not isinstance(model, dict)  # Module.load_state_dict copies into the parameters
-        _apply(model, read_file(chosen, model_file(coords.tp_rank, coords.pp_rank), verify, trust_pickle, mapped=copies), strict)
+        if same_grid:
+            state = read_file(chosen, model_file(coords.tp_rank, coords.pp_rank), verify, trust_pickle, mapped=copies)
+        else:
+            from .reshard_load import resharded_model_state
+
+            state = resharded_model_state(
+                chosen.path, tp_size=coords.tp_size, pp_size=coords.pp_size, tp_rank=coords.tp_rank, pp_rank=coords.pp_rank,
+                config=model_config, trust_pickle=trust_pickle,
+            )
+        _apply(model, state, strict)
     if optimizer is not None:
         _apply(optimizer, _optimizer_state(chosen, layout, coords, verify, trust_pickle), None)
     if scheduler is not None:

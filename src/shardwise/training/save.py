@@ -42,6 +42,7 @@ class SavePlan:
     encoding: str
     layout: dict
     num_kept_ckpts: int | None
+    model_config: dict | None = None
 
 
 def _check_tag(tag: str) -> None:
@@ -49,7 +50,7 @@ def _check_tag(tag: str) -> None:
         raise OptionError(f"tag {tag!r} must be a plain folder name (no '/', not starting with '.')")
 
 
-def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict, num_kept_ckpts: int | None) -> SavePlan:
+def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict, num_kept_ckpts: int | None, model_config: dict | None = None) -> SavePlan:
     """Step 1, collective: the tag's name and sequence and a fresh staging folder holding the marker."""
 
     def decide() -> SavePlan:
@@ -61,7 +62,7 @@ def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict
         stage = staging_name(root / name)
         stage.mkdir()
         write_text_durably(stage / MARKER, "1")
-        return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts)
+        return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts, model_config)
 
     return group.leader_decides(decide)
 
@@ -88,6 +89,8 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
         for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
             fsync_dir(folder)
         document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)
+        if plan.model_config is not None:
+            document["model_config"] = plan.model_config
         write_text_durably(plan.stage / MANIFEST, json.dumps(document, indent=1) + "\n")
         write_text_durably(plan.stage / DONE, "1")
         try:
