@@ -46,10 +46,13 @@ def _setup(seed=0):
     return model, optimizer, scheduler
 
 
-def test_resume_continues_the_loss_exactly(tmp_path):
+@pytest.mark.parametrize("encoding", ["pt", "safetensors", "xser"])
+def test_resume_continues_the_loss_exactly(tmp_path, encoding):
     model, optimizer, scheduler = _setup()
     _train(model, optimizer, scheduler, 5, 0)
-    tag = shardwise.save_checkpoint(tmp_path, "step_5", model=model, optimizer=optimizer, scheduler=scheduler, user_content={"step": 5})
+    tag = shardwise.save_checkpoint(
+        tmp_path, "step_5", model=model, optimizer=optimizer, scheduler=scheduler, user_content={"step": 5}, encoding=encoding,
+    )
     expected = _train(model, optimizer, scheduler, 5, 5)
 
     model2, optimizer2, scheduler2 = _setup(seed=123)  # different initial weights: the load must overwrite them

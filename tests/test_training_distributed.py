@@ -43,26 +43,25 @@ def _files(tag: Path) -> list[str]:
     return sorted(p.relative_to(tag).as_posix() for p in tag.rglob("*") if p.is_file())
 
 
-def test_world_4_tp2_dp2_async_save_resumes_with_the_exact_loss(tmp_path):
+@pytest.mark.parametrize("encoding, async_save", [("pt", True), ("safetensors", False), ("xser", True)])
+def test_world_4_tp2_dp2_resumes_with_the_exact_loss(tmp_path, encoding, async_save):
     root = str(tmp_path / "ckpt")
     common = {"tp": 2, "pp": 1, "root": root}
     results = run_ranks(tmp_path / "run", 4, [
-        {**common, "seed": 0, "steps_before": 3, "save": True, "async": True, "steps_after": 3},
+        {**common, "seed": 0, "steps_before": 3, "save": True, "async": async_save, "encoding": encoding, "steps_after": 3},
         {**common, "seed": 9, "load": True, "steps_after": 3},
     ])
     pairs = _continuations(results)
     assert len(pairs) == 4 and all(len(a) == 3 and a == b for a, b in pairs)  # bit-equal floats
     tag = Path(root) / "checkpoint_1"
-    assert _files(tag) == [
-        "checkpoint", "done", "model/dp_rank_00_tp_rank_00_pp_rank_00.pt", "model/dp_rank_00_tp_rank_01_pp_rank_00.pt",
-        "optim/dp_rank_00_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_00_tp_rank_01_pp_rank_00.pt",
-        "scheduler.pt", "shardwise.json", "user_content.pt",
-    ]
     manifest = json.loads((tag / "shardwise.json").read_text())
-    assert manifest["layout"] == {"tp": 2, "pp": 1, "dp": 2, "optimizer": "replicated"}
-    # NxD's loader reads our shards: TP rank 1's column-parallel half is what rank 1 trained
-    up = torch.load(tag / "model/dp_rank_00_tp_rank_01_pp_rank_00.pt", weights_only=True)["up"]
-    assert up.shape == (8, 8)
+    assert manifest["layout"] == {"tp": 2, "pp": 1, "dp": 2, "optimizer": "replicated"} and manifest["encoding"] == encoding
+    suffix = ".safetensors" if encoding == "safetensors" else ".pt"
+    states = [f"{kind}/dp_rank_00_tp_rank_0{t}_pp_rank_00{suffix}" for kind in ("model", "optim") for t in range(2)]
+    assert set(states) <= set(_files(tag)) and {"checkpoint", "done", "scheduler.pt", "user_content.pt"} <= set(_files(tag))
+    assert sorted(e["name"] for e in manifest["files"]) == sorted(set(_files(tag)) - {"shardwise.json", "done", "checkpoint"})
+    if encoding == "pt":  # NxD's loader reads our shards: TP rank 1 holds its column-parallel half
+        assert torch.load(tag / "model/dp_rank_00_tp_rank_01_pp_rank_00.pt", weights_only=True)["up"].shape == (8, 8)
 
 
 def test_world_8_tp2_pp2_dp2_zero1_resumes_exactly_and_at_another_dp(tmp_path):

@@ -23,14 +23,14 @@ from ..distributed import coords_of
 from ..errors import OptionError
 from . import background
 from .assign import FileWrite, SnapshotBuffers, files_to_write, snapshot
+from .encodings import ENCODINGS, SPLIT_BY_TENSOR, owned_tensors
 from .group import checkpoint_group
 from .load import load_states
 from .save import begin, run_save
 from .zero1 import is_zero1_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "finalize_checkpoint", "ENCODINGS"]
+__all__ = ["save_checkpoint", "load_checkpoint", "finalize_checkpoint"]
 
-ENCODINGS = ("pt",)
 _buffers = SnapshotBuffers()
 
 
@@ -79,14 +79,17 @@ def save_checkpoint(
     zero1 = bool(zero1 or is_zero1_state(optimizer_state))
     writes = files_to_write(
         coords, model=_state_of(model), optimizer=optimizer_state, scheduler=_state_of(scheduler),
-        user_content=user_content, zero1=zero1,
+        user_content=user_content, zero1=zero1, split_by_tensor=encoding in SPLIT_BY_TENSOR,
     )
     layout = {"tp": coords.tp_size, "pp": coords.pp_size, "dp": coords.dp_size, "optimizer": "zero1" if zero1 else "replicated"}
     plan = begin(group, Path(checkpoint_dir), tag, encoding, layout, num_kept_ckpts, model_config)
     if not async_save:
         run_save(group, plan, writes)
         return plan.tag
-    copies = [FileWrite(w.name, snapshot(w.obj, _buffers), w.nbytes) for w in writes]
+    copies = [
+        FileWrite(w.name, snapshot(w.obj, _buffers, owned_tensors(w.obj, w.part, w.parts) if w.parts > 1 else None), w.nbytes, w.part, w.parts)
+        for w in writes
+    ]
     background.submit(lambda: run_save(group, plan, copies, after=lambda: [_buffers.release(w.obj) for w in copies]))
     return plan.tag
 

@@ -6,9 +6,10 @@ agree without talking:
 
 - model states are replicated over DP: each (tp, pp) model file is written once, by one rank of
   its DP group;
-- a replicated (non-ZeRO) optimizer state likewise; the replicated files of a DP group are spread
-  over its ranks, largest first onto the least loaded rank, so DP=2 with Adam has one rank write
-  the model and the other the optimizer;
+- a replicated (non-ZeRO) optimizer state likewise; with ``pt`` the replicated files of a DP
+  group are spread over its ranks, largest first onto the least loaded rank, so DP=2 with Adam has
+  one rank write the model and the other the optimizer; with safetensors and xser every DP rank
+  writes a share of each replicated file, tensor by tensor (:mod:`.encodings`);
 - ZeRO-1 optimizer states are different on every rank: every rank writes its own ``dp_rank_DD``;
 - scheduler and user content exist once: the first rank (tp = pp = dp = 0) writes them.
 """
@@ -22,60 +23,78 @@ from typing import Any
 from ..distributed import ParallelCoords
 from .layout import SCHEDULER, USER_CONTENT, model_file, optim_file
 
-__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "SnapshotBuffers"]
+__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "SnapshotBuffers", "spread", "tensors_in"]
 
 
 @dataclass
 class FileWrite:
-    """One file this rank writes: its path inside the tag and the object stored in it."""
+    """One state this rank writes (all of it, or part ``part`` of ``parts``): its name in the tag and the object."""
 
     name: str
     obj: Any
     nbytes: int
+    part: int = 0
+    parts: int = 1
 
 
-def _tensors(obj: Any):
+def _walk(obj: Any):
     import torch
 
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for value in obj.values():
-            yield from _tensors(value)
+            yield from _walk(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _tensors(value)
+            yield from _walk(value)
+
+
+def tensors_in(obj: Any) -> list:
+    """The tensors of a (nested) state in traversal order (dict order, then list order), each once."""
+    seen: dict[int, Any] = {}
+    for tensor in _walk(obj):
+        seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
 
 
 def state_bytes(obj: Any) -> int:
     """Bytes of tensor data in a (nested) state: what deciding who writes it weighs."""
-    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+    return sum(t.numel() * t.element_size() for t in tensors_in(obj))
 
 
-def _spread(replicated: list[FileWrite], dp_size: int) -> list[int]:
-    """The DP rank writing each replicated file: largest first, each onto the least loaded rank
-    (ties to the lower rank; the result is the same on every replica)."""
-    load = [0] * dp_size
-    owner = [0] * len(replicated)
-    for i in sorted(range(len(replicated)), key=lambda i: (-replicated[i].nbytes, i)):
-        rank = min(range(dp_size), key=lambda r: (load[r], r))
+def spread(sizes: list[int], bins: int) -> list[int]:
+    """The bin of each item: largest first, each onto the least loaded bin (ties to the lower bin),
+    so every replica computing it from the same sizes gets the same answer."""
+    load = [0] * bins
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(bins), key=lambda r: (load[r], r))
         owner[i] = rank
-        load[rank] += replicated[i].nbytes
+        load[rank] += sizes[i]
     return owner
 
 
 def files_to_write(
     coords: ParallelCoords, *, model: Any = None, optimizer: Any = None, scheduler: Any = None,
-    user_content: Any = None, zero1: bool = False,
+    user_content: Any = None, zero1: bool = False, split_by_tensor: bool = False,
 ) -> list[FileWrite]:
-    """The files this rank writes, given plain state objects (None: not saved)."""
+    """The states this rank writes, given plain state objects (None: not saved).
+
+    ``split_by_tensor`` (safetensors and xser): every DP rank writes part of each replicated state,
+    tensor by tensor; otherwise each replicated state goes whole to one DP rank.
+    """
     t, p = coords.tp_rank, coords.pp_rank
     replicated = []
     if model is not None:
         replicated.append(FileWrite(model_file(t, p), model, state_bytes(model)))
     if optimizer is not None and not zero1:
         replicated.append(FileWrite(optim_file(0, t, p), optimizer, state_bytes(optimizer)))
-    mine = [w for w, owner in zip(replicated, _spread(replicated, coords.dp_size)) if owner == coords.dp_rank]
+    if split_by_tensor:
+        mine = [FileWrite(w.name, w.obj, w.nbytes, coords.dp_rank, coords.dp_size) for w in replicated]
+    else:
+        owners = spread([w.nbytes for w in replicated], coords.dp_size)
+        mine = [w for w, owner in zip(replicated, owners) if owner == coords.dp_rank]
     if optimizer is not None and zero1:
         mine.append(FileWrite(optim_file(coords.dp_rank, t, p), optimizer, state_bytes(optimizer)))
     if coords.is_first_model_rank:
@@ -105,19 +124,26 @@ class SnapshotBuffers:
         return out
 
     def release(self, obj: Any) -> None:
-        for tensor in _tensors(obj):
-            self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+        for tensor in tensors_in(obj):
+            if tensor.device.type == "cpu":
+                self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
 
-def snapshot(obj: Any, buffers: SnapshotBuffers) -> Any:
+def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None) -> Any:
     """A deep copy of ``obj`` whose tensors are CPU copies (containers rebuilt, other leaves shared:
-    numbers and strings are immutable; user objects are the caller's not to mutate mid-save)."""
+    numbers and strings are immutable; user objects are the caller's not to mutate mid-save).
+
+    With ``keep`` (ids of tensors), the other tensors become ``meta`` tensors of the same shape
+    and dtype: what a rank writing only part of a state needs of the rest.
+    """
     import torch
 
     if isinstance(obj, torch.Tensor):
+        if keep is not None and id(obj) not in keep:
+            return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
         return buffers.copy(obj)
     if isinstance(obj, dict):
-        copied = {k: snapshot(v, buffers) for k, v in obj.items()}
+        copied = {k: snapshot(v, buffers, keep) for k, v in obj.items()}
         if type(obj) is dict:
             return copied
         clone = copy.copy(obj)  # OrderedDict and other dict subclasses keep their type and attributes (_metadata)
@@ -125,8 +151,8 @@ def snapshot(obj: Any, buffers: SnapshotBuffers) -> Any:
         clone.update(copied)
         return clone
     if isinstance(obj, list):
-        return [snapshot(v, buffers) for v in obj]
+        return [snapshot(v, buffers, keep) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot(v, buffers) for v in obj]
+        items = [snapshot(v, buffers, keep) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj

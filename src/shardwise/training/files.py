@@ -108,7 +108,8 @@ _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the 
 def _reason(error: Exception) -> str:
     """The informative line of a loading error (torch wraps it in paragraphs of general advice)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(_TORCH_ADVICE)]
-    return (lines[0].split(". ")[0] if lines else type(error).__name__)[:160]
+    pointed = [line for line in lines if "WeightsUnpickler error" in line]  # torch's own reason, among its advice
+    return ((pointed or lines)[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
 def torch_load(path: Path, trust_pickle: bool, mapped: bool = False) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..distributed import ParallelCoords
 from ..errors import FormatError, IntegrityError, LayoutError, ShardwiseError
+from .encodings import read_state, stored_name
 from .files import check_against, check_file, file_crc32, torch_load
 from .group import Group
 from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
@@ -64,18 +65,46 @@ def saved_layout(tag: Tag) -> dict:
 
 
 def read_file(tag: Tag, name: str, verify: bool, trust_pickle: bool, mapped: bool = False) -> Any:
-    """``torch.load`` of one file of ``tag``, checked against the manifest (when there is one); ``mapped``: see :func:`.files.torch_load`."""
-    path = tag.path / name
+    """State ``name`` of ``tag`` (``model/...pt``, ``scheduler.pt``, ...) in the tag's encoding, every file
+    checked against the manifest when there is one; ``mapped``: see :func:`.files.torch_load`."""
+    encoding = _encoding_of(tag, name)
+
+    def load_pt(relpath: str) -> Any:
+        entry = _listed(tag, relpath)
+        if entry is not None and verify:
+            return _load_checked(tag.path / relpath, entry, trust_pickle, mapped)
+        return torch_load(tag.path / relpath, trust_pickle, mapped)
+
+    if encoding == "safetensors":
+        relpath = stored_name(name, encoding)
+        entry = _listed(tag, relpath)
+        if entry is not None and verify:
+            check_file(tag.path / relpath, entry)
+    return read_state(encoding, tag.path, name, load_pt, trust_pickle, mapped)
+
+
+def _encoding_of(tag: Tag, name: str) -> str:
+    """How state ``name`` is stored: scheduler and user content always pt; the rest as the manifest
+    says, or, for tags NxD wrote, xser when ``<file>.tensors/`` exists (NxD's own test)."""
+    if not name.startswith(("model/", "optim/")):
+        return "pt"
     if tag.manifest is not None:
-        entry = next((f for f in tag.manifest.get("files", []) if f.get("name") == name), None)
-        if entry is None:
-            raise IntegrityError(f"{path}: not listed in the checkpoint's manifest")
-        check_file(path, entry, verify=False)
-        if verify:
-            return _load_checked(path, entry, trust_pickle, mapped)
-    elif not path.is_file():
-        raise FormatError(f"{path}: missing")
-    return torch_load(path, trust_pickle, mapped)
+        return tag.manifest.get("encoding", "pt")
+    return "xser" if (tag.path / f"{name}.tensors").is_dir() else "pt"
+
+
+def _listed(tag: Tag, relpath: str) -> dict | None:
+    """The manifest entry of ``relpath`` (None without a manifest), after checking the file exists with its size."""
+    path = tag.path / relpath
+    if tag.manifest is None:
+        if not path.is_file():
+            raise FormatError(f"{path}: missing")
+        return None
+    entry = next((f for f in tag.manifest.get("files", []) if f.get("name") == relpath), None)
+    if entry is None:
+        raise IntegrityError(f"{path}: not listed in the checkpoint's manifest")
+    check_file(path, entry, verify=False)
+    return entry
 
 
 def _load_checked(path: Path, entry: dict, trust_pickle: bool, mapped: bool) -> Any:

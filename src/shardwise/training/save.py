@@ -23,7 +23,7 @@ from typing import Any
 from ..atomic import commit_stage, discard_stage, fsync_dir, remove_stale_stages, staging_name, write_text_durably
 from ..errors import OptionError
 from .assign import FileWrite
-from .files import save_object
+from .encodings import fold_entries, write_part
 from .group import Group, first_failure
 from .layout import DONE, MANIFEST, MARKER, manifest_document
 from .tags import Tag, list_tags, next_sequence, tags_to_remove
@@ -68,11 +68,11 @@ def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict
 
 
 def write_files(plan: SavePlan, writes: list[FileWrite]) -> list[dict]:
-    """Step 2, this rank: write its files into the staging folder; their manifest entries."""
+    """Step 2, this rank: write its states (or its parts of them) into the staging folder; entries with byte ranges."""
     entries = []
     for write in writes:
-        size, crc = save_object(write.obj, plan.stage / write.name)
-        entries.append({"name": write.name, "size": size, "crc32": f"{crc:08x}"})
+        encoding = plan.encoding if write.name.startswith(("model/", "optim/")) else "pt"  # scheduler, user content: as NxD
+        entries += write_part(encoding, write.obj, plan.stage, write.name, write.part, write.parts)
     return entries
 
 
@@ -85,7 +85,7 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
         if failure is not None:
             discard_stage(plan.stage)
             return
-        files = [entry for entries in outcomes for entry in entries]
+        files = fold_entries([entry for entries in outcomes for entry in entries])
         for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
             fsync_dir(folder)
         document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)

@@ -1,0 +1,355 @@
+"""How a training checkpoint's state objects become files, and back: ``pt``, ``safetensors``, ``xser``.
+
+- ``pt``: one ``torch.save`` file, the payload NxD reads.
+- ``safetensors``: the tensors in one safetensors file (``.safetensors`` in place of ``.pt``); the
+  rest of the object (containers, numbers, strings, where each tensor goes) as JSON in the
+  header's metadata under ``shardwise.structure``. A flat ``{name: tensor}`` dict keeps its names,
+  so a model file is an ordinary safetensors state dict. Loading maps the file: no pickle at all.
+- ``xser``: NxD's per-tensor files (:mod:`shardwise.formats.xser`): ``P`` holds the object with a
+  ``TensorReference(tid, shape, dtype)`` for each tensor, ``P.tensors/tensor_<tid>.pt`` the
+  tensors, ``P.info.pt`` their dtypes and shapes.
+
+Scheduler and user content are always ``pt``, as NxD writes them.
+
+A file that several DP ranks write together (replicated model and optimizer states, safetensors
+or xser) is split by tensor: tensors in traversal order are spread over the ``parts`` by size
+(:func:`.assign.spread`), part ``p`` writes its tensors, part 0 also what exists once (the
+safetensors header; the xser reference and info files). Every part reports the byte ranges it
+wrote with their CRC-32s; the leader folds them into one size and CRC per file
+(:func:`fold_entries`), so the manifest looks the same however many ranks wrote a file.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import mmap
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..atomic import start_writeback, write_all
+from ..checksum import crc32, crc32_combine
+from ..errors import FormatError, IntegrityError, OptionError
+from ..tensors import TensorInfo, tensor_bytes
+from .assign import spread, tensors_in
+from .files import save_object
+
+__all__ = ["ENCODINGS", "stored_name", "write_part", "fold_entries", "read_state", "SPLIT_BY_TENSOR", "owned_tensors"]
+
+ENCODINGS = ("pt", "safetensors", "xser")
+SPLIT_BY_TENSOR = ("safetensors", "xser")  # encodings whose shared files DP ranks write together
+_STRUCTURE = "shardwise.structure"
+
+
+def stored_name(name: str, encoding: str) -> str:
+    """The file holding state ``name`` (``model/dp_rank_00_...pt``) in ``encoding``."""
+    return name[: -len(".pt")] + ".safetensors" if encoding == "safetensors" and name.endswith(".pt") else name
+
+
+def owned_tensors(obj: Any, part: int, parts: int) -> set[int]:
+    """ids of the tensors of ``obj`` that part ``part`` of ``parts`` writes."""
+    tensors = tensors_in(obj)
+    owners = spread([t.numel() * t.element_size() for t in tensors], parts)
+    return {id(t) for t, owner in zip(tensors, owners) if owner == part}
+
+
+def _info(name: str, tensor) -> TensorInfo:
+    return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+
+
+def _whole(entry_name: str, size: int, crc: int) -> dict:
+    return {"name": entry_name, "size": size, "ranges": [[0, size, crc]]}
+
+
+# -- structure: the object without its tensors, as JSON ------------------------------------------
+def _skeleton(obj: Any, name_of: Callable[[Any], str], where: str) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {"T": name_of(obj)}
+    if isinstance(obj, torch.Size):
+        return {"S": list(obj)}
+    if isinstance(obj, dict):
+        return {"D": [[_skeleton(k, name_of, where), _skeleton(v, name_of, f"{where}[{k!r}]")] for k, v in obj.items()]}
+    if isinstance(obj, list):
+        return {"L": [_skeleton(v, name_of, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return {"U": [_skeleton(v, name_of, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"F": repr(obj)}
+    raise OptionError(
+        f"encoding='safetensors' stores tensors, numbers, strings and containers; {where} is a {type(obj).__name__}; "
+        f"save with encoding='pt'"
+    )
+
+
+def _rebuild(skeleton: Any, tensor: Callable[[str], Any], path: str) -> Any:
+    import torch
+
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if len(skeleton) != 1:
+        raise FormatError(f"{path}: the structure in its metadata is not one shardwise wrote")
+    (kind, value), = skeleton.items()
+    if kind == "T":
+        return tensor(value)
+    if kind == "S":
+        return torch.Size(value)
+    if kind == "D":
+        return {_hashable(_rebuild(k, tensor, path)): _rebuild(v, tensor, path) for k, v in value}
+    if kind == "L":
+        return [_rebuild(v, tensor, path) for v in value]
+    if kind == "U":
+        return tuple(_rebuild(v, tensor, path) for v in value)
+    if kind == "F":
+        return float(value)
+    raise FormatError(f"{path}: the structure in its metadata holds an unknown kind {kind!r}")
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def _tensor_names(obj: Any, tensors: list) -> dict[int, str]:
+    """id(tensor) -> its name in the file: the key of a flat ``{str: tensor}`` dict, else its position."""
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and len(tensors) == len(obj) and all(id(v) in {id(t) for t in tensors} for v in obj.values()):
+        names = {}
+        for key, value in obj.items():
+            names.setdefault(id(value), key)
+        if len(names) == len(tensors):
+            return names
+    return {id(t): f"tensor_{i}" for i, t in enumerate(tensors)}
+
+
+# -- writing ------------------------------------------------------------------------------------
+def write_part(encoding: str, obj: Any, stage: Path, name: str, part: int = 0, parts: int = 1) -> list[dict]:
+    """Write part ``part`` of ``parts`` of state ``name`` into the staging folder ``stage``.
+
+    Returns manifest entries with byte ranges: ``{"name", "size", "ranges": [[offset, length, crc32], ...]}``
+    (``size`` is the whole file's, known to every part). ``obj``'s tensors that other parts write
+    may be ``meta`` tensors: only their shapes and dtypes are used.
+    """
+    if encoding == "pt":
+        size, crc = save_object(obj, stage / name)
+        return [_whole(name, size, crc)]
+    if encoding == "safetensors":
+        return [_write_safetensors(obj, stage, stored_name(name, encoding), part, parts)]
+    if encoding == "xser":
+        return _write_xser(obj, stage, name, part, parts)
+    raise OptionError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+
+
+def _write_safetensors(obj: Any, stage: Path, name: str, part: int, parts: int) -> dict:
+    from ..formats.safetensors import check_writable, header_bytes
+
+    tensors = tensors_in(obj)
+    names = _tensor_names(obj, tensors)
+    by_name = {names[id(t)]: t for t in tensors}
+    infos = [_info(names[id(t)], t) for t in tensors]
+    check_writable(infos)
+    skeleton = _skeleton(obj, lambda t: names[id(t)], "the state")
+    header, ordered = header_bytes(infos, {_STRUCTURE: json.dumps(skeleton, separators=(",", ":"))})
+    mine = owned_tensors(obj, part, parts)
+    size = len(header) + sum(info.nbytes for info in ordered)
+    path = stage / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ranges = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)  # never truncated: other parts write the same file
+    try:
+        os.ftruncate(fd, size)  # every part sets the same size, so no part cuts another's bytes
+        if part == 0:
+            _pwrite(fd, header, 0)
+            ranges.append([0, len(header), crc32(header)])
+        offset = len(header)
+        for info in ordered:
+            tensor = by_name[info.name]
+            if id(tensor) in mine and info.nbytes:
+                data = tensor_bytes(tensor.detach().contiguous())
+                _pwrite(fd, data, offset)
+                start_writeback(fd, offset, info.nbytes)
+                ranges.append([offset, info.nbytes, crc32(data)])
+            elif id(tensor) in mine:
+                ranges.append([offset, 0, 0])
+            offset += info.nbytes
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: writing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
+    finally:
+        os.close(fd)
+    return {"name": name, "size": size, "ranges": ranges}
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_xser(obj: Any, stage: Path, name: str, part: int, parts: int) -> list[dict]:
+    from ..formats.torch_pickle import stub_pickle, write_torch_archive
+    from ..formats.xser import info_file, info_table, reference_stub, tensor_folder
+
+    tensors = tensors_in(obj)
+    tids = {id(t): tid for tid, t in enumerate(tensors)}
+    infos = [_info(f"tensor_{tid}", t) for tid, t in enumerate(tensors)]
+    mine = owned_tensors(obj, part, parts)
+    entries = []
+    for tid, tensor in enumerate(tensors):
+        if id(tensor) in mine:
+            own = tensor.detach().contiguous()
+            if own.untyped_storage().nbytes() != own.numel() * own.element_size():
+                own = own.clone()  # torch.save writes a view's whole storage
+            relpath = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}/tensor_{tid}.pt"
+            size, crc = save_object(own, stage / relpath)
+            entries.append(_whole(relpath, size, crc))
+    if part == 0:
+        references = _replace_tensors(obj, lambda t: reference_stub(tids[id(t)], infos[tids[id(t)]]))
+        for relpath, payload in ((name, references), (str(info_file(name)), info_table(infos))):
+            data = stub_pickle(payload)
+            stem = Path(relpath).name.rsplit(".", 1)[0]
+            size, crc = _save_with(lambda sink, stem=stem, data=data: write_torch_archive(sink, stem, data, []), stage / relpath)
+            entries.append(_whole(relpath, size, crc))
+    return entries
+
+
+def _save_with(produce: Callable, path: Path) -> tuple[int, int]:
+    """Write a small file through ``produce(sink)``, fsynced; (size, CRC-32)."""
+    import io
+
+    buffer = io.BytesIO()
+    produce(buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb", buffering=0) as f:
+        write_all(f, data)
+        os.fsync(f.fileno())
+    return len(data), crc32(data)
+
+
+def _replace_tensors(obj: Any, replace: Callable[[Any], Any]) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return replace(obj)
+    if isinstance(obj, dict):
+        out = {k: _replace_tensors(v, replace) for k, v in obj.items()}
+        return collections.OrderedDict(out) if isinstance(obj, collections.OrderedDict) else out
+    if isinstance(obj, list):
+        return [_replace_tensors(v, replace) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_replace_tensors(v, replace) for v in obj)
+    return obj
+
+
+def fold_entries(entries: list[dict]) -> list[dict]:
+    """Manifest entries ``{"name", "size", "crc32"}`` from every part's ranged entries (see :func:`write_part`).
+
+    Raises IntegrityError when the parts' ranges of a file do not cover it exactly once.
+    """
+    by_name: dict[str, dict] = {}
+    for entry in entries:
+        folded = by_name.setdefault(entry["name"], {"size": entry["size"], "ranges": []})
+        folded["ranges"] += entry["ranges"]
+    out = []
+    for name, folded in sorted(by_name.items()):
+        crc, position = 0, 0
+        for offset, length, part_crc in sorted(folded["ranges"]):
+            if offset != position:
+                raise IntegrityError(f"{name}: the ranks' writes end at byte {position} but the next starts at {offset} (bytes uncovered or written twice)")
+            crc = crc32_combine(crc, part_crc, length)
+            position += length
+        if position != folded["size"]:
+            raise IntegrityError(f"{name}: the ranks wrote {position} of its {folded['size']} bytes")
+        out.append({"name": name, "size": folded["size"], "crc32": f"{crc:08x}"})
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_state(encoding: str, folder: Path, name: str, load: Callable[[str], Any], trust_pickle: bool, mapped: bool) -> Any:
+    """State ``name`` of the tag in ``folder`` stored in ``encoding``.
+
+    ``load(relpath)`` is the checked loader of one torch file (manifest size and CRC, then
+    :func:`.files.torch_load`); safetensors files are checked by the caller before this reads them.
+    """
+    if encoding == "pt":
+        return load(name)
+    if encoding == "safetensors":
+        return _read_safetensors(folder / stored_name(name, encoding), mapped)
+    if encoding == "xser":
+        return _read_xser(folder, name, load)
+    raise FormatError(f"{folder}: its manifest names an unknown encoding {encoding!r}")
+
+
+def _read_safetensors(path: Path, mapped: bool) -> Any:
+    import torch
+
+    from ..dtypes import dtype as dtype_row
+    from ..formats.safetensors import SafetensorsFile
+
+    source = SafetensorsFile(path)
+    structure = source.metadata.get(_STRUCTURE)
+    if structure is None:
+        raise FormatError(f"{path}: no {_STRUCTURE} in its metadata: not a training state shardwise wrote")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+
+    def tensor(tensor_name: str):
+        stored = source.stored(tensor_name)
+        if stored is None:
+            raise FormatError(f"{path}: its structure names a tensor {tensor_name!r} the file does not hold")
+        info = stored.info
+        out = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=stored.offset) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        out = out.view(dtype_row(info.dtype).torch()).reshape(info.shape)
+        return out if mapped else out.clone()
+
+    try:
+        skeleton = json.loads(structure)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: its {_STRUCTURE} metadata is not valid JSON ({e})") from None
+    return _rebuild(skeleton, tensor, str(path))
+
+
+def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:
+    import torch
+
+    from ..formats.xser import tensor_folder
+
+    class TensorReference:  # stands for torch_xla's class: weights_only admits it by its full name
+        pass
+
+    TensorReference.__module__, TensorReference.__qualname__ = "torch_xla.utils.serialization", "TensorReference"
+    with torch.serialization.safe_globals([TensorReference]):
+        references = load(name)
+    tensors_dir = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}"
+
+    def resolve(ref):
+        tid = getattr(ref, "tid", None)
+        if not isinstance(tid, int) or tid < 0:
+            raise FormatError(f"{folder / name}: a TensorReference without a valid tid ({tid!r})")
+        tensor = load(f"{tensors_dir}/tensor_{tid}.pt")
+        if not isinstance(tensor, torch.Tensor):
+            raise FormatError(f"{folder / tensors_dir}/tensor_{tid}.pt: holds a {type(tensor).__name__}, not a tensor")
+        shape, dtype = getattr(ref, "shape", None), getattr(ref, "dtype", None)
+        if (shape is not None and tuple(shape) != tuple(tensor.shape)) or (dtype is not None and dtype != tensor.dtype):
+            raise FormatError(f"{folder / tensors_dir}/tensor_{tid}.pt: holds {tuple(tensor.shape)} {tensor.dtype}, its reference says {tuple(shape)} {dtype}")
+        return tensor
+
+    def walk(obj):
+        if isinstance(obj, TensorReference):
+            return resolve(obj)
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                obj[key] = walk(value)
+            return obj
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(references)
