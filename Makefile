@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/convert_bench.py
 	$(PY) benchmarks/archive_bench.py
 	$(PY) benchmarks/reshard_bench.py
+	$(PY) benchmarks/save_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

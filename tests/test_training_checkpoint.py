@@ -133,7 +133,7 @@ def test_user_content_with_arbitrary_classes_needs_the_opt_in(tmp_path):
 def test_bad_arguments_and_empty_folders_are_clear(tmp_path):
     with pytest.raises(FormatError, match="holds no complete checkpoint"):
         shardwise.load_checkpoint(tmp_path)
-    with pytest.raises(shardwise.OptionError, match="num_kept_ckpts must be at least 1"):
+    with pytest.raises(shardwise.OptionError, match="num_kept_ckpts must be an int of at least 1"):
         shardwise.save_checkpoint(tmp_path, "t", model=_model(), num_kept_ckpts=0)
     with pytest.raises(shardwise.OptionError, match="plain folder name"):
         shardwise.save_checkpoint(tmp_path, "../t", model=_model())
@@ -246,3 +246,32 @@ def test_async_saves_snapshot_the_state_and_may_change_tag_names(tmp_path):
         restored = _model(seed=5)
         assert shardwise.load_checkpoint(tmp_path, name, model=restored) == step
         assert torch.all(restored[0].weight == step)
+
+
+def test_a_commit_that_fails_leaves_no_staging_folder_and_names_the_tag(tmp_path, monkeypatch):
+    from shardwise.training import save
+
+    shardwise.save_checkpoint(tmp_path, "a", model=_model())
+    real = save.write_text_durably
+
+    def full_disk(path, text):
+        if path.name == "shardwise.json":
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(save, "write_text_durably", full_disk)
+    with pytest.raises(OSError, match="b: committing the checkpoint failed: No space left on device; earlier checkpoints are untouched"):
+        shardwise.save_checkpoint(tmp_path, "b", model=_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    with pytest.raises(shardwise.OptionError, match="num_kept_ckpts must be an int of at least 1"):
+        shardwise.save_checkpoint(tmp_path, "c", model=_model(), num_kept_ckpts="2")
+
+
+def test_the_leader_refuses_a_layout_with_files_no_rank_wrote(tmp_path):
+    from shardwise.training.save import SavePlan, _missing
+
+    plan = SavePlan(tmp_path, "t", 1, tmp_path, "pt", {"tp": 2, "pp": 1, "dp": 2, "optimizer": "zero1"}, None)
+    written = {"model/dp_rank_00_tp_rank_00_pp_rank_00.pt", "model/dp_rank_00_tp_rank_01_pp_rank_00.pt",
+               "optim/dp_rank_00_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_01_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_00_tp_rank_01_pp_rank_00.pt"}
+    assert _missing(plan, written) == {"optim/dp_rank_01_tp_rank_01_pp_rank_00.pt"}
+    assert _missing(plan, {n for n in written if n.startswith("model/")}) == set()  # a model-only save is whole

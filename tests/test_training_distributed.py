@@ -132,3 +132,13 @@ def test_a_llama_saved_at_tp2_pp2_loads_at_another_tp_and_pp(tmp_path):
         assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want), expected.name
     with pytest.raises(LayoutError, match="optimizer states saved at tp 2 x pp 2 cannot load into tp 1 x pp 1"):
         shardwise.load_checkpoint(root, model={}, optimizer={})
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank_and_leaves_nothing(tmp_path, async_save):
+    root = tmp_path / "ckpt"
+    results = run_ranks(tmp_path / "run", 2, [{"kind": "fail", "tp": 1, "pp": 1, "root": str(root), "failing_dp_rank": 1, "async": async_save}])
+    errors = [r["phases"][0]["error"] for r in results]
+    assert errors[0].startswith("OSError") and "rank 1" in errors[0] and "earlier checkpoints are untouched" in errors[0], errors
+    assert errors[1] is not None and "lambda" in errors[1], errors  # the failing rank raises its own error
+    assert sorted(p.name for p in root.iterdir()) == ["after"]  # no tag, no staging folder; the next save worked

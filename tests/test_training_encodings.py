@@ -131,3 +131,61 @@ def _mask(obj, keep):
 def test_spread_puts_the_largest_first_onto_the_least_loaded():
     assert spread([5, 1, 4, 4], 2) == [0, 0, 1, 1]  # 5 -> 0; 4 -> 1; 4 -> 1 (4 < 5); 1 -> 0 (5 < 8)
     assert spread([3, 3, 3], 1) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("encoding", ["pt", "xser"])
+def test_a_tag_written_by_nxd_loads_without_a_manifest(tmp_path, encoding):
+    """NxD writes no manifest: the layout comes from file names, ZeRO-1 from a dp_rank_01 file, xser from .tensors/."""
+    from shardwise.training.zero1 import split_zero1
+
+    model, optimizer = _adam_state()
+    full = {
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}], "state": {},
+        "base_state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.randn(5 + 2 * i, 3)} for i in range(2)},
+        "shape_info": {i: torch.Size([5 + 2 * i, 3]) for i in range(2)},
+    }
+    shards = split_zero1(full, 2, "test")
+    tag = tmp_path / "step_7"
+    tag.mkdir()
+    (tag / "checkpoint").write_text("1")
+    write_part(encoding, dict(model.state_dict()), tag, "model/dp_rank_00_tp_rank_00_pp_rank_00.pt")
+    for dp, shard in enumerate(shards):
+        write_part(encoding, shard, tag, f"optim/dp_rank_{dp:02d}_tp_rank_00_pp_rank_00.pt")
+    torch.save({"step": 7}, tag / "user_content.pt")
+    (tag / "done").write_text("1")
+    state, optim = {}, {}
+    assert shardwise.load_checkpoint(tmp_path, model=state, optimizer=optim) == {"step": 7}  # one process: DP 2 -> 1
+    assert _same(state, dict(model.state_dict()))
+    assert _same(optim["base_state"], full["base_state"]) and tuple(optim["shape_info"][1]) == (7, 3)
+
+
+@pytest.mark.parametrize("encoding", ["safetensors", "xser"])
+def test_async_snapshots_of_parts_keep_shared_tensors_shared(tmp_path, encoding):
+    """A tensor that appears twice (tied weights) is one tensor in every part's snapshot, so parts agree on who writes it."""
+    from shardwise.training.assign import SnapshotBuffers, snapshot
+
+    tied = torch.randn(4, 3)
+    state = {"embed": tied, "lm_head": tied, "norm": torch.randn(3), "big": torch.randn(8, 8)}
+    alone = fold_entries(write_part(encoding, state, tmp_path / "one", "model/m.pt"))
+    entries = []
+    for part in range(2):  # as save_checkpoint(async_save=True) does on each of 2 DP ranks
+        copy = snapshot(state, SnapshotBuffers(), owned_tensors(state, part, 2))
+        assert copy["embed"] is copy["lm_head"]
+        entries += write_part(encoding, copy, tmp_path / "two", "model/m.pt", part, 2)
+    assert fold_entries(entries) == alone
+
+
+def test_a_damaged_structure_is_a_format_error_naming_the_file(tmp_path):
+    from shardwise.formats.safetensors import header_bytes
+    from shardwise.tensors import TensorInfo
+
+    shardwise.save_checkpoint(tmp_path, "t", model={"w": torch.ones(2)}, encoding="safetensors")
+    path = tmp_path / "t/model/dp_rank_00_tp_rank_00_pp_rank_00.safetensors"
+    for structure in ('{"D": [[{"D": []}, 2]]}', '{"T": "nope"}', '{"S": "ab"}', "[" * 5000):
+        header, _ = header_bytes([TensorInfo("w", (2,), "float32")], {"shardwise.structure": structure})
+        path.write_bytes(header + torch.ones(2).numpy().tobytes())
+        manifest = json.loads((tmp_path / "t/shardwise.json").read_text())
+        manifest["files"] = [{**f, "size": path.stat().st_size} if f["name"].endswith(".safetensors") else f for f in manifest["files"]]
+        (tmp_path / "t/shardwise.json").write_text(json.dumps(manifest))
+        with pytest.raises(shardwise.FormatError, match="dp_rank_00_tp_rank_00_pp_rank_00.safetensors: "):
+            shardwise.load_checkpoint(tmp_path, "t", model={}, verify=False)

@@ -207,9 +207,26 @@ def llama_phase(phase: dict, coords) -> dict:
     return {"losses": []}
 
 
+def failing_phase(phase: dict, coords) -> dict:
+    """One rank's ZeRO-1 state cannot be pickled: every rank must raise, then a new save must work."""
+    import shardwise
+
+    shard = {"base_state": {}, "shape_info": {}, "bad": (lambda: 0) if coords.dp_rank == phase["failing_dp_rank"] else 0}
+    try:
+        shardwise.save_checkpoint(phase["root"], "broken", model={"w": torch.ones(2)}, optimizer=shard, async_save=phase.get("async", False))
+        shardwise.finalize_checkpoint()
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test looks at what each rank saw
+        error = f"{type(e).__name__}: {e}"
+    shardwise.save_checkpoint(phase["root"], "after", model={"w": torch.ones(2)})
+    return {"losses": [], "error": error}
+
+
 def run_phase(phase: dict, coords, tp_group) -> dict:
     import shardwise
 
+    if phase.get("kind") == "fail":
+        return failing_phase(phase, coords)
     if phase.get("kind", "train") != "train":
         return llama_phase(phase, coords)
     zero1 = phase.get("zero1", False)

@@ -5,8 +5,9 @@ these attributes (:class:`ParallelCoords` is the plain one):
 
     tp_rank, tp_size, pp_rank, pp_size, dp_rank, dp_size   ints
     dp_group                                               torch.distributed group of this rank's
-                                                           DP replicas (None: the whole world when
-                                                           tp = pp = 1, or no torch.distributed)
+                                                           DP replicas, for the caller's gradient
+                                                           reductions (checkpoint traffic uses a
+                                                           gloo group of its own)
 
 Three ways to get them:
 
@@ -51,7 +52,7 @@ class ParallelCoords:
 
     @property
     def is_first_model_rank(self) -> bool:
-        """True on the rank that writes what exists once per run (scheduler, user content, the manifest)."""
+        """True on the rank that writes what exists once per run (scheduler, user content); the manifest is global rank 0's."""
         return self.tp_rank == 0 and self.pp_rank == 0 and self.dp_rank == 0
 
 

@@ -26,7 +26,7 @@ from .assign import FileWrite, SnapshotBuffers, files_to_write, snapshot
 from .encodings import ENCODINGS, SPLIT_BY_TENSOR, owned_tensors
 from .group import checkpoint_group
 from .load import load_states
-from .save import begin, run_save
+from .save import begin, finish, run_save
 from .zero1 import is_zero1_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "finalize_checkpoint"]
@@ -71,8 +71,8 @@ def save_checkpoint(
     background.wait()  # the previous async save; its error surfaces here
     if encoding not in ENCODINGS:
         raise OptionError(f"encoding {encoding!r} is not supported here; choose {', '.join(ENCODINGS)}")
-    if num_kept_ckpts is not None and num_kept_ckpts == 0:
-        raise OptionError("num_kept_ckpts must be at least 1 (or None/-1 to keep everything)")
+    if num_kept_ckpts is not None and (type(num_kept_ckpts) is not int or not (num_kept_ckpts >= 1 or num_kept_ckpts == -1)):
+        raise OptionError(f"num_kept_ckpts must be an int of at least 1 (or None/-1 to keep everything), not {num_kept_ckpts!r}")
     coords = coords_of(parallel)
     group = checkpoint_group()
     optimizer_state = _state_of(optimizer)
@@ -86,10 +86,13 @@ def save_checkpoint(
     if not async_save:
         run_save(group, plan, writes)
         return plan.tag
-    copies = [
-        FileWrite(w.name, snapshot(w.obj, _buffers, owned_tensors(w.obj, w.part, w.parts) if w.parts > 1 else None), w.nbytes, w.part, w.parts)
-        for w in writes
-    ]
+    try:
+        copies = [
+            FileWrite(w.name, snapshot(w.obj, _buffers, owned_tensors(w.obj, w.part, w.parts) if w.parts > 1 else None), w.nbytes, w.part, w.parts)
+            for w in writes
+        ]
+    except BaseException as e:  # out of memory, say: the other ranks still meet this one in finish, and the stage goes
+        finish(group, plan, e)  # raises e
     background.submit(lambda: run_save(group, plan, copies, after=lambda: [_buffers.release(w.obj) for w in copies]))
     return plan.tag
 

@@ -129,21 +129,24 @@ class SnapshotBuffers:
                 self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
 
-def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None) -> Any:
+def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None, memo: dict | None = None) -> Any:
     """A deep copy of ``obj`` whose tensors are CPU copies (containers rebuilt, other leaves shared:
     numbers and strings are immutable; user objects are the caller's not to mutate mid-save).
 
     With ``keep`` (ids of tensors), the other tensors become ``meta`` tensors of the same shape
-    and dtype: what a rank writing only part of a state needs of the rest.
+    and dtype: what a rank writing only part of a state needs of the rest. A tensor that appears
+    twice is copied once (``memo``), so the copy has the original's tensors in the same places.
     """
     import torch
 
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        if keep is not None and id(obj) not in keep:
-            return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
-        return buffers.copy(obj)
+        if id(obj) not in memo:
+            keep_it = keep is None or id(obj) in keep
+            memo[id(obj)] = buffers.copy(obj) if keep_it else torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+        return memo[id(obj)]
     if isinstance(obj, dict):
-        copied = {k: snapshot(v, buffers, keep) for k, v in obj.items()}
+        copied = {k: snapshot(v, buffers, keep, memo) for k, v in obj.items()}
         if type(obj) is dict:
             return copied
         clone = copy.copy(obj)  # OrderedDict and other dict subclasses keep their type and attributes (_metadata)
@@ -151,8 +154,8 @@ def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None) -
         clone.update(copied)
         return clone
     if isinstance(obj, list):
-        return [snapshot(v, buffers, keep) for v in obj]
+        return [snapshot(v, buffers, keep, memo) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot(v, buffers, keep) for v in obj]
+        items = [snapshot(v, buffers, keep, memo) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj

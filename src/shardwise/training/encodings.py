@@ -55,6 +55,13 @@ def owned_tensors(obj: Any, part: int, parts: int) -> set[int]:
     return {id(t) for t, owner in zip(tensors, owners) if owner == part}
 
 
+def _data(tensor, where: str):
+    """The bytes of a tensor this part writes (refusing a meta placeholder: that would be a planning bug)."""
+    if tensor.device.type == "meta":
+        raise IntegrityError(f"{where}: this rank was to write a tensor it holds no data for (a meta placeholder)")
+    return tensor.detach().cpu().contiguous()
+
+
 def _info(name: str, tensor) -> TensorInfo:
     return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
 
@@ -116,12 +123,12 @@ def _hashable(key: Any) -> Any:
 
 def _tensor_names(obj: Any, tensors: list) -> dict[int, str]:
     """id(tensor) -> its name in the file: the key of a flat ``{str: tensor}`` dict, else its position."""
-    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and len(tensors) == len(obj) and all(id(v) in {id(t) for t in tensors} for v in obj.values()):
+    ids = {id(t) for t in tensors}
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj) and all(id(v) in ids for v in obj.values()):
         names = {}
         for key, value in obj.items():
             names.setdefault(id(value), key)
-        if len(names) == len(tensors):
-            return names
+        return names
     return {id(t): f"tensor_{i}" for i, t in enumerate(tensors)}
 
 
@@ -168,7 +175,7 @@ def _write_safetensors(obj: Any, stage: Path, name: str, part: int, parts: int) 
         for info in ordered:
             tensor = by_name[info.name]
             if id(tensor) in mine and info.nbytes:
-                data = tensor_bytes(tensor.detach().contiguous())
+                data = tensor_bytes(_data(tensor, str(path)))
                 _pwrite(fd, data, offset)
                 start_writeback(fd, offset, info.nbytes)
                 ranges.append([offset, info.nbytes, crc32(data)])
@@ -201,7 +208,7 @@ def _write_xser(obj: Any, stage: Path, name: str, part: int, parts: int) -> list
     entries = []
     for tid, tensor in enumerate(tensors):
         if id(tensor) in mine:
-            own = tensor.detach().contiguous()
+            own = _data(tensor, str(stage / name))
             if own.untyped_storage().nbytes() != own.numel() * own.element_size():
                 own = own.clone()  # torch.save writes a view's whole storage
             relpath = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}/tensor_{tid}.pt"
@@ -241,8 +248,9 @@ def _replace_tensors(obj: Any, replace: Callable[[Any], Any]) -> Any:
         return collections.OrderedDict(out) if isinstance(obj, collections.OrderedDict) else out
     if isinstance(obj, list):
         return [_replace_tensors(v, replace) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_replace_tensors(v, replace) for v in obj)
+    if isinstance(obj, tuple):
+        items = [_replace_tensors(v, replace) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
 
 
@@ -308,10 +316,9 @@ def _read_safetensors(path: Path, mapped: bool) -> Any:
         return out if mapped else out.clone()
 
     try:
-        skeleton = json.loads(structure)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: its {_STRUCTURE} metadata is not valid JSON ({e})") from None
-    return _rebuild(skeleton, tensor, str(path))
+        return _rebuild(json.loads(structure), tensor, str(path))
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+        raise FormatError(f"{path}: its {_STRUCTURE} metadata is not a structure shardwise wrote ({type(e).__name__}: {e})") from None
 
 
 def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:
@@ -352,4 +359,7 @@ def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:
             return tuple(walk(v) for v in obj)
         return obj
 
-    return walk(references)
+    try:
+        return walk(references)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise FormatError(f"{folder / name}: its references cannot be resolved ({type(e).__name__}: {str(e)[:120]})") from None

@@ -148,6 +148,20 @@ def _optimizer_state(tag: Tag, layout: dict, coords: ParallelCoords, verify: boo
     return split_zero1(full, coords.dp_size, str(tag.path / full_optim_file(t, p)))[coords.dp_rank]
 
 
+def _check_for_resharding(tag: Tag, layout: dict, verify: bool) -> None:
+    """Before the layout engine reads a tag's model files: they are torch or xser files, and (``verify``) their CRCs match."""
+    encoding = _encoding_of(tag, "model/x.pt")
+    if encoding == "safetensors":
+        raise LayoutError(
+            f"{tag.path}: model weights saved with encoding {encoding!r} load only at the saved tp {layout['tp']} x pp {layout['pp']}; "
+            f"resharding on load reads encodings 'pt' and 'xser'"
+        )
+    if verify and tag.manifest is not None:
+        for entry in tag.manifest.get("files", []):
+            if str(entry.get("name", "")).startswith("model/"):
+                check_file(tag.path / entry["name"], entry)
+
+
 def load_states(
     checkpoint_dir: str | os.PathLike, tag: str | None, coords: ParallelCoords, group: Group, *,
     model: Any, optimizer: Any, scheduler: Any, strict: bool, verify: bool, trust_pickle: bool, model_config: Any = None,
@@ -169,6 +183,7 @@ def load_states(
         else:
             from .reshard_load import resharded_model_state
 
+            _check_for_resharding(chosen, layout, verify)
             state = resharded_model_state(
                 chosen.path, tp_size=coords.tp_size, pp_size=coords.pp_size, tp_rank=coords.tp_rank, pp_rank=coords.pp_rank,
                 config=model_config, trust_pickle=trust_pickle,

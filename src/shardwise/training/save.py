@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic import commit_stage, discard_stage, fsync_dir, remove_stale_stages, staging_name, write_text_durably
-from ..errors import OptionError
+from ..errors import IntegrityError, OptionError
 from .assign import FileWrite
-from .encodings import fold_entries, write_part
+from .encodings import fold_entries, stored_name, write_part
 from .group import Group, first_failure
-from .layout import DONE, MANIFEST, MARKER, manifest_document
+from .layout import DONE, MANIFEST, MARKER, manifest_document, model_file, optim_file
 from .tags import Tag, list_tags, next_sequence, tags_to_remove
 
 __all__ = ["SavePlan", "begin", "write_files", "finish", "remove_tag"]
@@ -61,7 +63,11 @@ def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict
         remove_stale_stages(root)
         stage = staging_name(root / name)
         stage.mkdir()
-        write_text_durably(stage / MARKER, "1")
+        try:
+            write_text_durably(stage / MARKER, "1")
+        except BaseException:
+            discard_stage(stage)
+            raise
         return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts, model_config)
 
     return group.leader_decides(decide)
@@ -69,11 +75,14 @@ def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict
 
 def write_files(plan: SavePlan, writes: list[FileWrite]) -> list[dict]:
     """Step 2, this rank: write its states (or its parts of them) into the staging folder; entries with byte ranges."""
-    entries = []
-    for write in writes:
+    def one(write: FileWrite) -> list[dict]:
         encoding = plan.encoding if write.name.startswith(("model/", "optim/")) else "pt"  # scheduler, user content: as NxD
-        entries += write_part(encoding, write.obj, plan.stage, write.name, write.part, write.parts)
-    return entries
+        return write_part(encoding, write.obj, plan.stage, write.name, write.part, write.parts)
+
+    if len(writes) < 2:
+        return [entry for write in writes for entry in one(write)]
+    with ThreadPoolExecutor(2, thread_name_prefix="shardwise-write") as pool:  # checksums and copies of two files at once
+        return [entry for entries in pool.map(one, writes) for entry in entries]
 
 
 def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) -> None:
@@ -85,27 +94,55 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
         if failure is not None:
             discard_stage(plan.stage)
             return
-        files = fold_entries([entry for entries in outcomes for entry in entries])
-        for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
-            fsync_dir(folder)
-        document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)
-        if plan.model_config is not None:
-            document["model_config"] = plan.model_config
-        write_text_durably(plan.stage / MANIFEST, json.dumps(document, indent=1) + "\n")
-        write_text_durably(plan.stage / DONE, "1")
         try:
+            files = fold_entries([entry for entries in outcomes for entry in entries])
+            missing = _missing(plan, {f["name"] for f in files})
+            if missing:
+                raise IntegrityError(
+                    f"{plan.root / plan.tag}: no rank wrote {', '.join(sorted(missing)[:3])}{' ...' if len(missing) > 3 else ''} "
+                    f"(do the DP replicas hold the same states? a per-rank optimizer state needs zero1=True)"
+                )
+            for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
+                fsync_dir(folder)
+            document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)
+            if plan.model_config is not None:
+                document["model_config"] = plan.model_config
+            write_text_durably(plan.stage / MANIFEST, json.dumps(document, indent=1) + "\n")
+            write_text_durably(plan.stage / DONE, "1")
             commit_stage(plan.stage, plan.root / plan.tag, overwrite=True)
-        except BaseException:
+        except BaseException as e:
             discard_stage(plan.stage)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"{plan.root / plan.tag}: committing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
             raise
-        for old in tags_to_remove(list_tags(plan.root), plan.num_kept_ckpts, plan.tag):
-            remove_tag(old)
+        _apply_retention(plan)
 
     group.leader_decides(commit)
     if isinstance(outcome, BaseException):
         raise outcome
     if failure is not None:
         raise OSError(f"{plan.root / plan.tag}: not saved: {failure}; earlier checkpoints are untouched")
+
+
+def _missing(plan: SavePlan, written: set[str]) -> set[str]:
+    """Model and optimizer files the layout calls for that no rank wrote (for the kinds that were saved at all)."""
+    grid = [(t, p) for t in range(plan.layout["tp"]) for p in range(plan.layout["pp"])]
+    expected = set()
+    if any(name.startswith("model/") for name in written):
+        expected |= {stored_name(model_file(t, p), plan.encoding) for t, p in grid}
+    if any(name.startswith("optim/") for name in written):
+        dps = range(plan.layout["dp"]) if plan.layout["optimizer"] == "zero1" else [0]
+        expected |= {stored_name(optim_file(d, t, p), plan.encoding) for d in dps for t, p in grid}
+    return expected - written
+
+
+def _apply_retention(plan: SavePlan) -> None:
+    """Remove what ``num_kept_ckpts`` no longer keeps; a failure here is a warning, the new checkpoint is complete."""
+    try:
+        for old in tags_to_remove(list_tags(plan.root), plan.num_kept_ckpts, plan.tag):
+            remove_tag(old)
+    except OSError as e:
+        warnings.warn(f"{plan.root / plan.tag} is saved, but removing older checkpoints failed: {e}", stacklevel=2)
 
 
 def remove_tag(tag: Tag) -> None:
@@ -123,7 +160,7 @@ def run_save(group: Group, plan: SavePlan, writes: list[FileWrite], after: Any =
     try:
         try:
             outcome: Any = write_files(plan, writes)
-        except Exception as e:
+        except BaseException as e:  # KeyboardInterrupt too: the other ranks are waiting in finish
             outcome = e
         finish(group, plan, outcome)
     finally:

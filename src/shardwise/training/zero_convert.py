@@ -119,6 +119,8 @@ def zero_convert(
             tag=dst.name, sequence=sequence if type(sequence) is int else 1,
             encoding=encoding if isinstance(encoding, str) else "pt", layout=layout, files=files,
         )
+        for key, value in old.items():  # what this conversion does not change (model_config, ...)
+            document.setdefault(key, value)
         write_text_durably(stage / MANIFEST, json.dumps(document, indent=1) + "\n")
         if (src / DONE).is_file():
             write_text_durably(stage / DONE, "1")
