@@ -317,3 +317,23 @@ def test_small_chunks_and_background_writes_give_the_same_bytes(models, tmp_path
     assert diff(src, back).equal
     for out in (nx, a2, a4):
         assert diff(src, out).equal
+
+
+def test_a_sharded_folder_that_needs_trust_pickle_is_routed_to_the_layout_engine(models, tmp_path, capsys):
+    """Routing honours --trust-pickle: without it the refusal is the message, with it the folder converts."""
+    from fractions import Fraction
+
+    from shardwise.cli import run
+
+    nx, out = tmp_path / "nx", tmp_path / "out"
+    convert_layout(models["gqa"], nx, to="nxdt", tp=2)
+    (nx / "shardwise.json").unlink()
+    for path in (nx / "model").iterdir():
+        shard = torch.load(path, weights_only=True)
+        shard["extra_state"] = Fraction(1, 3)  # a class outside the allow-list, as custom training code may save
+        torch.save(shard, path)
+    config = str(models["gqa"] / "config.json")
+    assert run(["convert", str(nx), str(out), "--to", "hf", "--config", config]) == 2
+    assert "refused to load" in capsys.readouterr().err and not out.exists()
+    assert run(["convert", str(nx), str(out), "--to", "hf", "--config", config, "--trust-pickle", "--quiet"]) == 0
+    assert diff(models["gqa"], out).equal

@@ -206,15 +206,19 @@ def convert(
     started = time.perf_counter()
     dst = Path(dst)
     layout_options = {"style": style, "tp": tp, "pp": pp, "qkv_linear": qkv_linear, "fuse_qkv": fuse_qkv, "kv_multiplier": kv_multiplier}
-    from .reshard.convert import convert_layout, needs_layout_engine
+    from .reshard.containers import Shards
+    from .reshard.convert import convert_layout, layout_route
 
     layout_to = to or _suffix_format(dst)
-    if needs_layout_engine(src, layout_to, layout_options):
+    route = layout_route(src, layout_to, layout_options, trust_pickle=trust_pickle)
+    if route is not None:
         for name, value in (("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name)):
             if value is not None:
+                if isinstance(route, Shards):
+                    route.close()
                 raise OptionError(f"{name} applies to Lightning checkpoints, not to parallel layouts")
         return convert_layout(
-            src, dst, to=layout_to, **layout_options, config=config, dtype=dtype, weights_format=weights_format,
+            route, dst, to=layout_to, **layout_options, config=config, dtype=dtype, weights_format=weights_format,
             max_shard_size=max_shard_size, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress,
         )
     to = to or infer_format(str(dst))

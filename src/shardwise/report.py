@@ -56,17 +56,24 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config:
     replication, vocabulary padding and the layers of each pipeline stage (or ``error`` saying
     what is needed to tell, such as ``--config``).
     """
-    from .reshard.canonical import is_layout_checkpoint
     from .reshard.containers import find_shards
+    from .reshard.convert import layout_route, shards_need_engine
 
     shards = find_shards(Path(path), trust_pickle=trust_pickle) if Path(path).is_dir() else None
-    if shards is not None:
-        with shards:
+    if shards is not None:  # found once: described, then (when the engine reads them) handed to the layout summary
+        try:
             summary = describe(_shards_checkpoint(shards))
+            route = shards if shards_need_engine(shards) else None
+        except BaseException:
+            shards.close()
+            raise
+        if route is None:
+            shards.close()
     else:
         with open_checkpoint(path, trust_pickle=trust_pickle) as ckpt:
             summary = describe(ckpt)
-    summary["parallel"] = _parallel_summary(path, config, trust_pickle) if is_layout_checkpoint(path) else None
+        route = layout_route(path, "hf", {}, trust_pickle=trust_pickle)
+    summary["parallel"] = _parallel_summary(route, config, trust_pickle) if route is not None else None
     return summary
 
 

@@ -12,9 +12,10 @@ from dataclasses import replace
 
 from ..layout.stream import TileStreamer, read_tiled
 from ..tensors import FileTensorSource
+from .containers import Shards
 from .model import ShardedModel, open_model
 
-__all__ = ["CanonicalSource", "open_canonical", "is_layout_checkpoint"]
+__all__ = ["CanonicalSource", "open_canonical", "open_layout_checkpoint"]
 
 
 class CanonicalSource(FileTensorSource):
@@ -68,13 +69,15 @@ class _View:
         self.tensors.close()
 
 
-def is_layout_checkpoint(path: str | os.PathLike) -> bool:
-    """True for sharded or Megatron-style checkpoints, which compare through their canonical tensors."""
-    from .convert import needs_layout_engine
+def open_layout_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None = None, trust_pickle: bool = False) -> "_View | None":
+    """The canonical view of a sharded or Megatron-style checkpoint (see :func:`open_canonical`), or
+    None for checkpoints that compare tensor by tensor as they are; the shards are found once."""
+    from .convert import layout_route
 
-    return needs_layout_engine(path, "hf", {})
+    route = layout_route(path, "hf", {}, trust_pickle=trust_pickle)
+    return None if route is None else open_canonical(route, config=config, trust_pickle=trust_pickle)
 
 
-def open_canonical(path: str | os.PathLike, *, config: str | os.PathLike | None = None, trust_pickle: bool = False) -> _View:
+def open_canonical(path: str | os.PathLike | Shards, *, config: str | os.PathLike | None = None, trust_pickle: bool = False) -> _View:
     """A ``with``-able view whose ``tensors`` is the :class:`CanonicalSource` of ``path``."""
     return _View(CanonicalSource(open_model(path, config=config, trust_pickle=trust_pickle)))

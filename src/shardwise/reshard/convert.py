@@ -19,52 +19,67 @@ from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
 from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
-from ..errors import LayoutError, OptionError, ShardwiseError
+from ..errors import LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
 from ..layout.sharding import ShardedLayout, shard_plan
 from ..layout.stream import TileStreamer
 from ..layout.tiles import compose
 from ..models.llama import STYLES
 from ..progress import NO_PROGRESS, Progress
 from ..units import parse_size
-from .containers import CONTAINERS
+from .containers import CONTAINERS, Shards, find_shards
 from .model import ShardedModel, open_model
 from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 
-__all__ = ["convert_layout", "target_layout", "needs_layout_engine"]
+__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine"]
 
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
 
 
-def needs_layout_engine(src: str | os.PathLike, to: str | None, options: dict) -> bool:
-    """Whether a conversion goes through the parallel-layout engine rather than the plain tensor copy.
+def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust_pickle: bool = False) -> "Shards | Path | None":
+    """Whether a conversion goes through the parallel-layout engine, and what it has opened for it.
 
     It does when the output is sharded (nxdt, nemo-dir), a layout option is given, the source is a
     sharded or Megatron-style checkpoint, or a Llama-family HF model becomes an archive (as mcore).
+    Returns None for the plain tensor copy, else the source for :func:`.model.open_model`: the
+    :class:`Shards` it found (opened once; the caller owns them) or the path of an unsharded model.
     """
     from ..formats.hf import read_config
     from ..models.llama import MODEL_TYPES
-    from .containers import find_shards
-    from .model import detect_style
 
-    if to in ("nxdt", "nemo-dir") or any(v not in (None, False) for v in options.values()):
-        return True
+    forced = to in ("nxdt", "nemo-dir") or any(v not in (None, False) for v in options.values())
     path = Path(src)
     if path.is_dir() and (path / "config.json").is_file() and not (path / MANIFEST_NAME).is_file():
+        if forced:
+            return path
         config = read_config(path / "config.json")
-        return to == "archive" and config.get("model_type") in MODEL_TYPES
+        return path if to == "archive" and config.get("model_type") in MODEL_TYPES else None
     try:
-        shards = find_shards(path)
+        shards = find_shards(path, trust_pickle=trust_pickle)
+    except UnsafeCheckpointError:
+        raise  # sharded after all: the refusal (and its --trust-pickle hint) is the message to give
     except (OSError, ShardwiseError):
-        return False  # the plain conversion reports what is wrong with the source
+        if forced:
+            raise
+        return None  # the plain conversion reports what is wrong with the source
     if shards is None:
-        return False
-    with shards:
-        try:
-            style = detect_style(shards.sources[(0, 0)].keys())[0]
-        except LayoutError:  # not a Llama-family model: only nxdt folders have nothing else to be
-            return shards.container == "nxdt"
-        return shards.container != "archive" or (shards.tp, shards.pp) != (1, 1) or style != "hf"
+        return path if forced else None
+    if forced or shards_need_engine(shards):
+        return shards
+    shards.close()
+    return None
+
+
+def shards_need_engine(shards: Shards) -> bool:
+    """Whether found shards are read through the layout engine: all but an unsharded archive in HF naming
+    (a plain archive) and non-Llama models outside nxdt folders."""
+    from .model import detect_style
+
+    try:
+        style = detect_style(shards.sources[(0, 0)].keys())[0]
+    except LayoutError:  # not a Llama-family model: only nxdt folders have nothing else to be
+        return shards.container == "nxdt"
+    return shards.container != "archive" or (shards.tp, shards.pp) != (1, 1) or style != "hf"
 
 
 def target_layout(
@@ -113,7 +128,7 @@ def _qkv_option(style: str, source: ShardedModel, qkv_linear: bool | None, fuse_
 
 
 def convert_layout(
-    src: str | os.PathLike,
+    src: "str | os.PathLike | Shards",
     dst: str | os.PathLike,
     *,
     to: str | None = None,
@@ -150,16 +165,22 @@ def convert_layout(
     started = time.perf_counter()
     dst = Path(dst)
     cast = parse_cast_dtype(dtype).name if dtype else None
-    check_output_free(dst, overwrite, is_dir=True)
+    label = src.path if isinstance(src, Shards) else src
+    try:
+        check_output_free(dst, overwrite, is_dir=True)
+    except BaseException:
+        if isinstance(src, Shards):
+            src.close()
+        raise
     with open_model(src, config=config, trust_pickle=trust_pickle, expect=expect) as source:
         to = to or (source.container if keep_layout else None)
         if to not in CONTAINERS:
             given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
             raise OptionError(f"{given}: choose --to {', '.join(CONTAINERS)} for a Llama-family model")
         if keep_layout and to == "hf":
-            raise OptionError(f"{src}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
+            raise OptionError(f"{label}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
         if expect_layers is not None and expect_layers != source.dims.layers:
-            raise OptionError(f"{src}: the model has {source.dims.layers} layers, not the {expect_layers} the options say")
+            raise OptionError(f"{label}: the model has {source.dims.layers} layers, not the {expect_layers} the options say")
         hf_config = source.hf_config or hf_config_from_nemo(source.dims, source.nemo_config or {})
         streamer = TileStreamer(source.lookup, progress, cast)
         warnings = list(source.warnings)

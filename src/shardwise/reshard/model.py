@@ -95,7 +95,7 @@ def detect_style(names: list[str]) -> tuple[str, str, str]:
 
 
 def open_model(
-    path: str | os.PathLike,
+    path: "str | os.PathLike | Shards",
     *,
     config: str | os.PathLike | None = None,
     trust_pickle: bool = False,
@@ -105,8 +105,11 @@ def open_model(
 
     ``config`` is an HF config.json giving what files cannot (head counts); it is needed for
     NxD-written folders. ``expect`` holds layout options the caller asserts (``style``, ``tp``,
-    ``pp``, ``qkv``, ``kv_multiplier``); any that the files contradict is a LayoutError.
+    ``pp``, ``qkv``, ``kv_multiplier``); any that the files contradict is a LayoutError. ``path``
+    may be :class:`Shards` already found (see :func:`open_shards`), so that nothing is parsed twice.
     """
+    if isinstance(path, Shards):
+        return open_shards(path, config=config, expect=expect)
     path = Path(path)
     shards = find_shards(path, trust_pickle=trust_pickle)
     if shards is None:

@@ -102,11 +102,10 @@ def diff(
 
 
 def _open_side(path, trust_pickle: bool, config):
-    from ..reshard.canonical import is_layout_checkpoint, open_canonical
+    from ..reshard.canonical import open_layout_checkpoint
 
-    if is_layout_checkpoint(path):
-        return open_canonical(path, config=config, trust_pickle=trust_pickle)
-    return open_checkpoint(path, trust_pickle=trust_pickle)
+    view = open_layout_checkpoint(path, config=config, trust_pickle=trust_pickle)
+    return view if view is not None else open_checkpoint(path, trust_pickle=trust_pickle)
 
 
 def _describe(info: TensorInfo) -> dict:
