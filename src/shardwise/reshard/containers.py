@@ -25,17 +25,17 @@ from ..formats.safetensors import SafetensorsFile
 from ..jsonfile import read_json_object
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
+from ..training.layout import parse_rank_file, rank_file_name
 
 __all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
 
 CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
-_NXDT_V2 = re.compile(r"dp_rank_(\d+)(?:_ep_rank_(\d+))?_tp_rank_(\d+)_pp_rank_(\d+)\.pt")
 _NXDT_V1 = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)")
 
 
 def nxdt_file_name(tp_rank: int, pp_rank: int) -> str:
     """NxD's name for one model shard inside ``model/``."""
-    return f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
+    return rank_file_name(0, tp_rank, pp_rank)
 
 
 @dataclass
@@ -113,11 +113,10 @@ def _nxdt_files(path: Path) -> dict[tuple[int, int], Path]:
     folder = path / "model" if (path / "model").is_dir() else path
     found: dict[tuple[int, int], Path] = {}
     for child in sorted(folder.iterdir()):
-        m = _NXDT_V2.fullmatch(child.name)
-        if m and child.is_file():
-            dp, ep = int(m.group(1)), int(m.group(2) or 0)
-            if dp == 0 and ep == 0:
-                found[(int(m.group(3)), int(m.group(4)))] = child
+        ranks = parse_rank_file(child.name)
+        if ranks is not None and ranks.dp is not None and child.is_file():
+            if ranks.dp == 0 and not ranks.ep:
+                found[(ranks.tp, ranks.pp)] = child
             continue
         m = _NXDT_V1.fullmatch(child.name)
         if m and (child / "checkpoint.pt").is_file():

@@ -114,11 +114,7 @@ def open_model(
     shards = find_shards(path, trust_pickle=trust_pickle)
     if shards is None:
         return _open_unsharded(path, config, trust_pickle, expect or {})
-    try:
-        return _open_sharded(shards, config, expect or {})
-    except BaseException:
-        shards.close()
-        raise
+    return open_shards(shards, config=config, expect=expect)
 
 
 def open_shards(shards: Shards, *, config: dict | str | os.PathLike | None = None, expect: dict | None = None) -> ShardedModel:

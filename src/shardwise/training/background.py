@@ -13,16 +13,11 @@ import sys
 import threading
 from typing import Callable
 
-__all__ = ["submit", "wait", "pending"]
+__all__ = ["submit", "wait"]
 
 _thread: threading.Thread | None = None
 _error: BaseException | None = None
 _atexit_registered = False
-
-
-def pending() -> bool:
-    """True while a submitted save is still being written."""
-    return _thread is not None and _thread.is_alive()
 
 
 def submit(work: Callable[[], None]) -> None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import collections
 import json
 import math
-import mmap
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from ..atomic import start_writeback, write_all
 from ..checksum import crc32, crc32_combine
+from ..dtypes import name_of
 from ..errors import FormatError, IntegrityError, OptionError
 from ..tensors import TensorInfo, tensor_bytes
 from .assign import spread, tensors_in
@@ -63,7 +63,7 @@ def _data(tensor, where: str):
 
 
 def _info(name: str, tensor) -> TensorInfo:
-    return TensorInfo(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+    return TensorInfo(name, tuple(tensor.shape), name_of(tensor.dtype))
 
 
 def _whole(entry_name: str, size: int, crc: int) -> dict:
@@ -294,31 +294,22 @@ def read_state(encoding: str, folder: Path, name: str, load: Callable[[str], Any
 
 
 def _read_safetensors(path: Path, mapped: bool) -> Any:
-    import torch
-
-    from ..dtypes import dtype as dtype_row
     from ..formats.safetensors import SafetensorsFile
 
-    source = SafetensorsFile(path)
-    structure = source.metadata.get(_STRUCTURE)
-    if structure is None:
-        raise FormatError(f"{path}: no {_STRUCTURE} in its metadata: not a training state shardwise wrote")
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+    with SafetensorsFile(path) as source:
+        structure = source.metadata.get(_STRUCTURE)
+        if structure is None:
+            raise FormatError(f"{path}: no {_STRUCTURE} in its metadata: not a training state shardwise wrote")
 
-    def tensor(tensor_name: str):
-        stored = source.stored(tensor_name)
-        if stored is None:
-            raise FormatError(f"{path}: its structure names a tensor {tensor_name!r} the file does not hold")
-        info = stored.info
-        out = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=stored.offset) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-        out = out.view(dtype_row(info.dtype).torch()).reshape(info.shape)
-        return out if mapped else out.clone()
+        def tensor(tensor_name: str):
+            if tensor_name not in source:
+                raise FormatError(f"{path}: its structure names a tensor {tensor_name!r} the file does not hold")
+            return source.map(tensor_name) if mapped else source.read(tensor_name)
 
-    try:
-        return _rebuild(json.loads(structure), tensor, str(path))
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
-        raise FormatError(f"{path}: its {_STRUCTURE} metadata is not a structure shardwise wrote ({type(e).__name__}: {e})") from None
+        try:
+            return _rebuild(json.loads(structure), tensor, str(path))
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+            raise FormatError(f"{path}: its {_STRUCTURE} metadata is not a structure shardwise wrote ({type(e).__name__}: {e})") from None
 
 
 def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:

@@ -20,8 +20,6 @@ from ..units import CHUNK_BYTES
 
 __all__ = ["save_object", "check_file", "check_against", "file_crc32", "torch_load"]
 
-_READ_CHUNK = CHUNK_BYTES
-
 
 class _ChecksummingFile(io.RawIOBase):
     """A write-only file that keeps the CRC-32 and size of what goes through (torch.save only appends)."""
@@ -80,7 +78,7 @@ def save_object(obj: Any, path: Path) -> tuple[int, int]:
 def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_READ_CHUNK):
+        while chunk := f.read(CHUNK_BYTES):
             crc = crc32(chunk, crc)
     return crc
 

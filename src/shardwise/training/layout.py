@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "MANIFEST_FORMAT", "MANIFEST_VERSION",
-    "OPTIMIZER_KINDS", "RankFile", "model_file", "optim_file", "full_optim_file", "parse_rank_file", "manifest_document",
+    "OPTIMIZER_KINDS", "RankFile", "rank_file_name", "manifest_entries", "model_file", "optim_file", "full_optim_file", "parse_rank_file", "manifest_document",
 ]
 
 MARKER = "checkpoint"
@@ -45,7 +45,8 @@ class RankFile:
     ep: int | None = None
 
 
-def _name(dp: int | None, tp: int, pp: int, ep: int | None) -> str:
+def rank_file_name(dp: int | None, tp: int, pp: int, ep: int | None = None) -> str:
+    """``dp_rank_DD[_ep_rank_EE]_tp_rank_TT_pp_rank_PP.pt`` as NxD's ``_get_path`` names it (``full_...`` for dp None)."""
     head = "full" if dp is None else f"dp_rank_{dp:02d}"
     ep_part = "" if ep is None else f"_ep_rank_{ep:02d}"
     return f"{head}{ep_part}_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt"
@@ -53,17 +54,17 @@ def _name(dp: int | None, tp: int, pp: int, ep: int | None) -> str:
 
 def model_file(tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
     """A model shard's path inside the tag; always named for DP rank 0, as NxD names it."""
-    return f"model/{_name(0, tp_rank, pp_rank, ep_rank)}"
+    return f"model/{rank_file_name(0, tp_rank, pp_rank, ep_rank)}"
 
 
 def optim_file(dp_rank: int = 0, tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
     """An optimizer shard's path inside the tag (``dp_rank`` > 0 only with ZeRO-1)."""
-    return f"optim/{_name(dp_rank, tp_rank, pp_rank, ep_rank)}"
+    return f"optim/{rank_file_name(dp_rank, tp_rank, pp_rank, ep_rank)}"
 
 
 def full_optim_file(tp_rank: int = 0, pp_rank: int = 0, ep_rank: int | None = None) -> str:
     """A ZeRO-1 optimizer state merged over DP, as NxD's ``nxd_convert_zero_checkpoints --convert_to_full`` names it."""
-    return f"optim/{_name(None, tp_rank, pp_rank, ep_rank)}"
+    return f"optim/{rank_file_name(None, tp_rank, pp_rank, ep_rank)}"
 
 
 def parse_rank_file(file_name: str) -> RankFile | None:
@@ -72,6 +73,12 @@ def parse_rank_file(file_name: str) -> RankFile | None:
     if m is None:
         return None
     return RankFile(None if m["full"] else int(m["dp"]), int(m["tp"]), int(m["pp"]), None if m["ep"] is None else int(m["ep"]))
+
+
+def manifest_entries(manifest: dict | None) -> dict[str, dict]:
+    """A manifest's ``files`` as ``{name: entry}`` (empty without a manifest or a usable list)."""
+    listed = (manifest or {}).get("files")
+    return {f["name"]: f for f in listed if isinstance(f, dict) and "name" in f} if isinstance(listed, list) else {}
 
 
 def manifest_document(tag: str, sequence: int, encoding: str, layout: dict, files: list[dict]) -> dict:

@@ -100,7 +100,7 @@ def _listed(tag: Tag, relpath: str) -> dict | None:
         if not path.is_file():
             raise FormatError(f"{path}: missing")
         return None
-    entry = next((f for f in tag.manifest.get("files", []) if f.get("name") == relpath), None)
+    entry = tag.entries.get(relpath)
     if entry is None:
         raise IntegrityError(f"{path}: not listed in the checkpoint's manifest")
     check_file(path, entry, verify=False)
@@ -145,7 +145,7 @@ def _optimizer_state(tag: Tag, layout: dict, coords: ParallelCoords, verify: boo
         full = merge_zero1(shards, str(tag.path / "optim"))
     else:
         full = read_file(tag, full_optim_file(t, p), verify, trust_pickle)
-    return split_zero1(full, coords.dp_size, str(tag.path / full_optim_file(t, p)))[coords.dp_rank]
+    return split_zero1(full, coords.dp_size, str(tag.path / full_optim_file(t, p)), only=coords.dp_rank)[0]
 
 
 def _check_for_resharding(tag: Tag, layout: dict, verify: bool) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import FormatError, IntegrityError, LayoutError, OptionError
-from .layout import MANIFEST
+from .layout import MANIFEST, manifest_entries
 
 if TYPE_CHECKING:
     import torch
@@ -146,25 +146,20 @@ def _model_config(tag_path: Path, config, manifest: dict | None) -> dict | None:
     )
 
 
-def _manifest_files(manifest: dict | None) -> dict[str, dict] | None:
-    listed = (manifest or {}).get("files")
-    return {f["name"]: f for f in listed if isinstance(f, dict) and "name" in f} if isinstance(listed, list) else None
-
-
 def _check_sizes(tag_path: Path, manifest: dict | None) -> None:
     """Each model file the training manifest lists against its size (a stat; the CRC-32 would read every byte)."""
     from .files import check_file
 
-    for name, entry in (_manifest_files(manifest) or {}).items():
+    for name, entry in manifest_entries(manifest).items():
         if name.startswith("model/"):
             check_file(tag_path / name, entry, verify=False)
 
 
 def _check_listed(tag_path: Path, shards, manifest: dict | None) -> None:
     """With a training manifest, every model shard read must be one it lists (a stray file is not part of the tag)."""
-    entries = _manifest_files(manifest)
-    if entries is None:
+    if not isinstance((manifest or {}).get("files"), list):
         return
+    entries = manifest_entries(manifest)
     for file in shards.files.values():
         path = Path(file)
         if path.relative_to(tag_path).as_posix() not in entries:

@@ -8,12 +8,13 @@ sequence are ordered among themselves, as NxD orders them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
 from ..jsonfile import read_json_object
-from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER
+from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, manifest_entries
 
 __all__ = ["Tag", "list_tags", "tags_to_remove", "next_sequence"]
 
@@ -30,6 +31,11 @@ class Tag:
     sequence: int | None
     manifest: dict | None
     order_key: tuple
+
+    @functools.cached_property
+    def entries(self) -> dict[str, dict]:
+        """The manifest's files by name (empty without a manifest)."""
+        return manifest_entries(self.manifest)
 
 
 def _manifest(path: Path) -> dict | None:

@@ -136,8 +136,9 @@ def merge_zero1(shards: list[dict], source: str) -> dict:
     return full
 
 
-def split_zero1(full: dict, dp: int, source: str) -> list[dict]:
-    """The states of DP ranks 0..dp-1 from a full ZeRO-1 state (the inverse of :func:`merge_zero1`).
+def split_zero1(full: dict, dp: int, source: str, only: int | None = None) -> list[dict]:
+    """The states of DP ranks 0..dp-1 from a full ZeRO-1 state (the inverse of :func:`merge_zero1`);
+    with ``only``, the list holds that rank's state alone (the others are not built).
 
     Each tensor of one or more dimensions under ``base_state[k]`` / ``sharded_master_weights[k]``
     must have shape ``shape_info[k]``; it is zero-padded on dim 0 to a multiple of ``dp`` and rank
@@ -151,32 +152,33 @@ def split_zero1(full: dict, dp: int, source: str) -> list[dict]:
     if not is_zero1_state(full):
         raise FormatError(f"{source}: holds no ZeRO-1 optimizer state (no base_state and shape_info)")
     shapes = _shapes(full, source)
+    wanted = range(dp) if only is None else [only]
 
     def split(value: Any, shape: tuple[int, ...], where: str) -> list:
         if isinstance(value, dict):
             parts = {name: split(v, shape, f"{where}[{name!r}]") for name, v in value.items()}
-            return [{name: chunks[r] for name, chunks in parts.items()} for r in range(dp)]
+            return [{name: chunks[i] for name, chunks in parts.items()} for i in range(len(wanted))]
         if not (_is_tensor(value) and value.dim() >= 1):
             _refuse_tensor_lists(value, f"{source}: {where}")
-            return [value] * dp
+            return [value] * len(wanted)
         if tuple(value.shape) != shape:
             raise LayoutError(f"{source}: {where} is {list(value.shape)}, but shape_info says {list(shape)}; a full state holds whole tensors")
         n, rows = shape[0], _rows(shape[0], dp)
         chunks = []
-        for r in range(dp):
+        for r in wanted:
             chunk = value.new_zeros((rows, *shape[1:]))  # the padding rows stay zero, as NxD pads
             real = value[r * rows: min(n, (r + 1) * rows)]
             chunk[: real.shape[0]] = real
             chunks.append(chunk)
         return chunks
 
-    ranks = [dict(full) for _ in range(dp)]
+    ranks = [dict(full) for _ in wanted]
     for key in SHARDED_KEYS:
         if key in full:
             entries = _per_param(full, key, shapes, source)
             parts = {k: split(v, shapes[k], f"{key}[{k!r}]") for k, v in entries.items()}
-            for r in range(dp):
-                ranks[r][key] = {k: chunks[r] for k, chunks in parts.items()}
+            for i, state in enumerate(ranks):
+                state[key] = {k: chunks[i] for k, chunks in parts.items()}
     return ranks
 
 

@@ -35,7 +35,7 @@ from ..errors import FormatError, LayoutError, OptionError
 from ..jsonfile import read_json_object
 from ..units import CHUNK_BYTES
 from .files import check_against, check_file, save_object, torch_load
-from .layout import DONE, MANIFEST, MARKER, full_optim_file, manifest_document, optim_file, parse_rank_file
+from .layout import DONE, MANIFEST, MARKER, full_optim_file, manifest_document, manifest_entries, optim_file, parse_rank_file
 from .zero1 import is_zero1_state, merge_zero1, split_zero1
 
 __all__ = ["zero_convert", "ZeroConvertResult"]
@@ -87,7 +87,7 @@ def zero_convert(
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
     manifest = _read_manifest(src)
-    listed = {entry["name"]: entry for entry in manifest["files"]} if manifest else {}
+    listed = manifest_entries(manifest)
     cells = _optim_cells(src / OPTIM)
     for name, entry in listed.items():
         check_file(src / name, entry, verify=name.startswith(f"{OPTIM}/"))
@@ -101,12 +101,10 @@ def zero_convert(
             label = str(paths[0].parent / re.sub(r"^dp_rank_\d+", "dp_rank_*", paths[0].name))
             full = merge_zero1([_load_state(path, trust_pickle) for path in paths], label)
             if to_full:
-                outputs = [(full_optim_file(tp, pp, ep), full)]
-            else:
-                outputs = [(optim_file(r, tp, pp, ep), state) for r, state in enumerate(split_zero1(full, dp, label))]
-            for name, state in outputs:
-                written.append(_save(state, stage, name))
-            del full, outputs
+                written.append(_save(full, stage, full_optim_file(tp, pp, ep)))
+            else:  # one rank's state at a time: peak memory is the full state plus one shard
+                written += [_save(split_zero1(full, dp, label, only=r)[0], stage, optim_file(r, tp, pp, ep)) for r in range(dp)]
+            del full
         copied = _copy_tag(src, stage, listed)
         files = written + copied
         for folder in sorted({(stage / f["name"]).parent for f in files}, key=lambda p: len(p.parts), reverse=True):
