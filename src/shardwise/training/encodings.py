@@ -34,7 +34,7 @@ from ..dtypes import name_of
 from ..errors import FormatError, IntegrityError, OptionError
 from ..tensors import TensorInfo, tensor_bytes
 from .assign import spread, tensors_in
-from .files import save_object
+from .files import save_object, write_failure
 
 __all__ = ["ENCODINGS", "stored_name", "write_part", "fold_entries", "read_state", "SPLIT_BY_TENSOR", "owned_tensors"]
 
@@ -184,7 +184,7 @@ def _write_safetensors(obj: Any, stage: Path, name: str, part: int, parts: int) 
             offset += info.nbytes
         os.fsync(fd)
     except OSError as e:
-        raise OSError(e.errno, f"{path}: writing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
+        raise write_failure(path, e) from None
     finally:
         os.close(fd)
     return {"name": name, "size": size, "ranges": ranges}
@@ -231,10 +231,13 @@ def _save_with(produce: Callable, path: Path) -> tuple[int, int]:
     buffer = io.BytesIO()
     produce(buffer)
     data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb", buffering=0) as f:
-        write_all(f, data)
-        os.fsync(f.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb", buffering=0) as f:
+            write_all(f, data)
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failure(path, e) from None
     return len(data), crc32(data)
 
 
@@ -325,11 +328,15 @@ def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:
         references = load(name)
     tensors_dir = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}"
 
+    loaded: dict[int, Any] = {}  # a tid referenced twice (tied weights) is read once and stays one tensor
+
     def resolve(ref):
         tid = getattr(ref, "tid", None)
         if not isinstance(tid, int) or tid < 0:
             raise FormatError(f"{folder / name}: a TensorReference without a valid tid ({tid!r})")
-        tensor = load(f"{tensors_dir}/tensor_{tid}.pt")
+        if tid not in loaded:
+            loaded[tid] = load(f"{tensors_dir}/tensor_{tid}.pt")
+        tensor = loaded[tid]
         if not isinstance(tensor, torch.Tensor):
             raise FormatError(f"{folder / tensors_dir}/tensor_{tid}.pt: holds a {type(tensor).__name__}, not a tensor")
         shape, dtype = getattr(ref, "shape", None), getattr(ref, "dtype", None)

@@ -18,7 +18,7 @@ from ..checksum import crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..units import CHUNK_BYTES
 
-__all__ = ["save_object", "check_file", "check_against", "file_crc32", "torch_load"]
+__all__ = ["save_object", "write_failure", "check_file", "check_against", "file_crc32", "torch_load"]
 
 
 class _ChecksummingFile(io.RawIOBase):
@@ -51,6 +51,11 @@ class _ChecksummingFile(io.RawIOBase):
         self._f.flush()
 
 
+def write_failure(path: Path, error: OSError) -> OSError:
+    """The one-line error of a failed checkpoint write: the file, the cause, and that older checkpoints are safe."""
+    return OSError(error.errno, f"{path}: writing the checkpoint failed: {error.strerror or error}; earlier checkpoints are untouched")
+
+
 def save_object(obj: Any, path: Path) -> tuple[int, int]:
     """``torch.save(obj)`` to ``path``, fsynced; returns (size, CRC-32) of the file.
 
@@ -71,7 +76,7 @@ def save_object(obj: Any, path: Path) -> tuple[int, int]:
                 raise sink.error from None  # torch reports a failed write as a RuntimeError about positions
             os.fsync(raw.fileno())
     except OSError as e:
-        raise OSError(e.errno, f"{path}: writing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
+        raise write_failure(path, e) from None
     return sink.size, sink.crc
 
 
