@@ -16,7 +16,10 @@ order after an untimed warm-up round, medians of ``--repeat`` rounds:
    CPU memory), against the sync save. Goal: at most 10%. The background write is then waited for
    (``finalize_checkpoint``) and its total time shown. Snapshot buffers are reused from save to
    save; the first save's stall (fresh buffers, page faults included; the warm-up round) is shown
-   on its own line.
+   on its own line. The same with ``async_staging=True`` (the copy of parameters and Adam states
+   moved to the writer thread, the next ``optimizer.step()`` waiting for it): its stall, and how
+   long an ``optimizer.step()`` called at once afterwards waits (the worst case, nothing to overlap
+   the copy with; a real training step's forward and backward would hide it).
 3. **load**: ``shardwise.load_checkpoint(model=, optimizer=)`` (CRC-32 of every byte checked, and
    with ``verify=False``) against ``torch.load`` of the torch.save files + ``load_state_dict``,
    all from the page cache.
@@ -115,10 +118,13 @@ def steps(model, optimizer, work: Path) -> dict:
     }
 
 
+STAGED = ("staging async stall", "staging: wait in an immediate step()", "staging async total")
+
+
 def measure_saves(model, optimizer, work: Path, repeat: int, warmup: int) -> dict[str, list[float]]:
     funcs = steps(model, optimizer, work)
     outputs = {"torch.save": "torch", "torch.save + fsync": "torch_durable", "dcp.save": "dcp", "dcp.save + fsync": "dcp_durable", "shardwise sync save": "sw"}
-    times: dict[str, list[float]] = {name: [] for name in [*funcs, "shardwise async stall", "shardwise async total"]}
+    times: dict[str, list[float]] = {name: [] for name in [*funcs, "shardwise async stall", "shardwise async total", *STAGED]}
     for round_ in range(warmup + repeat):
         for name, fn in funcs.items():
             fresh(work / outputs[name])
@@ -136,6 +142,15 @@ def measure_saves(model, optimizer, work: Path, repeat: int, warmup: int) -> dic
             times["shardwise async total"].append(total)
         elif round_ == 0:
             times["first async stall (fresh buffers)"] = [stall]
+        fresh(work / "sw")
+        start = time.perf_counter()
+        shardwise.save_checkpoint(work / "sw", "staged", model=model, optimizer=optimizer, async_save=True, async_staging=True)
+        stall = time.perf_counter() - start
+        step_wait = timed(optimizer.step)  # no gradients: the step itself does nothing, its pre-hook waits for the copy
+        shardwise.finalize_checkpoint()
+        if round_ >= warmup:
+            for name, value in zip(STAGED, (stall, step_wait, time.perf_counter() - start)):
+                times[name].append(value)
         log(f"round {round_ + 1}/{warmup + repeat}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v and round_ >= warmup))
     return times
 
@@ -181,21 +196,24 @@ def report(total: int, times: dict[str, list[float]]) -> dict:
         "sync save / dcp.save": ratio(sync, med["dcp.save"]),
         "sync save / (dcp.save + fsync)": ratio(sync, med["dcp.save + fsync"]),
         "async stall / sync save": ratio(med["shardwise async stall"], sync),
+        "staging async stall / sync save": ratio(med["staging async stall"], sync),
+        "staging stall + immediate step wait / sync save": ratio(med["staging async stall"] + med["staging: wait in an immediate step()"], sync),
         "first async stall / sync save": ratio(med["first async stall (fresh buffers)"], sync) if "first async stall (fresh buffers)" in med else float("nan"),
         "load (CRC checked) / torch.load": ratio(med["shardwise load (CRC checked)"], med["torch.load + load_state_dict"]),
         "load (verify=False) / torch.load": ratio(med["shardwise load (verify=False)"], med["torch.load + load_state_dict"]),
     }
     goals = {
         "sync save / torch.save": 1.0, "sync save / dcp.save": 1.0, "async stall / sync save": 0.10,
+        "staging async stall / sync save": 0.10,
     }
     print(f"state: {total / GiB:.2f} GiB (model + Adam), {len(times['shardwise sync save'])} rounds, medians")
     for name, values in times.items():
-        print(f"  {name:34s} {med[name]:7.2f} s   ({total / GiB / med[name]:5.2f} GiB/s)   runs: {', '.join(f'{v:.2f}' for v in values)}")
+        print(f"  {name:40s} {med[name]:7.2f} s   ({total / GiB / max(med[name], 1e-9):6.2f} GiB/s)   runs: {', '.join(f'{v:.2f}' for v in values)}")
     print("ratios:")
     for name, value in ratios.items():
         goal = goals.get(name)
         verdict = "" if goal is None else ("  goal <= %.2f: %s" % (goal, "met" if value <= goal else "MISSED"))
-        print(f"  {name:34s} {value:6.2f}x{verdict}")
+        print(f"  {name:48s} {value:6.2f}x{verdict}")
     return {"bytes": total, "seconds": times, "medians": med, "ratios": ratios}
 
 

@@ -248,6 +248,49 @@ def test_async_saves_snapshot_the_state_and_may_change_tag_names(tmp_path):
         assert torch.all(restored[0].weight == step)
 
 
+def test_async_staging_defers_the_copy_until_the_next_optimizer_step(tmp_path, monkeypatch):
+    from shardwise.training import staging
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    _train(model, optimizer, scheduler, 3, 0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+
+    copying = __import__("threading").Event()
+    slow_run = staging.DeferredCopies.run
+
+    def slow(self):  # the copy takes long: a step that did not wait would change what gets saved
+        copying.set()
+        time.sleep(0.5)
+        slow_run(self)
+
+    monkeypatch.setattr(staging.DeferredCopies, "run", slow)
+    shardwise.save_checkpoint(tmp_path, "staged", model=model, optimizer=optimizer, scheduler=scheduler, async_save=True, async_staging=True)
+    assert copying.wait(5)
+    _train(model, optimizer, scheduler, 2, 3)  # forward passes update the batch-norm statistics: copied before the return
+    shardwise.finalize_checkpoint()
+    assert not optimizer._optimizer_step_pre_hooks  # the hook is gone once the save is over
+
+    restored = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 1))
+    restored_optimizer = torch.optim.Adam(restored.parameters(), lr=0.01)
+    shardwise.load_checkpoint(tmp_path, "staged", model=restored, optimizer=restored_optimizer)
+    for name, tensor in restored.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert all(torch.equal(restored_optimizer.state[p]["exp_avg"], m) for p, m in zip(restored.parameters(), saved_moments))
+
+
+def test_async_staging_needs_an_async_save_and_the_optimizer_object(tmp_path):
+    model, optimizer, _ = _setup()
+    with pytest.raises(shardwise.errors.OptionError, match="needs async_save"):
+        shardwise.save_checkpoint(tmp_path, model=model, optimizer=optimizer, async_staging=True)
+    with pytest.raises(shardwise.errors.OptionError, match="optimizer object"):
+        shardwise.save_checkpoint(tmp_path, model=model, optimizer=optimizer.state_dict(), async_save=True, async_staging=True)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_commit_that_fails_leaves_no_staging_folder_and_names_the_tag(tmp_path, monkeypatch):
     from shardwise.training import save
 

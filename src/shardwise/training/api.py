@@ -27,11 +27,24 @@ from .encodings import ENCODINGS, SPLIT_BY_TENSOR, owned_tensors
 from .group import checkpoint_group
 from .load import load_states
 from .save import begin, finish, run_save
+from .staging import DeferredCopies, guarded_pointers
 from .zero1 import is_zero1_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "finalize_checkpoint"]
 
 _buffers = SnapshotBuffers()
+_staged: DeferredCopies | None = None  # the last staged save's copier, its step hook removed once the save is over
+
+
+def _wait_for_pending_save() -> None:
+    """Wait for the async save in flight (raising its error) and drop its optimizer hook."""
+    global _staged
+    try:
+        background.wait()
+    finally:
+        if _staged is not None:
+            _staged.close()
+            _staged = None
 
 
 def _state_of(obj: Any) -> Any:
@@ -47,6 +60,7 @@ def save_checkpoint(
     scheduler: Any = None,
     user_content: Any = None,
     async_save: bool = False,
+    async_staging: bool = False,
     num_kept_ckpts: int | None = None,
     zero1: bool = False,
     encoding: str = "pt",
@@ -63,12 +77,20 @@ def save_checkpoint(
     order, removing the others once this one is complete. With ``async_save`` the call returns as
     soon as the states are copied to CPU memory; a writer thread finishes the save, and the next
     save, a load or :func:`finalize_checkpoint` waits for it and raises its error, if any.
+    ``async_staging`` (with ``async_save`` and a torch optimizer object) returns sooner still: the
+    parameters and optimizer states are copied on the writer thread, overlapping the caller's next
+    forward and backward, and the optimizer's next ``step()`` waits for that copy; nothing else may
+    change them in place meanwhile (see :mod:`.staging`).
     ``model_config`` (the model's HF config dict) is recorded in the manifest, so a later load at
     another TP/PP can reshard the weights without being told the model's shape.
     Raises OptionError for bad arguments; a failed write raises OSError naming the file (on the
     rank that failed; the others name that rank) and leaves earlier checkpoints untouched.
     """
-    background.wait()  # the previous async save; its error surfaces here
+    global _staged
+    _wait_for_pending_save()  # the previous async save; its error surfaces here
+    if async_staging and not async_save:
+        raise OptionError("async_staging=True needs async_save=True")
+    guarded = guarded_pointers(optimizer) if async_staging else None
     if encoding not in ENCODINGS:
         raise OptionError(f"encoding {encoding!r} is not supported here; choose {', '.join(ENCODINGS)}")
     if num_kept_ckpts is not None and (type(num_kept_ckpts) is not int or not (num_kept_ckpts >= 1 or num_kept_ckpts == -1)):
@@ -87,19 +109,34 @@ def save_checkpoint(
         run_save(group, plan, writes)
         return plan.tag
     try:
+        copier = DeferredCopies(_buffers, guarded) if async_staging else _buffers
         copies = [
-            FileWrite(w.name, snapshot(w.obj, _buffers, owned_tensors(w.obj, w.part, w.parts) if w.parts > 1 else None), w.nbytes, w.part, w.parts)
+            FileWrite(w.name, snapshot(w.obj, copier, owned_tensors(w.obj, w.part, w.parts) if w.parts > 1 else None), w.nbytes, w.part, w.parts)
             for w in writes
         ]
     except BaseException as e:  # out of memory, say: the other ranks still meet this one in finish, and the stage goes
         finish(group, plan, e)  # raises e
-    background.submit(lambda: run_save(group, plan, copies, after=lambda: [_buffers.release(w.obj) for w in copies]))
+
+    def write() -> None:
+        release = lambda: [_buffers.release(w.obj) for w in copies]  # noqa: E731
+        if async_staging:
+            try:
+                copier.run()
+            except BaseException as e:  # the other ranks still meet this one in finish
+                release()
+                finish(group, plan, e)  # raises e
+        run_save(group, plan, copies, after=release)
+
+    if async_staging:
+        copier.hold(optimizer)
+        _staged = copier
+    background.submit(write)
     return plan.tag
 
 
 def finalize_checkpoint() -> None:
     """Wait for the pending async save, if any, and raise its error (interpreter exit waits too)."""
-    background.wait()
+    _wait_for_pending_save()
 
 
 def load_checkpoint(
@@ -127,7 +164,7 @@ config dict or config.json, is needed unless the save recorded one). Files are u
     ``torch.load(weights_only=True)`` unless ``trust_pickle``. ``model`` takes ``load_state_dict``
     (with ``strict``) or is a dict updated in place; ``optimizer`` and ``scheduler`` likewise.
     """
-    background.wait()
+    _wait_for_pending_save()
     return load_states(
         checkpoint_dir, tag, coords_of(parallel), checkpoint_group(), model=model, optimizer=optimizer, scheduler=scheduler,
         strict=strict, verify=verify, trust_pickle=trust_pickle, model_config=model_config,

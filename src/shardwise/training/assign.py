@@ -114,12 +114,15 @@ class SnapshotBuffers:
     def __init__(self) -> None:
         self._free: dict[tuple, list] = {}
 
-    def copy(self, tensor):
+    def take(self, tensor):
+        """A CPU buffer of ``tensor``'s shape and dtype (a released one when there is one), not yet filled."""
         import torch
 
-        key = (tuple(tensor.shape), tensor.dtype)
-        pool = self._free.get(key)
-        out = pool.pop() if pool else torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+        pool = self._free.get((tuple(tensor.shape), tensor.dtype))
+        return pool.pop() if pool else torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+
+    def copy(self, tensor):
+        out = self.take(tensor)
         out.copy_(tensor.detach())
         return out
 
