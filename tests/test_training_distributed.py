@@ -43,7 +43,7 @@ def _files(tag: Path) -> list[str]:
     return sorted(p.relative_to(tag).as_posix() for p in tag.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("encoding, async_save", [("pt", True), ("safetensors", False), ("xser", True)])
+@pytest.mark.parametrize("encoding, async_save", [("pt", True), ("safetensors", False), ("xser", "staged")])
 def test_world_4_tp2_dp2_resumes_with_the_exact_loss(tmp_path, encoding, async_save):
     root = str(tmp_path / "ckpt")
     common = {"tp": 2, "pp": 1, "root": root}

@@ -240,7 +240,7 @@ def run_phase(phase: dict, coords, tp_group) -> dict:
         step = start + phase.get("steps_before", 0)
         shardwise.save_checkpoint(
             phase["root"], phase.get("tag"), model=model, optimizer=optimizer, scheduler=scheduler, user_content={"step": step},
-            async_save=phase.get("async", False), num_kept_ckpts=phase.get("keep"), encoding=phase.get("encoding", "pt"),
+            async_save=bool(phase.get("async")), async_staging=phase.get("async") == "staged", num_kept_ckpts=phase.get("keep"), encoding=phase.get("encoding", "pt"),
         )
     step = start + phase.get("steps_before", 0)
     losses += train(model, optimizer, scheduler, coords, range(step, step + phase.get("steps_after", 0)))
