@@ -102,10 +102,11 @@ def durable_close(f: BinaryIO) -> None:
         f.close()
 
 
-def write_text_durably(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (UTF-8) and fsync it: small files in a staging folder must be durable before the commit."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+def write_text_durably(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (UTF-8, or bytes as they are) to ``path`` and fsync it: small files in a staging
+    folder must be durable before the commit."""
+    with open(path, "wb") as f:
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
 

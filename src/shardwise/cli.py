@@ -78,7 +78,7 @@ def inspect(
 def convert(
     src: Path = typer.Argument(..., help="The checkpoint to read (file or folder)."),
     dst: Path = typer.Argument(..., help="Where to write (a file, or a folder for hf and sharded outputs)."),
-    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf, archive, nemo-dir or nxdt (default: from DST's suffix; .nemo is an archive)."),
+    to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf, archive, nemo-dir, nxdt or dcp (default: from DST's suffix; .nemo is an archive)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),

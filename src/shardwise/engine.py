@@ -65,6 +65,14 @@ class TensorStreamer:
         # two buffers, used in turn, so a BackgroundWriter may still be writing the previous chunk
         self._buffers = (memoryview(bytearray(CHUNK_BYTES)), memoryview(bytearray(CHUNK_BYTES)))
         self._turn = 0
+        self._tile_streamers: dict = {}
+
+    def _tile_streamer(self, cast: str | None):
+        from .layout.stream import TileStreamer
+
+        if cast not in self._tile_streamers:
+            self._tile_streamers[cast] = TileStreamer(self.source.lookup, self.progress, cast=cast)
+        return self._tile_streamers[cast]
 
     def _next_buffer(self) -> memoryview:
         self._turn ^= 1
@@ -73,7 +81,9 @@ class TensorStreamer:
     def write(self, planned: PlannedTensor, sink: BinaryIO) -> None:
         """Write ``planned.out.nbytes`` bytes of the tensor to ``sink``."""
         entry = self.source.stored(planned.source_name)
-        if entry is None or not entry.contiguous:
+        if entry is None and hasattr(self.source, "tiled"):  # a tensor saved in pieces (DCP shards): streamed by bands of rows
+            self._tile_streamer(planned.cast).write(self.source.tiled(planned.source_name), sink)
+        elif entry is None or not entry.contiguous:
             self._write_materialized(planned, sink)
         elif planned.cast is None:
             self._copy(entry, sink)
@@ -210,6 +220,13 @@ def convert(
     from .reshard.convert import convert_layout, layout_route
 
     layout_to = to or _suffix_format(dst)
+    if layout_to == "dcp":
+        for name, value in (("--weights-format", weights_format), ("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name), ("--max-shard-size", max_shard_size), ("--config", config)):
+            if value is not None:
+                raise OptionError(f"{name} does not apply to --to dcp")
+        if any(v not in (None, False) for v in layout_options.values()):
+            raise OptionError("--to dcp writes whole tensors (torch reshards them at load); layout options do not apply")
+        return _convert_to_dcp(src, dst, dtype=dtype, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress, started=started)
     route = layout_route(src, layout_to, layout_options, trust_pickle=trust_pickle)
     if route is not None:
         for name, value in (("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name)):
@@ -272,6 +289,26 @@ def convert(
     return ConvertResult(
         str(dst), to, files, sum(len(f.tensors) for f in plan.files), plan.total_bytes, time.perf_counter() - started, tuple(warnings)
     )
+
+
+def _convert_to_dcp(src, dst: Path, *, dtype, overwrite: bool, trust_pickle: bool, progress: Progress, started: float) -> ConvertResult:
+    """``--to dcp``: the source's full tensors (sharded layouts merged lazily) as a one-file DCP folder."""
+    from .formats.dcp_write import write_dcp_folder
+    from .reshard.canonical import open_layout_checkpoint
+
+    cast = parse_cast_dtype(dtype) if dtype else None
+    view = open_layout_checkpoint(src, trust_pickle=trust_pickle) or open_checkpoint(src, trust_pickle=trust_pickle)
+    with view:
+        plan = plan_output([view.tensors.info(n) for n in view.tensors.keys()], to="torch", cast=cast)
+        planned = {t.out.name: t for t in plan.files[0].tensors}
+        streamer = TensorStreamer(view.tensors, progress)
+        progress.start(plan.total_bytes, "convert to dcp")
+        try:
+            with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
+                files = write_dcp_folder(stage, [t.out for t in planned.values()], lambda info, out: streamer.write(planned[info.name], out))
+        finally:
+            progress.finish()
+    return ConvertResult(str(dst), "dcp", tuple(files), len(planned), plan.total_bytes, time.perf_counter() - started)
 
 
 def _suffix_format(dst: Path) -> str | None:

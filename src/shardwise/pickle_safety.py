@@ -192,7 +192,7 @@ def _codecs_encode(text, encoding="utf-8"):
     return text.encode(encoding)
 
 
-def _path_from_parts(*parts):
+def path_from_parts(*parts):
     return "/".join(str(p) for p in parts).replace("//", "/")
 
 
@@ -318,7 +318,7 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         allowed[("builtins", cls.__name__)] = cls  # classes: what REDUCE calls is wrapped below
     for module in ("pathlib", "pathlib._local"):
         for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
-            allowed[(module, name)] = _path_from_parts
+            allowed[(module, name)] = path_from_parts
     for qualname in _STANDIN_CLASSES:
         module, name = qualname.rsplit(".", 1)
         allowed[(module, name)] = _record_class(qualname)

@@ -14,7 +14,7 @@ from .tensors import TensorInfo
 
 __all__ = ["PlannedTensor", "PlannedFile", "OutputPlan", "OUTPUT_FORMATS", "plan_output", "split_into_shards", "infer_format"]
 
-OUTPUT_FORMATS = ("safetensors", "torch", "hf", "archive", "nxdt", "nemo-dir")
+OUTPUT_FORMATS = ("safetensors", "torch", "hf", "archive", "nxdt", "nemo-dir", "dcp")
 HF_DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 _SHARD_STEMS = {"safetensors": ("model", ".safetensors", "model.safetensors.index.json"),
                 "torch": ("pytorch_model", ".bin", "pytorch_model.bin.index.json")}

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import FormatError
 from ..tensors import FileTensorSource, TensorInfo
+from .dcp import METADATA, DcpSource, looks_like_dcp
 from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
 from .safetensors import SafetensorsFile, looks_like_safetensors
 from .torch_pickle import TorchFile, looks_like_torch
@@ -187,6 +188,8 @@ def _lightning_config(source: FileTensorSource) -> dict | None:
 
 
 def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
+    if looks_like_dcp(folder):
+        return _open_dcp(folder, trust_pickle)
     weights = find_weights(folder)
     source = _open_files(weights.files, trust_pickle)
     config_path = folder / "config.json"
@@ -201,4 +204,22 @@ def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
         metadata=_first_metadata(source),
         companion_files=[p.name for p in companions],
         tokenizer_files=[p.name for p in companions if p.name in TOKENIZER_FILES],
+    )
+
+
+def _open_dcp(folder: Path, trust_pickle: bool) -> Checkpoint:
+    """A torch.distributed.checkpoint folder: weights read chunk by chunk in place (see :mod:`.dcp`)."""
+    source = DcpSource(folder, trust=trust_pickle)
+    config_path = folder / "config.json"
+    companions = [p for p in companion_files(folder) if p.name != METADATA and not p.name.endswith(".distcp")]
+    return Checkpoint(
+        str(folder),
+        "dcp",
+        "dcp",
+        source,
+        sorted({str(folder / c.file) for t in source.metadata.tensors.values() for c in t.chunks}),
+        config=read_config(config_path) if config_path.is_file() else None,
+        companion_files=[p.name for p in companions],
+        tokenizer_files=[p.name for p in companions if p.name in TOKENIZER_FILES],
+        training_state=source.training_state,
     )

@@ -48,6 +48,13 @@ class CanonicalSource(FileTensorSource):
     def stored(self, name: str):
         return self._tensors.get(name)
 
+    def tiled(self, name: str):
+        """The tiles of a tensor not stored whole (what streaming writers execute; see :mod:`shardwise.layout.stream`)."""
+        return self._tiled[name]
+
+    def lookup(self, ref):
+        return self.model.lookup(ref)
+
     def read(self, name: str):
         if name in self._tensors:
             return super().read(name)

@@ -1,0 +1,419 @@
+"""PyTorch distributed checkpoints (DCP), read lazily: a folder of ``.metadata`` and ``__R_N.distcp`` files.
+
+``torch.distributed.checkpoint.save`` (and Lightning's ModelParallelStrategy through it) writes:
+
+- ``.metadata``: a pickled ``Metadata``: for every flattened key (``fqn``) either the tensor's
+  global shape, dtype and the chunks it was saved in (offsets and sizes in the global tensor,
+  one per shard; a replicated tensor is one chunk), or a byte object; ``storage_data`` maps each
+  chunk to (file, byte offset, length); ``planner_data`` maps each fqn to the key path it was
+  flattened from (``("model", "layers.0.weight")``);
+- ``__R_N.distcp``: rank R's N-th data file, the concatenation of one ``torch.save`` zip per chunk.
+
+Here ``.metadata`` is read with an unpickler that admits DCP's own metadata classes (as inert
+records), ``torch.Size``, torch dtypes and plain containers, and nothing else: no code from the
+file runs. A chunk's zip is parsed only when the chunk is used, and only its header; tensor bytes
+are then read in place. A tensor saved whole (one chunk) is a plain stored tensor; a sharded one
+is a :class:`~shardwise.layout.tiles.TiledTensor` whose tiles are its chunks, so conversions
+stream it through :class:`~shardwise.layout.stream.TileStreamer` a band of rows at a time and
+never hold a whole tensor, let alone the model.
+
+Which tensors are weights follows :mod:`.lightning`'s rule on the key paths: a top-level
+``state_dict`` (Lightning), else ``model`` or ``module``, else everything; the rest (optimizer
+states, byte objects) is training state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import pickle
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .. import dtypes
+from ..errors import FormatError, UnsafeCheckpointError
+from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, path_from_parts
+from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from .lightning import WEIGHT_KEYS
+from .region import Region
+
+__all__ = ["METADATA", "looks_like_dcp", "read_metadata", "DcpMetadata", "DcpTensor", "DcpChunk", "DcpSource", "chunk_tiles"]
+
+METADATA = ".metadata"
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
+_RECORDS = {
+    (_METADATA_MODULE, name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {(_FILESYSTEM_MODULE, "_StorageInfo")}
+_MAX_METADATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class DcpChunk:
+    """One saved piece of a tensor: its place in the global tensor and where its ``torch.save`` zip is."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # relative to the checkpoint folder: a plain file name
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    """A tensor entry of the metadata: flattened key, key path, global shape and dtype, chunks."""
+
+    fqn: str
+    path: tuple
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[DcpChunk, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    """What ``.metadata`` says, checked: tensors and byte objects by fqn, and the DCP version."""
+
+    folder: Path
+    tensors: dict[str, DcpTensor]
+    objects: dict[str, DcpChunk]
+    paths: dict[str, tuple]
+    version: str | None
+
+
+def looks_like_dcp(folder: Path) -> bool:
+    """A folder holding ``.metadata`` (what ``torch.distributed.checkpoint`` reads first)."""
+    return (folder / METADATA).is_file()
+
+
+# -- the restricted unpickler ----------------------------------------------------------------------
+def _record_class(qualname: str) -> type:
+    """An inert, hashable stand-in (``MetadataIndex`` objects are dict keys) recording args and state."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args, **kwargs):  # REDUCE calls cls(*args) after __new__: nothing more to do
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    return type(qualname.rsplit(".", 1)[-1], (), {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__, "type_name": qualname})
+
+
+def _torch_size(dims=()):
+    return tuple(dims)
+
+
+def _layout(name):
+    """``torch.serialization._get_layout("torch.strided")``, how torch pickles a layout: its name, nothing imported."""
+    if not isinstance(name, str) or not name.startswith("torch.") or len(name) > 40:
+        raise pickle.UnpicklingError(f"not a torch layout name: {name!r:.60}")
+    return name[len("torch."):]
+
+
+class _MetadataUnpickler(RestrictedUnpickler):
+    """The restricted unpickler with an allow-list of DCP's metadata classes and their plain parts only."""
+
+    def __init__(self, file, path: str, trust: bool) -> None:
+        super().__init__(file, path=path, trust=trust)
+        self._allowed = {key: _record_class(".".join(key)) for key in _RECORDS}
+        self._allowed.update({
+            ("torch", "Size"): _torch_size,
+            ("torch", "strided"): "strided",
+            ("torch.serialization", "_get_layout"): _layout,
+            ("collections", "OrderedDict"): dict,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+        })
+        for d in dtypes.DTYPES:
+            self._allowed[("torch", d.name)] = DTypeRef(d.name)
+        for module in ("pathlib", "pathlib._local"):  # StorageMeta.checkpoint_id: the folder it was saved to
+            for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+                self._allowed[(module, name)] = path_from_parts
+
+
+# -- from records to checked metadata ---------------------------------------------------------------
+class _Bad(Exception):
+    pass
+
+
+def _fields(record: Any, kind: str) -> dict:
+    if getattr(record, "type_name", "").rsplit(".", 1)[-1] != kind:
+        raise _Bad(f"expected a {kind}, found {type(record).__name__}")
+    state = record.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict state, slot state)
+        state = {**(state[0] or {}), **state[1]}
+    if not isinstance(state, dict):
+        raise _Bad(f"{kind} has no readable fields")
+    return state
+
+
+def _counts(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v < 2**62 for v in value):
+        raise _Bad(f"{what} is not a list of non-negative integers: {value!r:.80}")
+    return tuple(value)
+
+
+def _dtype_of(properties: Any) -> str:
+    state = properties.state
+    if isinstance(state, tuple) and state:  # TensorProperties.__getstate__: (dtype, layout, requires_grad, memory format, pin_memory)
+        dtype, layout = state[0], state[1] if len(state) > 1 else "strided"
+    elif isinstance(state, dict):
+        dtype, layout = state.get("dtype"), state.get("layout", "strided")
+    else:
+        raise _Bad("tensor properties have no dtype")
+    if not isinstance(dtype, DTypeRef):
+        raise _Bad(f"tensor dtype is not a torch dtype: {dtype!r:.60}")
+    if layout != "strided":
+        raise _Bad(f"tensor layout {layout!r:.40} is not strided (sparse tensors are not read)")
+    return dtype.name
+
+
+def _storage(info: Any, folder: Path, sizes: dict[str, int]) -> tuple[str, int, int]:
+    fields = _fields(info, "_StorageInfo")
+    name, offset, length = fields.get("relative_path"), fields.get("offset"), fields.get("length")
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") or name.startswith("."):
+        raise _Bad(f"storage file {name!r:.80} is not a plain file name in the checkpoint folder")
+    if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+        raise _Bad(f"storage range {offset!r:.20}+{length!r:.20} of {name} is not a byte range")
+    if fields.get("transform_descriptors"):
+        raise _Bad(f"{name}: data is stored through transforms {list(fields['transform_descriptors'])!r:.80} (compression), which shardwise does not read")
+    if name not in sizes:
+        path = folder / name
+        if not path.is_file():
+            raise _Bad(f"storage file {name} is missing")
+        sizes[name] = path.stat().st_size
+    if offset + length > sizes[name]:
+        raise _Bad(f"{name} is truncated: a chunk needs bytes up to {offset + length} but the file has {sizes[name]}")
+    return name, offset, length
+
+
+def _index_key(index: Any) -> tuple[str, tuple[int, ...] | None]:
+    fields = _fields(index, "MetadataIndex")
+    fqn, offset = fields.get("fqn"), fields.get("offset")
+    if not isinstance(fqn, str):
+        raise _Bad(f"storage key {fqn!r:.60} is not a name")
+    return fqn, None if offset is None else _counts(offset, f"offset of {fqn}")
+
+
+def _path_of(fqn: str, planner_data: Any) -> tuple:
+    path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
+    if isinstance(path, (tuple, list)) and path and all(isinstance(p, (str, int)) for p in path):
+        return tuple(path)
+    return tuple(fqn.split(".", 1))  # no planner data: the first dotted component as the top-level key
+
+
+def _checked(root: Any, folder: Path) -> DcpMetadata:
+    fields = _fields(root, "Metadata")
+    entries, storage_data = fields.get("state_dict_metadata"), fields.get("storage_data")
+    if not isinstance(entries, dict) or not isinstance(storage_data, dict):
+        raise _Bad("Metadata lacks state_dict_metadata or storage_data")
+    storage = {_index_key(index): info for index, info in storage_data.items()}
+    sizes: dict[str, int] = {}
+    tensors: dict[str, DcpTensor] = {}
+    objects: dict[str, DcpChunk] = {}
+    planner_data = fields.get("planner_data")
+    for fqn, entry in entries.items():
+        if not isinstance(fqn, str):
+            raise _Bad(f"key {fqn!r:.60} is not a name")
+        kind = getattr(entry, "type_name", "").rsplit(".", 1)[-1]
+        if kind == "BytesStorageMetadata":
+            info = storage.get((fqn, None))
+            if info is None:
+                raise _Bad(f"object {fqn!r} has no storage entry")
+            objects[fqn] = DcpChunk((), (), *_storage(info, folder, sizes))
+            continue
+        tensor = _fields(entry, "TensorStorageMetadata")
+        shape = _counts(tensor.get("size"), f"shape of {fqn}")
+        dtype = _dtype_of(tensor.get("properties"))
+        chunks = []
+        for chunk in tensor.get("chunks") or []:
+            geometry = _fields(chunk, "ChunkStorageMetadata")
+            offsets, sizes_ = _counts(geometry.get("offsets"), f"chunk offsets of {fqn}"), _counts(geometry.get("sizes"), f"chunk sizes of {fqn}")
+            if len(offsets) != len(shape) or len(sizes_) != len(shape) or any(o + s > d for o, s, d in zip(offsets, sizes_, shape)):
+                raise _Bad(f"chunk at {list(offsets)} of size {list(sizes_)} does not fit tensor {fqn!r} of shape {list(shape)}")
+            info = storage.get((fqn, offsets))
+            if info is None:
+                raise _Bad(f"chunk at {list(offsets)} of tensor {fqn!r} has no storage entry")
+            chunks.append(DcpChunk(offsets, sizes_, *_storage(info, folder, sizes)))
+        tensors[fqn] = DcpTensor(fqn, _path_of(fqn, planner_data), shape, dtype, tuple(chunks))
+    paths = {fqn: _path_of(fqn, planner_data) for fqn in (*tensors, *objects)}
+    version = fields.get("version")
+    return DcpMetadata(folder, tensors, objects, paths, version if isinstance(version, str) else None)
+
+
+def read_metadata(folder: str | os.PathLike, *, trust: bool = False) -> DcpMetadata:
+    """Read and check ``folder/.metadata``; FormatError (or UnsafeCheckpointError) naming the file and problem."""
+    folder = Path(folder)
+    path = folder / METADATA
+    if path.stat().st_size > _MAX_METADATA_BYTES:
+        raise FormatError(f"{path}: metadata of {path.stat().st_size} bytes is larger than any DCP checkpoint writes")
+    try:
+        with open(path, "rb") as f:
+            root = _MetadataUnpickler(f, str(path), trust).load()
+        return _checked(root, folder)
+    except UnsafeCheckpointError:
+        raise
+    except _Bad as e:
+        raise FormatError(f"{path}: not a readable DCP checkpoint: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: the metadata pickle nests too deeply to read safely") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise FormatError(f"{path}: not a readable DCP metadata pickle (truncated or corrupted?): {e}") from None
+
+
+# -- chunks as tiles ----------------------------------------------------------------------------------
+def chunk_tiles(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...], src: Any) -> list:
+    """The tiles (matrix view: first dimension x the rest) that place a chunk in its global tensor.
+
+    A chunk that spans the full extent of every dimension after some dimension ``k`` is, for each
+    index of the dimensions between the first and ``k``, one contiguous run of columns: usually
+    one tile (row or column shards), more for chunks cut in several inner dimensions.
+    """
+    from ..layout.tiles import Tile
+
+    if not shape:
+        return [Tile(0, 0, 1, 1, src)]
+    last = max([d for d in range(1, len(shape)) if sizes[d] != shape[d]], default=0)
+    inner = math.prod(shape[last + 1:])
+    width = (sizes[last] * inner) if last else math.prod(shape[1:])
+    middle = range(1, last)
+    tiles = []
+    for index in itertools.product(*(range(sizes[d]) for d in middle)):
+        col = sum((offsets[d] + i) * math.prod(shape[d + 1:]) for d, i in zip(middle, index)) + (offsets[last] * inner if last else 0)
+        src_col = sum(i * math.prod(sizes[d + 1:]) for d, i in zip(middle, index))
+        tiles.append(Tile(offsets[0], col, sizes[0], width, src, 0, src_col))
+    return [t for t in tiles if t.rows and t.cols]
+
+
+# -- the tensor source ----------------------------------------------------------------------------------
+def _weights(metadata: DcpMetadata) -> tuple[str | None, dict[str, DcpTensor]]:
+    """The key holding the weights (None: all tensors) and the weight tensors by their names under it."""
+    for key in WEIGHT_KEYS:
+        chosen = {".".join(map(str, t.path[1:])): t for t in metadata.tensors.values() if len(t.path) > 1 and t.path[0] == key}
+        if chosen:
+            return key, chosen
+    return None, {t.fqn: t for t in metadata.tensors.values()}
+
+
+class _Chunks(FileTensorSource):
+    """The chunks of a DCP folder as stored tensors, keyed ``(fqn, offsets)``; each zip header parsed on first use."""
+
+    def __init__(self, metadata: DcpMetadata, trust: bool) -> None:
+        super().__init__()
+        self._metadata, self._trust = metadata, trust
+
+    def entry(self, ref: tuple[str, tuple[int, ...]]) -> StoredTensor:
+        name = f"{ref[0]}@{list(ref[1])}"
+        found = self._tensors.get(name)
+        if found is None:
+            found = self._tensors[name] = self._parse(ref, name)
+        return found
+
+    def _parse(self, ref: tuple[str, tuple[int, ...]], name: str) -> StoredTensor:
+        from .torch_pickle import read_torch_pickle
+
+        tensor = self._metadata.tensors[ref[0]]
+        chunk = next(c for c in tensor.chunks if c.offsets == ref[1])
+        path = str(self._metadata.folder / chunk.file)
+        label = f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (chunk at {list(chunk.offsets)} of '{tensor.fqn}')"
+        parsed = read_torch_pickle(Region(path, chunk.offset, chunk.length, label), trust=self._trust)
+        lazy = parsed.root
+        if not isinstance(lazy, LazyTensor) or lazy.shape != chunk.sizes or lazy.dtype != tensor.dtype:
+            found = f"a {lazy.dtype} tensor of shape {list(lazy.shape)}" if isinstance(lazy, LazyTensor) else f"a {type(lazy).__name__}"
+            raise FormatError(f"{label}: holds {found}, but the metadata says {tensor.dtype} of shape {list(chunk.sizes)}")
+        return parsed.stored(lazy, name)
+
+
+class DcpSource(FileTensorSource):
+    """The weights of a DCP folder as a lazy tensor source (see the module docstring).
+
+    ``stored(name)`` is the chunk itself for a tensor saved whole, else None; :meth:`tiled` gives
+    a sharded tensor's tiles and :meth:`lookup` resolves them, for streaming writers.
+    """
+
+    format_name = "dcp"
+
+    def __init__(self, folder: str | os.PathLike, *, trust: bool = False) -> None:
+        from ..layout.tiles import TiledTensor, check_cover, matrix_shape
+
+        super().__init__()
+        self.metadata = read_metadata(folder, trust=trust)
+        self.weights_key, weights = _weights(self.metadata)
+        self._chunks = _Chunks(self.metadata, trust)
+        self._tiled: dict[str, TiledTensor] = {}
+        for name, tensor in weights.items():
+            info = TensorInfo(name, tensor.shape, tensor.dtype)
+            tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, c.offsets))]
+            try:
+                check_cover(f"{self.metadata.folder / METADATA}: tensor '{tensor.fqn}'", *matrix_shape(tensor.shape), tiles)
+            except FormatError:
+                raise
+            except Exception as e:  # LayoutError: chunks that overlap or leave gaps
+                raise FormatError(f"{self.metadata.folder / METADATA}: the chunks of tensor '{tensor.fqn}' do not tile it: {e}") from None
+            self._tiled[name] = TiledTensor(info, tuple(tiles))
+        self.training_state = self._training_state()
+
+    def _training_state(self) -> dict:
+        others = [t for t in self.metadata.tensors.values() if self.weights_key is None or not t.path or t.path[0] != self.weights_key]
+        if self.weights_key is None:
+            others = []
+        return {
+            "weights_key": self.weights_key,
+            "other_tensors": {"num_tensors": len(others), "total_bytes": sum(t.nbytes for t in others)},
+            "objects": sorted(self.metadata.objects),
+            "dcp_version": self.metadata.version,
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._tiled)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tiled
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tiled[name].info
+
+    def infos(self) -> list[TensorInfo]:
+        return [t.info for t in self._tiled.values()]
+
+    def tiled(self, name: str):
+        return self._tiled[name]
+
+    def lookup(self, ref: tuple[str, tuple[int, ...]]) -> tuple[FileTensorSource, StoredTensor]:
+        return self._chunks, self._chunks.entry(ref)
+
+    def stored(self, name: str) -> StoredTensor | None:
+        tiles = self._tiled[name].tiles
+        if len(tiles) != 1 or tiles[0].src is None:
+            return None
+        entry = self._chunks.entry(tiles[0].src)
+        if entry.info.shape != self._tiled[name].info.shape:
+            return None
+        self._tensors[name] = stored = replace(entry, info=self._tiled[name].info)
+        return stored
+
+    def read(self, name: str):
+        from ..layout.stream import TileStreamer, read_tiled
+
+        if self.stored(name) is not None:
+            return super().read(name)
+        return read_tiled(TileStreamer(self.lookup), self._tiled[name])
+
+    def close(self) -> None:
+        super().close()
+        self._chunks.close()
