@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/archive_bench.py
 	$(PY) benchmarks/reshard_bench.py
 	$(PY) benchmarks/save_bench.py
+	$(PY) benchmarks/dcp_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis
