@@ -73,6 +73,9 @@ def test_inspect_names_the_format_and_the_training_state(dcp_folder, cli):
     state = summary["training_state"]
     assert state["weights_key"] == "model" and state["objects"] == ["optim.step"]
     assert state["other_tensors"]["num_tensors"] == 1
+    world = len(list(dcp_folder.glob("*.distcp")))
+    assert summary["layout"]["kind"] == "dcp" and summary["layout"]["files"] == world
+    assert summary["layout"]["sharded_weights"] == 5  # embed, qkv, o, conv, grid; the replicated ones are one chunk
 
 
 def _copy(dcp_folder: Path, tmp_path: Path) -> Path:

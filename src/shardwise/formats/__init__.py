@@ -222,4 +222,5 @@ def _open_dcp(folder: Path, trust_pickle: bool) -> Checkpoint:
         companion_files=[p.name for p in companions],
         tokenizer_files=[p.name for p in companions if p.name in TOKENIZER_FILES],
         training_state=source.training_state,
+        layout=source.layout(),
     )

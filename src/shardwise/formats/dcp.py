@@ -379,6 +379,16 @@ class DcpSource(FileTensorSource):
             "dcp_version": self.metadata.version,
         }
 
+    def layout(self) -> dict:
+        """What ``inspect`` shows: how the weights were saved (files, chunks, tensors saved in pieces)."""
+        tensors = list(self.metadata.tensors.values())
+        return {
+            "kind": "dcp",
+            "files": len({c.file for t in tensors for c in t.chunks} | {o.file for o in self.metadata.objects.values()}),
+            "chunks": sum(len(t.chunks) for t in tensors),
+            "sharded_weights": sum(1 for t in self._tiled.values() if len(t.sources()) > 1),
+        }
+
     def keys(self) -> list[str]:
         return list(self._tiled)
 
