@@ -72,6 +72,19 @@ def run_subprocess(*args: str | os.PathLike, **kwargs) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def save_tiny_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, 4 query and 2 KV heads, vocabulary 64) saved by save_pretrained."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def st_file(tmp_path: Path) -> Path:
     """A small safetensors file written by the safetensors library."""

@@ -6,6 +6,7 @@ The public API (everything else is implementation):
 - :func:`convert` between formats, bit-exact unless a dtype is asked for
 - :func:`diff` two checkpoints tensor by tensor -> :class:`DiffReport`
 - :func:`inspect` a checkpoint -> plain dict (what ``shardwise inspect --json`` prints)
+- :func:`hf_model_path`: the folder of a Hugging Face Hub model, from the huggingface_hub cache
 - :func:`save_to` / :func:`restore_from` a model with its config and artifacts as one
   NeMo-compatible archive; :class:`ArchiveMixin` adds both to an ``nn.Module`` subclass
 - :func:`save_checkpoint` / :func:`load_checkpoint` training state (model, optimizer, scheduler,
@@ -23,6 +24,7 @@ from .archive import ArchiveMixin, RestoredArchive, restore_from, save_to
 from .engine import ConvertResult, convert
 from .errors import (
     FormatError,
+    HubError,
     IntegrityError,
     LayoutError,
     OptionError,
@@ -31,6 +33,7 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .formats import Checkpoint, open_checkpoint as open  # noqa: A001 - the documented name
+from .hub import hf_model_path
 from .report import inspect_path as inspect
 from .tensors import StoredTensor, TensorInfo, TensorSource
 from .training import finalize_checkpoint, load_checkpoint, save_checkpoint
@@ -38,8 +41,8 @@ from .verify import DiffReport, Mismatch, diff
 
 __all__ = [
     "__version__",
-    "open", "convert", "diff", "inspect", "save_to", "restore_from", "ArchiveMixin", "RestoredArchive",
+    "open", "convert", "diff", "inspect", "hf_model_path", "save_to", "restore_from", "ArchiveMixin", "RestoredArchive",
     "Checkpoint", "ConvertResult", "DiffReport", "Mismatch", "TensorInfo", "TensorSource", "StoredTensor",
     "ShardwiseError", "FormatError", "UnsafeCheckpointError", "OutputExistsError", "IntegrityError",
-    "LayoutError", "OptionError", "save_checkpoint", "load_checkpoint", "finalize_checkpoint",
+    "LayoutError", "OptionError", "HubError", "save_checkpoint", "load_checkpoint", "finalize_checkpoint",
 ]

@@ -34,6 +34,11 @@ PP = typer.Option(None, "--pp", help="Pipeline-parallel size of the output.")
 QkvLinear = typer.Option(False, "--qkv-linear", help="nxdt: qkv_proj.weight_q/_k/_v (GQAQKVColumnParallelLinear); megatron: query + key_value.")
 FuseQkv = typer.Option(False, "--fuse-qkv", help="nxdt: one qkv_proj.weight_qkv per rank, [Q_r; K_r; V_r].")
 KvMultiplier = typer.Option(None, "--kv-size-multiplier", help="nxdt: replicate each KV head K times so TP may exceed the KV head count.")
+HfModelName = typer.Option(
+    None, "--hf-model-name",
+    help="Take the model ORG/NAME from the Hugging Face cache (HF_HOME/HF_HUB_CACHE; fetched into it unless HF_HUB_OFFLINE is set; token from HF_TOKEN).",
+)
+Revision = typer.Option(None, "--revision", help="Branch, tag or commit of --hf-model-name (default: main).")
 
 
 def _version(value: bool) -> None:
@@ -55,16 +60,44 @@ def _progress(quiet: bool):
     return terminal_progress(quiet=quiet)
 
 
+def _paths(hf_model_name: Optional[str], revision: Optional[str], given: tuple[Optional[Path], ...], names: tuple[str, ...]) -> list[Path]:
+    """A command's checkpoint paths, the first of which ``--hf-model-name`` may replace.
+
+    Without it every one of ``names`` must be given; with it the first is the model's folder in
+    the Hugging Face cache and the paths given fill the others, in order (``convert --hf-model-name
+    ORG/NAME out/``: the one path is DST).
+    """
+    from .errors import OptionError
+
+    present = [p for p in given if p is not None]
+    if hf_model_name is None:
+        if revision is not None:
+            raise OptionError("--revision applies to --hf-model-name")
+        missing = [name for name, p in zip(names, given) if p is None]
+        if missing:
+            raise OptionError(f"missing argument {missing[0]}")
+        return present
+    if len(present) != len(names) - 1:
+        rest = f"give only {' '.join(names[1:])}" if len(names) > 1 else f"give no {names[0]}"
+        raise OptionError(f"--hf-model-name takes the place of {names[0]}; {rest}")
+    from .hub import hf_model_path
+
+    return [hf_model_path(hf_model_name, revision=revision), *present]
+
+
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint file or folder."),
+    path: Optional[Path] = typer.Argument(None, help="A checkpoint file or folder (omitted with --hf-model-name)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of tables."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor (the table shows the first 40)."),
+    hf_model_name: Optional[str] = HfModelName,
+    revision: Optional[str] = Revision,
     trust_pickle: bool = TrustPickle,
 ) -> None:
     """Show what a checkpoint is: format, tensors, parameters, dtypes, config, training state."""
     from .report import inspect_path
 
+    (path,) = _paths(hf_model_name, revision, (path,), ("PATH",))
     summary = inspect_path(path, trust_pickle=trust_pickle)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
@@ -76,11 +109,11 @@ def inspect(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="The checkpoint to read (file or folder)."),
-    dst: Path = typer.Argument(..., help="Where to write (a file, or a folder for hf and sharded outputs)."),
+    src: Optional[Path] = typer.Argument(None, help="The checkpoint to read (file or folder); with --hf-model-name, leave it out."),
+    dst: Optional[Path] = typer.Argument(None, help="Where to write (a file, or a folder for hf and sharded outputs)."),
     to: Optional[str] = typer.Option(None, "--to", help="safetensors, torch, hf, archive, nemo-dir, nxdt or dcp (default: from DST's suffix; .nemo is an archive)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Cast floating tensors: bf16, fp16 or fp32."),
-    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Shard the output, e.g. 5GB or 500MiB (--to hf: 50GB, as save_pretrained)."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json to put into an hf output."),
     weights_format: Optional[str] = typer.Option(None, "--weights-format", help="How weights are stored: archives torch (model_weights.ckpt, default) or safetensors; nxdt torch (default) or xser."),
     hparams_file: Optional[Path] = typer.Option(None, "--hparams-file", help="Archive config from this YAML instead of the checkpoint's hyper_parameters.cfg."),
@@ -91,6 +124,8 @@ def convert(
     qkv_linear: bool = QkvLinear,
     fuse_qkv: bool = FuseQkv,
     kv_multiplier: Optional[int] = KvMultiplier,
+    hf_model_name: Optional[str] = HfModelName,
+    revision: Optional[str] = Revision,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
@@ -98,6 +133,7 @@ def convert(
     """Convert between formats and parallel layouts, one tensor at a time; bit-exact unless --dtype is given."""
     from .engine import convert as run
 
+    src, dst = _paths(hf_model_name, revision, (src, dst), ("SRC", "DST"))
     result = run(
         src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config, weights_format=weights_format,
         hparams_file=hparams_file, checkpoint_name=checkpoint_name, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear or None,
@@ -152,18 +188,21 @@ def nxdt_convert(ctx: typer.Context) -> None:
 
 @app.command()
 def diff(
-    a: Path = typer.Argument(..., help="First checkpoint."),
-    b: Path = typer.Argument(..., help="Second checkpoint."),
+    a: Optional[Path] = typer.Argument(None, help="First checkpoint (with --hf-model-name, leave it out)."),
+    b: Optional[Path] = typer.Argument(None, help="Second checkpoint."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (default: bit-exact)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (default: bit-exact)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
     config: Optional[Path] = typer.Option(None, "--config", help="HF config.json for sharded checkpoints that do not carry one."),
+    hf_model_name: Optional[str] = HfModelName,
+    revision: Optional[str] = Revision,
     quiet: bool = Quiet,
     trust_pickle: bool = TrustPickle,
 ) -> None:
     """Compare tensors by name (sharded checkpoints by their merged tensors); exit 0 when equal, 1 when not."""
     from .verify.tensor_diff import diff as run
 
+    a, b = _paths(hf_model_name, revision, (a, b), ("A", "B"))
     report = run(a, b, atol=atol, rtol=rtol, trust_pickle=trust_pickle, config=config, progress=_progress(quiet))
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
@@ -177,7 +216,7 @@ def diff(
 @app.command()
 def verify(
     ckpt: Path = typer.Argument(..., help="A Llama-family checkpoint in any layout (nxdt folder, archive, nemo-dir, HF)."),
-    reference: Path = typer.Option(..., "--reference", help="The HF folder whose LlamaForCausalLM logits are the reference."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The HF folder whose LlamaForCausalLM logits are the reference (or --hf-model-name)."),
     config: Optional[Path] = typer.Option(None, "--config", help="HF config.json for checkpoints that do not carry one (default: the reference's)."),
     atol: float = typer.Option(1e-4, "--atol", help="Largest accepted absolute logit difference (fp32)."),
     seq_len: int = typer.Option(16, "--seq-len", help="Tokens per sequence."),
@@ -185,10 +224,14 @@ def verify(
     seed: int = typer.Option(0, "--seed", help="Seed of the random tokens."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds before the ranks are stopped."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    hf_model_name: Optional[str] = HfModelName,
+    revision: Optional[str] = Revision,
     trust_pickle: bool = TrustPickle,
 ) -> None:
     """Run the checkpoint under its own TP x PP layout (gloo processes) and compare logits with transformers; exit 0 when within --atol, 1 when not."""
     from .verify.logits import verify_logits
+
+    (reference,) = _paths(hf_model_name, revision, (reference,), ("--reference",))
 
     report = verify_logits(ckpt, reference, config=config, atol=atol, seq_len=seq_len, batch=batch, seed=seed, timeout=timeout, trust_pickle=trust_pickle)
     if as_json:

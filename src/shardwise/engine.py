@@ -15,7 +15,6 @@ Every output is written in a staging path and committed atomically (:mod:`shardw
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -29,6 +28,7 @@ from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
 from .formats.hf import read_config
+from .formats.hf_conventions import aliased_duplicates, finish_hf_folder, hf_json, unties_embeddings
 from .formats.safetensors import check_writable, write_safetensors
 from .formats.torch_pickle import write_torch
 from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_output
@@ -154,9 +154,13 @@ def _write_file(path: Path, final_name: str, planned_file: PlannedFile, streamer
 
 
 def write_index(path: Path, plan: OutputPlan) -> None:
-    """The HF ``*.index.json`` of a sharded output plan, written durably."""
-    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
-    write_text_durably(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    """The HF ``*.index.json`` of a sharded output plan, written durably, laid out as ``save_pretrained`` writes it.
+
+    ``total_size`` is the bytes of the tensors written; ``total_parameters`` their elements (what
+    transformers' ``num_parameters()`` gives unless the model also saves buffers).
+    """
+    index = {"metadata": {"total_parameters": plan.total_elements, "total_size": plan.total_bytes}, "weight_map": plan.weight_map()}
+    write_text_durably(path, hf_json(index))
 
 
 def _copy_companions(ckpt: Checkpoint, stage: Path, config: str | os.PathLike | None) -> list[str]:
@@ -253,18 +257,18 @@ def convert(
             raise OptionError(f"{name} applies to --to archive only")
     cast = parse_cast_dtype(dtype) if dtype else None
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
-    if config is not None:
-        read_config(Path(config))  # refuse a config that is not a JSON object before writing anything
+    given_config = read_config(Path(config)) if config is not None else None  # refuse a bad config before writing anything
     with open_checkpoint(src, trust_pickle=trust_pickle) as ckpt:
         if ckpt.archive is not None:
             from .archive.convert import check_unsharded
 
             check_unsharded(ckpt, to)
-        plan = plan_output(ckpt.infos(), to=to, cast=cast, max_shard_size=limit)
+        tied = _tied_duplicates(ckpt, given_config) if to == "hf" else {}
+        plan = plan_output([i for i in ckpt.infos() if i.name not in tied], to=to, cast=cast, max_shard_size=limit)
         if config is not None and not plan.is_dir:
             raise OptionError(f"--config {config}: a config goes into a folder output; use --to hf or --max-shard-size")
         _check_writable(plan, dst)
-        warnings = list(_warnings(ckpt, plan, config))
+        warnings = list(_warnings(ckpt, plan, config)) + _tied_warnings(ckpt, tied)
         metadata = {**ckpt.metadata, "format": "pt"}
         streamer = TensorStreamer(ckpt.tensors, progress)
         progress.start(plan.total_bytes, f"convert to {to}")
@@ -283,6 +287,8 @@ def convert(
                     warnings += export_hf_files(ckpt.archive, stage)[1]
                 if plan.copy_companions or config is not None:
                     _copy_companions(ckpt, stage, config)
+                if plan.format == "hf":
+                    finish_hf_folder(stage, cast=cast.name if cast else None)
         finally:
             progress.finish()
     files = tuple(f.relpath for f in plan.files) + ((plan.index_name,) if plan.index_name else ())
@@ -326,6 +332,25 @@ def _check_writable(plan: OutputPlan, dst: Path) -> None:
                 check_writable([t.out for t in planned_file.tensors])
             except FormatError as e:
                 raise FormatError(f"{dst}: cannot write safetensors: {e}") from None
+
+
+def _tied_duplicates(ckpt: Checkpoint, given_config: dict | None) -> dict[str, str]:
+    """Tensors an HF output writes once (see :func:`~.formats.hf_conventions.aliased_duplicates`).
+
+    Only when an HF config is known (``--config`` or the folder's) and does not untie the word
+    embeddings: from_pretrained restores a dropped tied weight from its config, and from nothing else.
+    """
+    hf_config = given_config if given_config is not None else ckpt.config if ckpt.format == "hf" else None
+    if hf_config is None or unties_embeddings(hf_config):
+        return {}
+    return aliased_duplicates((name, ckpt.tensors.stored(name)) for name in ckpt.tensors.keys())
+
+
+def _tied_warnings(ckpt: Checkpoint, tied: dict[str, str]) -> list[str]:
+    if not tied:
+        return []
+    pairs = ", ".join(f"{dup} (= {kept})" for dup, kept in tied.items())
+    return [f"{ckpt.path}: tied weights written once, as save_pretrained does (from_pretrained ties them again): {pairs}"]
 
 
 def _warnings(ckpt: Checkpoint, plan: OutputPlan, config: str | os.PathLike | None) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ __all__ = [
     "IntegrityError",
     "LayoutError",
     "OptionError",
+    "HubError",
 ]
 
 
@@ -44,3 +45,7 @@ class LayoutError(ShardwiseError, ValueError):
 
 class OptionError(ShardwiseError, ValueError):
     """An option value is not one shardwise understands (unknown dtype, bad size, wrong format name)."""
+
+
+class HubError(ShardwiseError):
+    """A model named on the Hugging Face Hub is neither in the local cache nor reachable (or access is refused)."""

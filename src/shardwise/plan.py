@@ -15,7 +15,7 @@ from .tensors import TensorInfo
 __all__ = ["PlannedTensor", "PlannedFile", "OutputPlan", "OUTPUT_FORMATS", "plan_output", "split_into_shards", "infer_format"]
 
 OUTPUT_FORMATS = ("safetensors", "torch", "hf", "archive", "nxdt", "nemo-dir", "dcp")
-HF_DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' save_pretrained default ("5GB")
+HF_DEFAULT_SHARD_SIZE = 50 * 10**9  # save_pretrained's default in transformers 5 ("50GB"; it was "5GB" before)
 _SHARD_STEMS = {"safetensors": ("model", ".safetensors", "model.safetensors.index.json"),
                 "torch": ("pytorch_model", ".bin", "pytorch_model.bin.index.json")}
 
@@ -58,6 +58,10 @@ class OutputPlan:
     @property
     def total_bytes(self) -> int:
         return sum(f.nbytes for f in self.files)
+
+    @property
+    def total_elements(self) -> int:
+        return sum(t.out.numel for f in self.files for t in f.tensors)
 
     def weight_map(self) -> dict[str, str]:
         return {t.out.name: f.relpath for f in self.files for t in f.tensors}
@@ -115,7 +119,7 @@ def plan_output(
     """Plan a conversion of ``infos`` into format ``to``.
 
     - ``safetensors``/``torch`` without ``max_shard_size``: one file at the destination path.
-    - with ``max_shard_size``, or ``hf`` (default 5GB): a folder of HF-named shards
+    - with ``max_shard_size``, or ``hf`` (default 50GB, as transformers 5): a folder of HF-named shards
       (``model-00001-of-00003.safetensors``) plus an index when there is more than one shard, else a
       single ``model.safetensors`` (``pytorch_model.bin`` for torch); ``hf`` also copies config and
       tokenizer files.

@@ -20,6 +20,8 @@ from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
 from ..errors import LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
+from ..formats.hf_conventions import GENERATION_CONFIG, finish_hf_folder, hf_json
+from ..jsonfile import read_json_object
 from ..layout.sharding import ShardedLayout, shard_plan
 from ..layout.stream import TileStreamer
 from ..layout.tiles import compose
@@ -188,7 +190,8 @@ def convert_layout(
         if to == "hf":
             _no_layout_options(tp, pp, style, qkv_linear, fuse_qkv, kv_multiplier)
             tensors = source.inverse()
-            files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings),
+            complete = full_state_file is None  # NxD's checkpoint.pt + config.json stays as NxD writes it
+            files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings, cast, complete),
                              overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file,
                              xser=encoding == "xser")
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
@@ -196,7 +199,7 @@ def convert_layout(
         else:
             layout = target_layout(source, to, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear, fuse_qkv=fuse_qkv, kv_multiplier=kv_multiplier, keep=keep_layout)
             plan = compose(shard_plan(source.dims, source.canonical, layout), source.inverse())
-            parallel = parallel_manifest(to, layout, source.dims, hf_config, encoding)
+            parallel = parallel_manifest(to, layout, source.dims, hf_config, encoding, _generation_config(source) if to == "nxdt" else None)
             if to == "nxdt":
                 files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite, encoding=encoding)
                 if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
@@ -267,7 +270,20 @@ def _is_tokenizer(name: str) -> bool:
 
 
 def _companion_entries(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]]:
-    """(relative name, path) of the non-weight files that travel with the model, config.json excluded."""
+    """(relative name, path) of the non-weight files that travel with the model, config.json excluded.
+
+    A generation config kept in the source's manifest is written into ``tmp`` and listed too.
+    """
+    entries = _stored_companions(source, tmp)
+    if source.generation_config is not None and GENERATION_CONFIG not in dict(entries):
+        path = tmp / GENERATION_CONFIG
+        write_text_durably(path, hf_json(source.generation_config))
+        entries.append((GENERATION_CONFIG, path))
+    return entries
+
+
+def _stored_companions(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]]:
+    """The companion files the source holds (see :func:`_companion_entries`)."""
     if source.checkpoint is not None and Path(source.checkpoint.path).is_dir():
         folder = Path(source.checkpoint.path)
         return [(n, folder / n) for n in source.checkpoint.companion_files if n != "config.json"]
@@ -292,8 +308,20 @@ def _companion_entries(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]
     return []
 
 
-def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: list[str]) -> list[str]:
-    """config.json and the tokenizer/extra files next to HF weights; returns the names written."""
+def _generation_config(source: ShardedModel) -> dict | None:
+    """The source's generation_config.json (among its companion files, or from its manifest), or None."""
+    with tempfile.TemporaryDirectory(prefix="shardwise-companions-") as tmp:
+        found = dict(_companion_entries(source, Path(tmp))).get(GENERATION_CONFIG)
+        return read_json_object(found, "generation config") if found is not None else None
+
+
+def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: list[str], cast: str | None, complete: bool) -> list[str]:
+    """config.json and the tokenizer/extra files next to HF weights; returns the names written.
+
+    ``complete`` also makes the folder what save_pretrained writes (see
+    :func:`~shardwise.formats.hf_conventions.finish_hf_folder`): config.json names ``cast``, and a
+    generation_config.json is derived when the source had none (not even in its manifest).
+    """
     written = []
     with tempfile.TemporaryDirectory(prefix="shardwise-companions-") as tmp:
         for name, path in _companion_entries(source, Path(tmp)):
@@ -302,7 +330,10 @@ def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings:
             shutil.copyfile(path, target)
             fsync_file(target)
             written.append(name)
-    write_text_durably(stage / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_text_durably(stage / "config.json", hf_json(hf_config))
+    written.append("config.json")
+    if complete:
+        written += [n for n in finish_hf_folder(stage, cast=cast) if n not in written]
     if not source.hf_config:
         warnings.append(f"{source.path}: carries no HF config.json; config.json was built from its model_config.yaml")
-    return written + ["config.json"]
+    return written

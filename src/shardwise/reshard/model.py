@@ -49,6 +49,7 @@ class ShardedModel:
     canonical: dict[str, TensorInfo]
     files: dict[Shard, str]
     nemo_config: dict | None = None
+    generation_config: dict | None = None  # kept in a shardwise manifest (nxdt folders hold no generation_config.json)
     checkpoint: Checkpoint | None = None  # the opened unsharded checkpoint (container hf)
     archive: object = None
     warnings: list[str] = field(default_factory=list)
@@ -190,6 +191,8 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
         nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
     )
     model.has_manifest = isinstance(parallel, dict)
+    if model.has_manifest and isinstance(parallel.get("generation_config"), dict):
+        model.generation_config = parallel["generation_config"]
     return model
 
 

@@ -11,6 +11,10 @@ Differences from the original, on purpose:
 - xser inputs are recognised by the tensor references in their pickles whether or not
   ``--load_xser`` is given; ``--load_xser`` on files that are not xser is refused. ``--save_xser`` writes NxD's
   xser files (reference file, ``.pt.tensors/tensor_<i>.pt``, ``.pt.info.pt``);
+- ``--hf_model_name ORG/NAME`` (from-full, without ``--input_dir``, which wins when both are
+  given, as in NxD) reads the model from the Hugging Face cache (:mod:`shardwise.hub`: offline
+  with ``HF_HUB_OFFLINE``, token from ``HF_TOKEN``, never a prompt); ``--revision`` picks a branch,
+  tag or commit;
 - ``--hw_backend trn2`` with ``--kv_size_multiplier`` > 1 is refused: the original pairs some
   ranks' query heads with the other group's KV head there (a model that computes something else).
 """
@@ -57,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input_dir", required=False)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--hf_model_name")
+    p.add_argument("--revision", help="branch, tag or commit of --hf_model_name")
     p.add_argument("--config", help="HF config.json (head counts)")
     p.add_argument("--model_style", choices=("hf", "megatron"), default="hf")
     p.add_argument("--tp_size", type=int, default=1)
@@ -77,10 +82,17 @@ def run_nxdt_convert(argv: list[str], progress=None) -> object:
     args = _parser().parse_args(argv)
     if args.convert_from_full_state == args.convert_to_full_state:
         raise OptionError("nxdt-convert: give exactly one of --convert_from_full_state and --convert_to_full_state")
-    if args.hf_model_name and not args.input_dir:
-        raise OptionError("nxdt-convert: --hf_model_name would download the model, which shardwise does not do here; pass --input_dir with a local copy")
-    if not args.input_dir:
-        raise OptionError("nxdt-convert: --input_dir is required")
+    input_dir = args.input_dir
+    if args.revision and not args.hf_model_name:
+        raise OptionError("nxdt-convert: --revision applies to --hf_model_name")
+    if args.hf_model_name and not input_dir:
+        if args.convert_to_full_state:
+            raise OptionError("nxdt-convert: --hf_model_name names the HF model to convert from (--convert_from_full_state); --convert_to_full_state reads --input_dir")
+        from ..hub import hf_model_path
+
+        input_dir = hf_model_path(args.hf_model_name, revision=args.revision)
+    if not input_dir:
+        raise OptionError("nxdt-convert: --input_dir (or --hf_model_name) is required")
     if args.hw_backend == "trn2" and args.kv_size_multiplier > 1:
         raise OptionError(
             "nxdt-convert: --hw_backend trn2 with --kv_size_multiplier > 1 makes NxD's converter pair query heads with the wrong KV heads; "
@@ -91,7 +103,7 @@ def run_nxdt_convert(argv: list[str], progress=None) -> object:
     progress = progress or NO_PROGRESS
     if args.convert_from_full_state:
         return convert_layout(
-            args.input_dir, output, to="nxdt", style="nxdt" if args.model_style == "hf" else "megatron", tp=args.tp_size, pp=args.pp_size,
+            input_dir, output, to="nxdt", style="nxdt" if args.model_style == "hf" else "megatron", tp=args.tp_size, pp=args.pp_size,
             qkv_linear=args.qkv_linear or None, fuse_qkv=args.fuse_qkv or None,
             kv_multiplier=args.kv_size_multiplier if args.qkv_linear or args.fuse_qkv else None,
             config=args.config, expect_layers=args.n_layers, expect={"encoding": "xser" if args.load_xser else None},
@@ -103,6 +115,6 @@ def run_nxdt_convert(argv: list[str], progress=None) -> object:
         "encoding": "xser" if args.load_xser else None,
     }
     return convert_layout(
-        args.input_dir, output, to="hf", config=args.config, full_state_file="checkpoint.pt", expect_layers=args.n_layers,
+        input_dir, output, to="hf", config=args.config, full_state_file="checkpoint.pt", expect_layers=args.n_layers,
         expect=expect, weights_format="xser" if args.save_xser else "torch", overwrite=overwrite, progress=progress,
     )

@@ -44,9 +44,13 @@ def _writer_for(tensors: list[TiledTensor], streamer: TileStreamer):
     return write
 
 
-def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: str) -> dict:
-    """The ``parallel`` entry of ``shardwise.json``: everything needed to read the shards back without flags."""
-    return {
+def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: str, generation_config: dict | None = None) -> dict:
+    """The ``parallel`` entry of ``shardwise.json``: everything needed to read the shards back without flags.
+
+    ``generation_config`` (the source's generation_config.json, for containers that hold weights
+    only) is kept so that converting back to HF restores it.
+    """
+    parallel = {
         "container": container,
         "encoding": encoding,
         "layout": layout.as_dict(),
@@ -54,6 +58,9 @@ def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: s
         "dims": dims.as_dict(),
         "config": hf_config,
     }
+    if generation_config is not None:
+        parallel["generation_config"] = generation_config
+    return parallel
 
 
 def write_nxdt(
