@@ -148,23 +148,25 @@ def _renameat2(a: Path, b: Path, flags: int) -> bool | None:
     return None if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL) else False
 
 
-def check_output_free(dst: Path, overwrite: bool, *, is_dir: bool) -> None:
+def check_output_free(dst: Path, overwrite: bool, *, is_dir: bool, any_kind: bool = False) -> None:
     """Raise OutputExistsError when ``dst`` exists and may not be replaced by an output of this kind.
 
     Even with ``overwrite`` a folder is never replaced by a file or a file by a folder: that is
     almost always a wrong path, and deleting a folder to put a file there would lose its contents.
+    ``any_kind`` lifts that rule for callers that have checked what ``dst`` is (a Lightning
+    checkpoint path that held a single-file checkpoint and now gets a folder).
     """
     if not (dst.exists() or dst.is_symlink()):
         return
     if not overwrite:
         raise OutputExistsError(f"{dst}: output already exists; pass --overwrite (overwrite=True) to replace it")
-    if dst.is_dir() != is_dir:
+    if dst.is_dir() != is_dir and not any_kind:
         have, want = ("a folder", "file") if dst.is_dir() else ("a file", "folder")
         raise OutputExistsError(f"{dst}: exists and is {have}; --overwrite only replaces it with a {want} of the same kind")
 
 
 @contextlib.contextmanager
-def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = False, any_kind: bool = False) -> Iterator[Path]:
     """Yield a staging path to write ``dst`` into; commit it on success, delete it on failure.
 
     For ``is_dir=True`` the staging folder exists when yielded; for a file, only its parent does.
@@ -172,31 +174,32 @@ def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = Fal
     existing ``dst`` raises :class:`OutputExistsError` before anything is written unless
     ``overwrite`` is true; it is then replaced atomically (a file by rename, a folder by an atomic
     exchange where Linux offers one, else by two renames) and removed only after the new output is
-    in place.
+    in place. ``any_kind``: see :func:`check_output_free`.
     """
     dst = Path(dst)
-    check_output_free(dst, overwrite, is_dir=is_dir)
+    check_output_free(dst, overwrite, is_dir=is_dir, any_kind=any_kind)
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = staging_name(dst)
     if is_dir:
         stage.mkdir()
     try:
         yield stage
-        commit_stage(stage, dst, overwrite)
+        commit_stage(stage, dst, overwrite, any_kind=any_kind)
     except BaseException:
         discard_stage(stage)
         raise
 
 
-def commit_stage(stage: Path, dst: Path, overwrite: bool) -> None:
+def commit_stage(stage: Path, dst: Path, overwrite: bool, *, any_kind: bool = False) -> None:
     """Move a fully written staging path (from :func:`staging_name`) to ``dst``, durably.
 
     A staged folder is fsynced first (its files must be already); ``dst`` is replaced atomically
-    when ``overwrite`` (see :func:`atomic_output`), else OutputExistsError if it appeared meanwhile.
+    when ``overwrite`` (see :func:`atomic_output`; ``any_kind``: :func:`check_output_free`), else
+    OutputExistsError if it appeared meanwhile.
     """
     if stage.is_dir():
         fsync_dir(stage)
-    _commit(stage, dst, overwrite)
+    _commit(stage, dst, overwrite, any_kind)
     fsync_dir(dst.parent)
 
 
@@ -205,7 +208,7 @@ def discard_stage(stage: Path) -> None:
     _remove(stage)
 
 
-def _commit(stage: Path, dst: Path, overwrite: bool) -> None:
+def _commit(stage: Path, dst: Path, overwrite: bool, any_kind: bool = False) -> None:
     appeared = OutputExistsError(f"{dst}: output appeared while it was being written; nothing was replaced")
     if not overwrite:
         done = _renameat2(stage, dst, _RENAME_NOREPLACE)  # atomic "rename unless it exists"
@@ -216,7 +219,7 @@ def _commit(stage: Path, dst: Path, overwrite: bool) -> None:
                 raise appeared
             os.rename(stage, dst)
         return
-    check_output_free(dst, overwrite, is_dir=stage.is_dir())
+    check_output_free(dst, overwrite, is_dir=stage.is_dir(), any_kind=any_kind)
     if not (dst.exists() or dst.is_symlink()) or (stage.is_file() and dst.is_file()):
         os.replace(stage, dst)
         return

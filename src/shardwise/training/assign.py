@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..distributed import ParallelCoords
 from .layout import SCHEDULER, USER_CONTENT, model_file, optim_file
 
-__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "SnapshotBuffers", "spread", "tensors_in"]
+__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "replace_tensors", "SnapshotBuffers", "spread", "tensors_in"]
 
 
 @dataclass
@@ -132,24 +132,21 @@ class SnapshotBuffers:
                 self._free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
 
-def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None, memo: dict | None = None) -> Any:
-    """A deep copy of ``obj`` whose tensors are CPU copies (containers rebuilt, other leaves shared:
-    numbers and strings are immutable; user objects are the caller's not to mutate mid-save).
-
-    With ``keep`` (ids of tensors), the other tensors become ``meta`` tensors of the same shape
-    and dtype: what a rank writing only part of a state needs of the rest. A tensor that appears
-    twice is copied once (``memo``), so the copy has the original's tensors in the same places.
+def replace_tensors(obj: Any, replace: Callable[[Any], Any], memo: dict | None = None) -> Any:
+    """A copy of ``obj`` with ``replace(tensor)`` in place of each tensor: containers rebuilt with
+    their types (dict subclasses keep their attributes, as an OrderedDict state dict its
+    ``_metadata``; named tuples stay named), other leaves shared. A tensor that appears twice is
+    replaced once (``memo``: id -> replacement), so the copy has the same tensor in the same places.
     """
     import torch
 
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         if id(obj) not in memo:
-            keep_it = keep is None or id(obj) in keep
-            memo[id(obj)] = buffers.copy(obj) if keep_it else torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+            memo[id(obj)] = replace(obj)
         return memo[id(obj)]
     if isinstance(obj, dict):
-        copied = {k: snapshot(v, buffers, keep, memo) for k, v in obj.items()}
+        copied = {k: replace_tensors(v, replace, memo) for k, v in obj.items()}
         if type(obj) is dict:
             return copied
         clone = copy.copy(obj)  # OrderedDict and other dict subclasses keep their type and attributes (_metadata)
@@ -157,8 +154,26 @@ def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None, m
         clone.update(copied)
         return clone
     if isinstance(obj, list):
-        return [snapshot(v, buffers, keep, memo) for v in obj]
+        return [replace_tensors(v, replace, memo) for v in obj]
     if isinstance(obj, tuple):
-        items = [snapshot(v, buffers, keep, memo) for v in obj]
+        items = [replace_tensors(v, replace, memo) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
     return obj
+
+
+def snapshot(obj: Any, buffers: SnapshotBuffers, keep: set[int] | None = None) -> Any:
+    """A deep copy of ``obj`` whose tensors are CPU copies (containers rebuilt, other leaves shared:
+    numbers and strings are immutable; user objects are the caller's not to mutate mid-save).
+
+    With ``keep`` (ids of tensors), the other tensors become ``meta`` tensors of the same shape
+    and dtype: what a rank writing only part of a state needs of the rest. A tensor that appears
+    twice is copied once, so the copy has the original's tensors in the same places.
+    """
+    import torch
+
+    def copy_or_placeholder(tensor):
+        if keep is None or id(tensor) in keep:
+            return buffers.copy(tensor)
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+    return replace_tensors(obj, copy_or_placeholder)

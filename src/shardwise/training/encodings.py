@@ -21,26 +21,28 @@ wrote with their CRC-32s; the leader folds them into one size and CRC per file
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
-from ..atomic import start_writeback, write_all
+from ..atomic import start_writeback
 from ..checksum import crc32, crc32_combine
 from ..dtypes import name_of
 from ..errors import FormatError, IntegrityError, OptionError
+from ..structure import UnstorableError, decode_structure, encode_structure
 from ..tensors import TensorInfo, tensor_bytes
-from .assign import spread, tensors_in
-from .files import save_object, write_failure
+from .assign import replace_tensors, spread, tensors_in
+from .files import save_object, write_durably, write_failure
 
-__all__ = ["ENCODINGS", "stored_name", "write_part", "fold_entries", "read_state", "SPLIT_BY_TENSOR", "owned_tensors"]
+__all__ = [
+    "ENCODINGS", "stored_name", "write_part", "fold_entries", "read_state", "SPLIT_BY_TENSOR", "owned_tensors",
+    "STRUCTURE_KEY", "write_tensor_file", "read_structured_safetensors",
+]
 
 ENCODINGS = ("pt", "safetensors", "xser")
 SPLIT_BY_TENSOR = ("safetensors", "xser")  # encodings whose shared files DP ranks write together
-_STRUCTURE = "shardwise.structure"
+STRUCTURE_KEY = "shardwise.structure"  # the safetensors metadata key holding the object's structure (:mod:`shardwise.structure`)
 
 
 def stored_name(name: str, encoding: str) -> str:
@@ -68,57 +70,6 @@ def _info(name: str, tensor) -> TensorInfo:
 
 def _whole(entry_name: str, size: int, crc: int) -> dict:
     return {"name": entry_name, "size": size, "ranges": [[0, size, crc]]}
-
-
-# -- structure: the object without its tensors, as JSON ------------------------------------------
-def _skeleton(obj: Any, name_of: Callable[[Any], str], where: str) -> Any:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return {"T": name_of(obj)}
-    if isinstance(obj, torch.Size):
-        return {"S": list(obj)}
-    if isinstance(obj, dict):
-        return {"D": [[_skeleton(k, name_of, where), _skeleton(v, name_of, f"{where}[{k!r}]")] for k, v in obj.items()]}
-    if isinstance(obj, list):
-        return {"L": [_skeleton(v, name_of, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return {"U": [_skeleton(v, name_of, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"F": repr(obj)}
-    raise OptionError(
-        f"encoding='safetensors' stores tensors, numbers, strings and containers; {where} is a {type(obj).__name__}; "
-        f"save with encoding='pt'"
-    )
-
-
-def _rebuild(skeleton: Any, tensor: Callable[[str], Any], path: str) -> Any:
-    import torch
-
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if len(skeleton) != 1:
-        raise FormatError(f"{path}: the structure in its metadata is not one shardwise wrote")
-    (kind, value), = skeleton.items()
-    if kind == "T":
-        return tensor(value)
-    if kind == "S":
-        return torch.Size(value)
-    if kind == "D":
-        return {_hashable(_rebuild(k, tensor, path)): _rebuild(v, tensor, path) for k, v in value}
-    if kind == "L":
-        return [_rebuild(v, tensor, path) for v in value]
-    if kind == "U":
-        return tuple(_rebuild(v, tensor, path) for v in value)
-    if kind == "F":
-        return float(value)
-    raise FormatError(f"{path}: the structure in its metadata holds an unknown kind {kind!r}")
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
 
 
 def _tensor_names(obj: Any, tensors: list) -> dict[int, str]:
@@ -151,36 +102,50 @@ def write_part(encoding: str, obj: Any, stage: Path, name: str, part: int = 0, p
 
 
 def _write_safetensors(obj: Any, stage: Path, name: str, part: int, parts: int) -> dict:
-    from ..formats.safetensors import check_writable, header_bytes
-
     tensors = tensors_in(obj)
     names = _tensor_names(obj, tensors)
-    by_name = {names[id(t)]: t for t in tensors}
-    infos = [_info(names[id(t)], t) for t in tensors]
+    try:
+        skeleton = encode_structure(obj, lambda t, _path: names[id(t)])
+    except UnstorableError as e:
+        raise OptionError(f"encoding='safetensors' stores tensors, numbers, strings and containers; {e}; save with encoding='pt'") from None
+    return write_tensor_file(
+        stage / name, name, {names[id(t)]: t for t in tensors}, {STRUCTURE_KEY: json.dumps(skeleton, separators=(",", ":"))},
+        mine=owned_tensors(obj, part, parts), header=part == 0,
+    )
+
+
+def write_tensor_file(path: Path, name: str, tensors: dict[str, Any], metadata: dict[str, str], mine: set[int] | None = None, header: bool = True) -> dict:
+    """Write the safetensors file ``path`` (``name`` in the manifest) holding ``tensors`` with ``metadata``, fsynced.
+
+    Several writers may fill one file together: each writes the tensors whose ids are in ``mine``
+    (all when None) and one of them the ``header``; every writer sizes the file alike, so none cuts
+    another's bytes. Tensors this writer does not write may be ``meta`` tensors. Returns the
+    manifest entry with the byte ranges written and their CRC-32s (see :func:`write_part`); a
+    failed write raises OSError naming the file.
+    """
+    from ..formats.safetensors import check_writable, header_bytes
+
+    infos = [_info(tensor_name, t) for tensor_name, t in tensors.items()]
     check_writable(infos)
-    skeleton = _skeleton(obj, lambda t: names[id(t)], "the state")
-    header, ordered = header_bytes(infos, {_STRUCTURE: json.dumps(skeleton, separators=(",", ":"))})
-    mine = owned_tensors(obj, part, parts)
-    size = len(header) + sum(info.nbytes for info in ordered)
-    path = stage / name
+    head, ordered = header_bytes(infos, metadata)
+    size = len(head) + sum(info.nbytes for info in ordered)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranges = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)  # never truncated: other parts write the same file
     try:
         os.ftruncate(fd, size)  # every part sets the same size, so no part cuts another's bytes
-        if part == 0:
-            _pwrite(fd, header, 0)
-            ranges.append([0, len(header), crc32(header)])
-        offset = len(header)
+        if header:
+            _pwrite(fd, head, 0)
+            ranges.append([0, len(head), crc32(head)])
+        offset = len(head)
         for info in ordered:
-            tensor = by_name[info.name]
-            if id(tensor) in mine and info.nbytes:
-                data = tensor_bytes(_data(tensor, str(path)))
-                _pwrite(fd, data, offset)
-                start_writeback(fd, offset, info.nbytes)
+            tensor = tensors[info.name]
+            if mine is None or id(tensor) in mine:
+                data = tensor_bytes(_data(tensor, str(path))) if info.nbytes else b""
+                if data:
+                    _pwrite(fd, data, offset)
+                    start_writeback(fd, offset, info.nbytes)
                 ranges.append([offset, info.nbytes, crc32(data)])
-            elif id(tensor) in mine:
-                ranges.append([offset, 0, 0])
             offset += info.nbytes
         os.fsync(fd)
     except OSError as e:
@@ -215,7 +180,7 @@ def _write_xser(obj: Any, stage: Path, name: str, part: int, parts: int) -> list
             size, crc = save_object(own, stage / relpath)
             entries.append(_whole(relpath, size, crc))
     if part == 0:
-        references = _replace_tensors(obj, lambda t: reference_stub(tids[id(t)], infos[tids[id(t)]]))
+        references = replace_tensors(obj, lambda t: reference_stub(tids[id(t)], infos[tids[id(t)]]))
         for relpath, payload in ((name, references), (str(info_file(name)), info_table(infos))):
             data = stub_pickle(payload)
             stem = Path(relpath).name.rsplit(".", 1)[0]
@@ -230,31 +195,7 @@ def _save_with(produce: Callable, path: Path) -> tuple[int, int]:
 
     buffer = io.BytesIO()
     produce(buffer)
-    data = buffer.getvalue()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb", buffering=0) as f:
-            write_all(f, data)
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise write_failure(path, e) from None
-    return len(data), crc32(data)
-
-
-def _replace_tensors(obj: Any, replace: Callable[[Any], Any]) -> Any:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return replace(obj)
-    if isinstance(obj, dict):
-        out = {k: _replace_tensors(v, replace) for k, v in obj.items()}
-        return collections.OrderedDict(out) if isinstance(obj, collections.OrderedDict) else out
-    if isinstance(obj, list):
-        return [_replace_tensors(v, replace) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_replace_tensors(v, replace) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+    return write_durably(path, buffer.getvalue())
 
 
 def fold_entries(entries: list[dict]) -> list[dict]:
@@ -297,22 +238,35 @@ def read_state(encoding: str, folder: Path, name: str, load: Callable[[str], Any
 
 
 def _read_safetensors(path: Path, mapped: bool) -> Any:
+    return read_structured_safetensors(path, mapped)
+
+
+def read_structured_safetensors(path: Path, mapped: bool, other: Callable | None = None) -> Any:
+    """The object a safetensors file written with a :data:`STRUCTURE_KEY` describes, its tensors read
+    (``mapped``: private maps of the file) or copied; a tensor named twice loads as one tensor.
+    ``other`` decodes extra node kinds (:func:`shardwise.structure.decode_structure`). No pickle
+    is involved; FormatError naming ``path`` for anything malformed."""
     from ..formats.safetensors import SafetensorsFile
 
     with SafetensorsFile(path) as source:
-        structure = source.metadata.get(_STRUCTURE)
+        structure = source.metadata.get(STRUCTURE_KEY)
         if structure is None:
-            raise FormatError(f"{path}: no {_STRUCTURE} in its metadata: not a training state shardwise wrote")
+            raise FormatError(f"{path}: no {STRUCTURE_KEY} in its metadata: not a state shardwise wrote")
+        loaded: dict[str, Any] = {}
 
         def tensor(tensor_name: str):
-            if tensor_name not in source:
+            if not isinstance(tensor_name, str) or tensor_name not in source:
                 raise FormatError(f"{path}: its structure names a tensor {tensor_name!r} the file does not hold")
-            return source.map(tensor_name) if mapped else source.read(tensor_name)
+            if tensor_name not in loaded:
+                loaded[tensor_name] = source.map(tensor_name) if mapped else source.read(tensor_name)
+            return loaded[tensor_name]
 
         try:
-            return _rebuild(json.loads(structure), tensor, str(path))
+            return decode_structure(json.loads(structure), tensor, str(path), other=other)
+        except FormatError:
+            raise
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
-            raise FormatError(f"{path}: its {_STRUCTURE} metadata is not a structure shardwise wrote ({type(e).__name__}: {e})") from None
+            raise FormatError(f"{path}: its {STRUCTURE_KEY} metadata is not a structure shardwise wrote ({type(e).__name__}: {e})") from None
 
 
 def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:

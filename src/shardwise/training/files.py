@@ -18,7 +18,7 @@ from ..checksum import crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..units import CHUNK_BYTES
 
-__all__ = ["save_object", "write_failure", "check_file", "check_against", "file_crc32", "torch_load"]
+__all__ = ["save_object", "write_durably", "write_failure", "check_file", "check_against", "file_crc32", "torch_load"]
 
 
 class _ChecksummingFile(io.RawIOBase):
@@ -80,6 +80,22 @@ def save_object(obj: Any, path: Path) -> tuple[int, int]:
     return sink.size, sink.crc
 
 
+def write_durably(path: Path, data: bytes) -> tuple[int, int]:
+    """Write ``data`` to ``path`` (parents created) and fsync it; returns (size, CRC-32).
+
+    For small files inside a staging folder, which makes them atomic; a failed write raises
+    OSError naming the file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb", buffering=0) as f:
+            write_all(f, data)
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failure(path, e) from None
+    return len(data), crc32(data)
+
+
 def file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb", buffering=0) as f:
@@ -115,13 +131,15 @@ def _reason(error: Exception) -> str:
     return ((pointed or lines)[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
-def torch_load(path: Path, trust_pickle: bool, mapped: bool = False) -> Any:
+def torch_load(path: Path, trust_pickle: bool, mapped: bool = False, allowed: tuple = ()) -> Any:
     """``torch.load`` on CPU, ``weights_only`` unless ``trust_pickle``: tensors, containers and numbers
     load, any other class is refused (UnsafeCheckpointError) before anything runs; unreadable or
     truncated files are a FormatError; both name the file in one line.
 
     ``mapped`` returns tensors backed by a private map of the file (no copy now, copy-on-write
     later): for states that are copied into place right away, as ``Module.load_state_dict`` does.
+    ``allowed`` adds classes that ``weights_only`` may rebuild (inert ones: their construction and
+    state setting run no code of the file's choosing).
     """
     import pickle
     import warnings
@@ -129,7 +147,7 @@ def torch_load(path: Path, trust_pickle: bool, mapped: bool = False) -> Any:
     import torch
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mapped)
     except pickle.UnpicklingError as e:

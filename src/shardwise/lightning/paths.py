@@ -1,0 +1,102 @@
+"""What a checkpoint path is, and what loading, removing and replacing it mean for each kind.
+
+Lightning hands the plugin one path per checkpoint. :func:`kind_of` tells what is there, from the
+file system and a file's first bytes, never from the name:
+
+- ``SHARDWISE``: a folder holding ``shardwise.json`` (:mod:`.folder`);
+- ``DCP``: a folder holding ``.metadata``, a ``torch.distributed.checkpoint`` save;
+- ``TORCH``: a file that starts as a torch file (zip archive or legacy pickle), such as the
+  ``.ckpt`` Lightning's default ``TorchCheckpointIO`` writes;
+- ``MISSING``, ``OTHER``: nothing there, or something shardwise does not read.
+
+:func:`load` dispatches on that kind, one branch per kind; each returns the checkpoint dict.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..atomic import discard_stage, fsync_dir, staging_name
+from ..errors import FormatError, OutputExistsError
+from ..formats.torch_pickle import looks_like_torch
+from ..training.files import torch_load
+from ..training.layout import MANIFEST
+from .folder import is_shardwise_folder, read_folder
+from .values import inert_classes
+
+__all__ = ["SHARDWISE", "DCP", "TORCH", "MISSING", "OTHER", "kind_of", "load", "remove", "check_replaceable"]
+
+SHARDWISE, DCP, TORCH, MISSING, OTHER = "shardwise", "dcp", "torch", "missing", "other"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file
+
+
+def kind_of(path: Path) -> str:
+    """The kind of checkpoint at ``path`` (symbolic links followed)."""
+    if path.is_dir():
+        if is_shardwise_folder(path):
+            return SHARDWISE
+        return DCP if (path / DCP_METADATA).is_file() else OTHER
+    if path.is_file():
+        with open(path, "rb") as f:
+            return TORCH if looks_like_torch(f.read(16)) else OTHER
+    return MISSING
+
+
+def load(path: Path, *, trust_pickle: bool, verify: bool) -> dict:
+    """The checkpoint dict at ``path``, tensors on CPU, whatever kind of checkpoint it is.
+
+    A shardwise folder is checked against its manifest (IntegrityError naming a damaged file); a
+    torch file is read with ``weights_only`` plus a few inert classes Lightning checkpoints carry
+    (argparse Namespace, paths, AttributeDict); anything else pickled needs ``trust_pickle``
+    (UnsafeCheckpointError naming the file). FormatError naming ``path`` for what is not a
+    checkpoint shardwise reads.
+    """
+    kind = kind_of(path)
+    if kind == SHARDWISE:
+        return read_folder(path, trust_pickle=trust_pickle, verify=verify)
+    if kind == TORCH:
+        checkpoint = torch_load(path, trust_pickle, allowed=inert_classes())
+        if not isinstance(checkpoint, dict):
+            raise FormatError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
+        return checkpoint
+    if kind == DCP:  # resuming from torch.distributed.checkpoint folders is the next branch here
+        raise FormatError(f"{path}: a PyTorch distributed checkpoint (DCP) folder; this version of shardwise cannot resume from DCP yet")
+    if kind == MISSING:
+        raise FormatError(f"{path}: no such checkpoint (nothing at this path)")
+    if path.is_dir():
+        what = f"a folder without {MANIFEST} or {DCP_METADATA}"
+    else:
+        what = "a file that does not start as a torch file" if path.stat().st_size else "an empty file"
+    raise FormatError(f"{path}: not a checkpoint shardwise reads ({what}); expected a shardwise checkpoint folder or a torch .ckpt file")
+
+
+def check_replaceable(path: Path) -> None:
+    """OutputExistsError unless a save may replace what is at ``path``: nothing, a file or link (as
+    Lightning's own plugin overwrites them), an empty folder or a checkpoint folder. Any other
+    folder is kept: deleting it could lose data a wrong path pointed at."""
+    if path.is_symlink() or not path.is_dir() or kind_of(path) in (SHARDWISE, DCP) or not any(path.iterdir()):
+        return
+    raise OutputExistsError(f"{path}: a folder that is not a checkpoint (no {MANIFEST}, no {DCP_METADATA}); not replaced by a checkpoint")
+
+
+def remove(path: Path) -> None:
+    """Remove the checkpoint at ``path``; nothing there is fine. A link is removed, not its target.
+
+    A checkpoint folder is first renamed to a hidden staging name (atomic: the path never shows a
+    half-removed checkpoint), then deleted; a crash in between leaves only that hidden folder, which
+    the next save in the same folder clears. FormatError, nothing removed, for any other folder.
+    """
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        fsync_dir(path.parent)
+        return
+    kind = kind_of(path)
+    if kind == MISSING:
+        return
+    if kind not in (SHARDWISE, DCP):
+        raise FormatError(f"{path}: not removed: a folder that is not a checkpoint (no {MANIFEST}, no {DCP_METADATA})")
+    hidden = staging_name(path)
+    os.rename(path, hidden)
+    fsync_dir(path.parent)
+    discard_stage(hidden)
