@@ -269,3 +269,32 @@ def test_many_tensor_files_never_hold_more_descriptors_than_the_pool_allows(torc
             assert torch.equal(source.read(name), tensor)
             assert len(os.listdir("/proc/self/fd")) <= before + 4
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_finalizer_run_while_the_descriptor_pool_is_locked_does_not_deadlock(tmp_path):
+    """The garbage collector may finalize a forgotten source inside the pool's locked section."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from shardwise import tensors
+    from shardwise.formats.safetensors import SafetensorsFile
+
+    save_file({"w": torch.ones(4)}, str(tmp_path / "a.safetensors"))
+    source = SafetensorsFile(tmp_path / "a.safetensors")
+    source.read("w")  # holds a descriptor in the pool
+    owned = lambda: [k for k in tensors._DESCRIPTORS._open if k[0] == id(source)]  # noqa: E731
+    assert owned()
+
+    def finalize_under_the_lock():
+        with tensors._DESCRIPTORS._lock:
+            source.__del__()
+
+    worker = threading.Thread(target=finalize_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the finalizer deadlocked on the descriptor pool's lock"
+    other = SafetensorsFile(tmp_path / "a.safetensors")
+    other.read("w")  # the next call closes what the finalizer left
+    assert not owned()
+    other.close()

@@ -9,6 +9,7 @@ torch until a caller asks for a ``torch.Tensor``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -146,11 +147,13 @@ class _Descriptors:
         self._open: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._pins: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
+        self._orphans: collections.deque[int] = collections.deque()  # owners collected without close()
 
     @contextlib.contextmanager
     def use(self, owner: object, path: str) -> Iterator[int]:
         key = (id(owner), path)
         with self._lock:
+            self._drain()
             fd = self._open.pop(key, None)
             if fd is None:
                 fd = os.open(path, os.O_RDONLY)
@@ -175,10 +178,26 @@ class _Descriptors:
     def release(self, owner: object) -> None:
         """Close ``owner``'s descriptors (those in use are closed when their call ends)."""
         with self._lock:
-            for key in [k for k in self._open if k[0] == id(owner)]:
-                fd = self._open.pop(key)
-                if key not in self._pins:
-                    os.close(fd)
+            self._drain()
+            self._release_id(id(owner))
+
+    def release_later(self, owner: object) -> None:
+        """For finalizers: note ``owner`` as gone, its descriptors closed at the next call.
+
+        Takes no lock: the garbage collector may run a finalizer while this thread holds the
+        lock (inside :meth:`use`), and taking it there would deadlock.
+        """
+        self._orphans.append(id(owner))
+
+    def _drain(self) -> None:
+        while self._orphans:
+            self._release_id(self._orphans.popleft())
+
+    def _release_id(self, owner_id: int) -> None:
+        for key in [k for k in self._open if k[0] == owner_id]:
+            fd = self._open.pop(key)
+            if key not in self._pins:
+                os.close(fd)
 
 
 _DESCRIPTORS = _Descriptors()
@@ -324,11 +343,8 @@ class FileTensorSource:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:  # a forgotten close() must not leak descriptors
-        try:
-            self.close()
-        except Exception:
-            pass
+    def __del__(self) -> None:  # a forgotten close() must not leak descriptors; see release_later for why not close()
+        _DESCRIPTORS.release_later(self)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _entry(self, name: str) -> StoredTensor:
