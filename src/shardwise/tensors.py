@@ -189,6 +189,11 @@ class _Descriptors:
         """
         self._orphans.append(id(owner))
 
+    def close_orphans(self) -> None:
+        """Close now what finalized owners left (normally done at the next call)."""
+        with self._lock:
+            self._drain()
+
     def _drain(self) -> None:
         while self._orphans:
             self._release_id(self._orphans.popleft())
