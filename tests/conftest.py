@@ -72,17 +72,31 @@ def run_subprocess(*args: str | os.PathLike, **kwargs) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def save_tiny_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> Path:
-    """A tiny random LlamaForCausalLM (2 layers, 4 query and 2 KV heads, vocabulary 64) saved by save_pretrained."""
+def tiny_llama(
+    folder: Path, *, hidden: int = 32, intermediate: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2,
+    vocab: int = 64, tied: bool = False, seed: int = 0, dtype=None, prepare=None, **config,
+) -> Path:
+    """A tiny random LlamaForCausalLM saved by save_pretrained into ``folder`` (the one builder the tests share).
+
+    ``dtype`` casts the model before saving; ``prepare(model)`` may change its weights first;
+    ``config`` passes further LlamaConfig fields.
+    """
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=tied, **config,
+    ))
+    if prepare is not None:
+        prepare(model)
+    (model if dtype is None else model.to(dtype)).save_pretrained(folder)
     return folder
+
+
+def save_tiny_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, 4 query and 2 KV heads, vocabulary 64) saved by save_pretrained."""
+    return tiny_llama(folder, tied=tied, seed=seed)
 
 
 @pytest.fixture

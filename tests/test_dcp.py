@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tiny_llama
 from shardwise.formats.dcp import chunk_tiles
 from shardwise.layout.tiles import TiledTensor, assemble, check_cover, matrix_shape
 from shardwise.tensors import TensorInfo
@@ -178,11 +179,7 @@ def test_to_dcp_writes_a_folder_torch_loads_at_other_world_sizes(dcp_folder, tmp
 
 
 def test_a_sharded_llama_becomes_one_dcp_folder_without_passing_through_hf(tmp_path, cli):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, vocab_size=64)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    tiny_llama(tmp_path / "hf", layers=3, dtype=torch.bfloat16)
     assert cli("convert", tmp_path / "hf", tmp_path / "nx", "--to", "nxdt", "--tp", "2", "--pp", "2").code == 0
     result = cli("convert", tmp_path / "nx", tmp_path / "dcp", "--to", "dcp")
     assert result.code == 0, result.err

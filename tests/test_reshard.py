@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_llama
 from shardwise.archive.reader import Archive
 from shardwise.cli import run
 from shardwise.errors import FormatError, LayoutError
@@ -18,14 +19,10 @@ from shardwise.verify.tensor_diff import diff
 
 
 def _llama(folder, *, heads, kv_heads, layers, tied, vocab=128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(heads * 10 + kv_heads + layers + tied)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers,
-        vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=64,
+    tiny_llama(
+        folder, hidden=64, intermediate=96, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab, tied=tied,
+        seed=heads * 10 + kv_heads + layers + tied, dtype=torch.bfloat16,
     )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
     return folder
 

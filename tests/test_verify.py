@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
+from conftest import tiny_llama
 from shardwise.errors import FormatError, LayoutError, OptionError
 from shardwise.reshard.convert import convert_layout
 from shardwise.verify.logits import FAULT_ENV, VerifyError, verify_logits
@@ -21,19 +21,17 @@ ATOL = 1e-4
 def _hf_model(folder: Path, *, heads=8, kv_heads=2, layers=3, vocab=100, tied=False, seed=0, **extra) -> Path:
     """A tiny random Llama saved in fp32. Weights are larger than HF's init and the norms are not
     ones, so a misplaced head, replica or norm changes the logits far beyond the tolerance."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers,
-        vocab_size=vocab, intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, initializer_range=0.15, **extra,
+
+    def perturb_norms(model) -> None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.uniform_(0.5, 1.5)
+
+    return tiny_llama(
+        folder, hidden=64, intermediate=96, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab, tied=tied, seed=seed,
+        prepare=perturb_norms, rms_norm_eps=1e-6, initializer_range=0.15, **extra,
     )
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
