@@ -83,8 +83,11 @@ for rank in range(world):
     if pid == 0:
         try:
             rank_main(rank)
-        finally:
-            os._exit(0)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
     pids.append(pid)
 sys.exit(max(os.waitpid(p, 0)[1] for p in pids) != 0)
 """

@@ -162,5 +162,6 @@ def test_a_distributed_checkpoint_inside_an_archive_is_recognised_and_reported(c
     assert "model_weights/__0_1.distcp" in summary["layout"]["distributed_files"]
     with pytest.raises(LayoutError, match="distributed checkpoint"):
         shardwise.restore_from(path)
-    result = cli("convert", path, tmp_path / "out", "--to", "hf")
-    assert result.code == 2 and "distributed checkpoint" in result.err
+    for to in ("hf", "dcp"):  # never an empty output
+        result = cli("convert", path, tmp_path / f"out-{to}", "--to", to)
+        assert result.code == 2 and "distributed checkpoint" in result.err and not (tmp_path / f"out-{to}").exists()

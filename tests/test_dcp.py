@@ -120,6 +120,7 @@ def _first_storage(metadata):
     ("garbage", "not a readable DCP metadata pickle"),
     ("gap", "do not tile it"),
     ("compressed", "transforms"),
+    ("shared bytes", "two entries share bytes"),
 ])
 def test_damaged_checkpoints_give_one_line_and_exit_2(dcp_folder, tmp_path, cli, damage, message):
     copy = _copy(dcp_folder, tmp_path)
@@ -134,6 +135,13 @@ def test_damaged_checkpoints_give_one_line_and_exit_2(dcp_folder, tmp_path, cli,
         (copy / ".metadata").write_bytes(b"\x80\x04not a pickle at all")
     elif damage == "gap":
         _rewrite_metadata(copy, lambda m: m.state_dict_metadata["model.embed.weight"].chunks.pop())
+    elif damage == "shared bytes":  # the embedding pointed at the optimizer's bytes of the same shape: no silent swap
+        def share(m):
+            keys = [k for k in m.storage_data if k.offset is not None]
+            embed = [k for k in keys if k.fqn == "model.embed.weight"][0]
+            moment = [k for k in keys if k.fqn.startswith("optim.") and tuple(k.offset) == tuple(embed.offset)][0]
+            m.storage_data[embed] = m.storage_data[moment]
+        _rewrite_metadata(copy, share)
     elif damage == "compressed":
         _rewrite_metadata(copy, lambda m: setattr(_first_storage(m), "transform_descriptors", ["stream.zstd"]))
     out = tmp_path / "out.safetensors"

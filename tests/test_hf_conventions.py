@@ -110,6 +110,16 @@ def test_shared_storage_is_kept_twice_when_the_config_unties_embeddings(cli, tmp
     assert set(load_file(tmp_path / "out" / "model.safetensors")) == {"embed.weight", "lm_head.weight"}
 
 
+def test_shared_storage_is_kept_twice_when_the_config_does_not_say_tied(cli, tmp_path):
+    shared = torch.randn(4, 4)
+    torch.save({"embed.weight": shared, "lm_head.weight": shared}, tmp_path / "state.pt")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # no key: Llama's default is untied
+    assert cli("convert", tmp_path / "state.pt", tmp_path / "out", "--to", "hf", "--config", tmp_path / "config.json").code == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == {"embed.weight", "lm_head.weight"}
+
+
 def test_aliases_are_same_bytes_not_overlapping_views():
     info = TensorInfo("x", (2, 2), "float32")
     entries = [
@@ -156,3 +166,11 @@ def test_source_generation_config_and_tokenizer_files_survive_nxdt_and_archive_r
     assert cli("convert", src, tmp_path / "copy", "--to", "hf").code == 0
     assert (tmp_path / "copy" / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
     _same_model(_load(tmp_path / "back"), _load(src))
+
+
+@pytest.mark.parametrize("to", ["nxdt", "archive"])
+def test_a_cast_into_a_parallel_layout_still_names_its_dtype_on_the_way_back_to_hf(cli, saved, tmp_path, to):
+    sharded = tmp_path / ("sharded.nemo" if to == "archive" else "sharded")
+    assert cli("convert", saved["untied"], sharded, "--to", to, "--tp", "2", "--dtype", "bf16").code == 0
+    assert cli("convert", sharded, tmp_path / "back", "--to", "hf").code == 0
+    assert _load(tmp_path / "back").dtype == torch.bfloat16

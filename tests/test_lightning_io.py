@@ -373,3 +373,31 @@ def test_map_location_and_arguments_lightning_may_pass(tmp_path):
     with pytest.raises(OptionError, match="local paths only"):
         plugin.save_checkpoint(_checkpoint(2), "s3://bucket/e.ckpt")
     assert not (tmp_path / "d.ckpt").exists()
+
+
+def test_a_manifest_that_hides_its_pickle_still_needs_the_opt_in(tmp_path):
+    plugin = ShardwiseCheckpointIO()
+    path = tmp_path / "hidden.ckpt"
+    plugin.save_checkpoint({**_checkpoint(1), "hyper_parameters": {"ratio": Fraction(1, 3)}}, path)
+    manifest = json.loads((path / "shardwise.json").read_text())
+    manifest["pickled"] = []  # the description of the pickle removed; the file and its entry stay
+    (path / "shardwise.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeCheckpointError, match=rf"^{path / 'pickled.pt'}: refused to load"):
+        plugin.load_checkpoint(path)
+    manifest["files"][0]["crc32"] = "not hex"
+    (path / "shardwise.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match=r"shardwise.json: the manifest's 'files' is not a list"):
+        plugin.load_checkpoint(path)
+
+
+def test_other_shardwise_folders_are_neither_replaced_nor_removed(tmp_path):
+    import shardwise
+
+    tag = shardwise.save_checkpoint(tmp_path / "run", "step_1", model={"w": torch.ones(2)})
+    folder = tmp_path / "run" / tag  # a training checkpoint: it has a shardwise.json too
+    plugin = ShardwiseCheckpointIO()
+    with pytest.raises(FormatError, match=rf"^{folder}: not removed"):
+        plugin.remove_checkpoint(folder)
+    with pytest.raises(OutputExistsError, match=rf"^{folder}: a folder that is not a checkpoint"):
+        plugin.save_checkpoint(_checkpoint(1), folder)
+    shardwise.load_checkpoint(tmp_path / "run", tag, model={"w": torch.zeros(2)})

@@ -28,7 +28,7 @@ from .dtypes import dtype as dtype_row, parse_cast_dtype
 from .errors import FormatError, OptionError
 from .formats import Checkpoint, open_checkpoint
 from .formats.hf import read_config
-from .formats.hf_conventions import aliased_duplicates, finish_hf_folder, hf_json, unties_embeddings
+from .formats.hf_conventions import aliased_duplicates, finish_hf_folder, hf_json, ties_embeddings
 from .formats.safetensors import check_writable, write_safetensors
 from .formats.torch_pickle import write_torch
 from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_output
@@ -305,6 +305,10 @@ def _convert_to_dcp(src, dst: Path, *, dtype, overwrite: bool, trust_pickle: boo
     cast = parse_cast_dtype(dtype) if dtype else None
     view = open_layout_checkpoint(src, trust_pickle=trust_pickle) or open_checkpoint(src, trust_pickle=trust_pickle)
     with view:
+        if getattr(view, "archive", None) is not None:
+            from .archive.convert import check_unsharded
+
+            check_unsharded(view, "dcp")
         plan = plan_output([view.tensors.info(n) for n in view.tensors.keys()], to="torch", cast=cast)
         planned = {t.out.name: t for t in plan.files[0].tensors}
         streamer = TensorStreamer(view.tensors, progress)
@@ -337,11 +341,11 @@ def _check_writable(plan: OutputPlan, dst: Path) -> None:
 def _tied_duplicates(ckpt: Checkpoint, given_config: dict | None) -> dict[str, str]:
     """Tensors an HF output writes once (see :func:`~.formats.hf_conventions.aliased_duplicates`).
 
-    Only when an HF config is known (``--config`` or the folder's) and does not untie the word
-    embeddings: from_pretrained restores a dropped tied weight from its config, and from nothing else.
+    Only when an HF config is known (``--config`` or the folder's) and ties the word embeddings:
+    from_pretrained restores a dropped tied weight from its config, and from nothing else.
     """
     hf_config = given_config if given_config is not None else ckpt.config if ckpt.format == "hf" else None
-    if hf_config is None or unties_embeddings(hf_config):
+    if hf_config is None or not ties_embeddings(hf_config):
         return {}
     return aliased_duplicates((name, ckpt.tensors.stored(name)) for name in ckpt.tensors.keys())
 

@@ -106,10 +106,14 @@ def hf_model_path(name: str, *, revision: str | None = None) -> Path:
     try:
         return _download(name, revision, cache)
     except _hub_errors() as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # what the Hub refused as incomplete is not used either
+            raise HubError(f"{_describe(name, revision)}: the snapshot in {cache} is incomplete ({e}); download it again ({_download_command(name, revision)})") from None
         found = cached_snapshot(name, revision, cache)
         if found is not None:
             return found
         raise HubError(f"{_describe(name, revision)}: not in the Hugging Face cache {cache}, and {_why(e, _download_command(name, revision))}") from None
+    except OSError as e:  # the disk, not the Hub: no silent fall-back to an older snapshot
+        raise HubError(f"{_describe(name, revision)}: downloading into {cache} failed: {e.strerror or e}") from None
 
 
 def _download(name: str, revision: str | None, cache: Path) -> Path:
@@ -130,8 +134,11 @@ def _download(name: str, revision: str | None, cache: Path) -> Path:
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What snapshot_download raises when the Hub cannot be reached or refuses (OSError covers its HTTP errors)."""
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError)
+    """What snapshot_download raises when the Hub cannot be reached or refuses: its HTTP errors, and
+    LocalEntryNotFoundError (unreachable and not cached). Other OSErrors (a full disk) are not Hub errors."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    errors: tuple[type[BaseException], ...] = (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError)
     try:
         import httpx2  # huggingface_hub's HTTP client: proxy errors come through unwrapped
 

@@ -217,6 +217,19 @@ def _path_of(fqn: str, planner_data: Any) -> tuple:
     return tuple(fqn.split(".", 1))  # no planner data: the first dotted component as the top-level key
 
 
+def _check_disjoint(chunks: list[DcpChunk]) -> None:
+    """Every chunk and object has bytes of its own: metadata pointing two entries at the same bytes
+    would make one tensor silently read another's."""
+    by_file: dict[str, list[DcpChunk]] = {}
+    for chunk in chunks:
+        by_file.setdefault(chunk.file, []).append(chunk)
+    for name, found in by_file.items():
+        found.sort(key=lambda c: c.offset)
+        for before, after in zip(found, found[1:]):
+            if after.offset < before.offset + before.length:
+                raise _Bad(f"{name}: two entries share bytes {after.offset}:{min(after.offset + after.length, before.offset + before.length)}")
+
+
 def _checked(root: Any, folder: Path) -> DcpMetadata:
     fields = _fields(root, "Metadata")
     entries, storage_data = fields.get("state_dict_metadata"), fields.get("storage_data")
@@ -251,6 +264,7 @@ def _checked(root: Any, folder: Path) -> DcpMetadata:
                 raise _Bad(f"chunk at {list(offsets)} of tensor {fqn!r} has no storage entry")
             chunks.append(DcpChunk(offsets, sizes_, *_storage(info, folder, sizes)))
         tensors[fqn] = DcpTensor(fqn, _path_of(fqn, planner_data), shape, dtype, tuple(chunks))
+    _check_disjoint([*(c for t in tensors.values() for c in t.chunks), *objects.values()])
     paths = {fqn: _path_of(fqn, planner_data) for fqn in (*tensors, *objects)}
     version = fields.get("version")
     return DcpMetadata(folder, tensors, objects, paths, version if isinstance(version, str) else None)

@@ -33,7 +33,7 @@ from ..jsonfile import read_json_object
 from ..tensors import StoredTensor
 
 __all__ = [
-    "GENERATION_CONFIG", "aliased_duplicates", "unties_embeddings", "config_for_dtype", "can_generate",
+    "GENERATION_CONFIG", "aliased_duplicates", "ties_embeddings", "config_for_dtype", "can_generate",
     "derived_generation_config", "finish_hf_folder", "hf_json",
 ]
 
@@ -83,10 +83,14 @@ def aliased_duplicates(entries: Iterable[tuple[str, StoredTensor | None]]) -> di
     return duplicates
 
 
-def unties_embeddings(config: dict) -> bool:
-    """Whether an HF config says ``tie_word_embeddings: false`` (at the top or in its text config)."""
+def ties_embeddings(config: dict) -> bool:
+    """Whether an HF config says ``tie_word_embeddings: true`` (at the top or in its text config).
+
+    A config without the key ties nothing here: Llama's config class defaults to untied, and
+    writing both copies always loads, while dropping one that from_pretrained will not tie loses it.
+    """
     text = config.get("text_config")
-    return config.get("tie_word_embeddings") is False or (isinstance(text, dict) and text.get("tie_word_embeddings") is False)
+    return config.get("tie_word_embeddings") is True or (isinstance(text, dict) and text.get("tie_word_embeddings") is True)
 
 
 def config_for_dtype(config: dict, dtype: str) -> dict:

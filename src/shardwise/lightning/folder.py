@@ -30,10 +30,10 @@ from ..jsonfile import read_json_object
 from ..structure import encode_structure
 from ..training.encodings import STRUCTURE_KEY, fold_entries, read_structured_safetensors, write_tensor_file
 from ..training.files import check_file, torch_load, write_durably
-from ..training.layout import MANIFEST, manifest_entries
+from ..training.layout import MANIFEST, checked_file_entries
 from .values import ValueCodec
 
-__all__ = ["FORMAT", "PAYLOAD", "PICKLED", "Snapshot", "snapshot_checkpoint", "write_folder", "read_folder", "is_shardwise_folder"]
+__all__ = ["FORMAT", "PAYLOAD", "PICKLED", "Snapshot", "snapshot_checkpoint", "write_folder", "read_folder", "is_shardwise_folder", "is_lightning_folder"]
 
 FORMAT = "shardwise-lightning-checkpoint"
 VERSION = 1
@@ -110,6 +110,17 @@ def is_shardwise_folder(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
+def is_lightning_folder(path: Path) -> bool:
+    """True when ``path`` is a Lightning checkpoint folder this module wrote (what a save may replace
+    and ``remove_checkpoint`` may delete; training tags and archives hold a manifest too)."""
+    if not is_shardwise_folder(path):
+        return False
+    try:
+        return read_json_object(path / MANIFEST, "the checkpoint's manifest").get("format") == FORMAT
+    except FormatError:
+        return False
+
+
 def read_folder(path: Path, *, trust_pickle: bool = False, verify: bool = True) -> dict:
     """The checkpoint dict saved in the folder ``path`` (tensors on CPU, independent of the files).
 
@@ -123,17 +134,19 @@ def read_folder(path: Path, *, trust_pickle: bool = False, verify: bool = True) 
         raise FormatError(f"{path / MANIFEST}: format {manifest.get('format')!r}, not a Lightning checkpoint shardwise wrote ({FORMAT!r})")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
         raise FormatError(f"{path / MANIFEST}: version {manifest.get('version')!r}; this shardwise reads version {VERSION} and older: upgrade it")
-    entries = manifest_entries(manifest)
+    entries = checked_file_entries(manifest, path / MANIFEST)
     if PAYLOAD not in entries:
         raise FormatError(f"{path / MANIFEST}: lists no {PAYLOAD}")
     for name, entry in entries.items():
         check_file(path / name, entry, verify)
-    pickled = manifest.get("pickled") or []
-    if pickled and not trust_pickle:
+    pickled = manifest.get("pickled") if isinstance(manifest.get("pickled"), list) else []
+    if (pickled or PICKLED in entries) and not trust_pickle:  # the file decides, not the manifest's description of it
         raise UnsafeCheckpointError(_refusal(path / PICKLED, pickled))
     loaded: list = []
 
     def load_pickled() -> list:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(_refusal(path / PICKLED, pickled))
         if not loaded:
             if PICKLED not in entries:
                 raise FormatError(f"{path / MANIFEST}: the structure refers to pickled values but lists no {PICKLED}")
@@ -153,9 +166,9 @@ def read_folder(path: Path, *, trust_pickle: bool = False, verify: bool = True) 
 def _refusal(file: Path, pickled: list) -> str:
     listed = "; ".join(f"{p.get('at')}: {p.get('type')}" for p in pickled[:3] if isinstance(p, dict))
     more = f" and {len(pickled) - 3} more" if len(pickled) > 3 else ""
+    what = f"{len(pickled)} value(s) of this checkpoint have no safe form and were pickled ({listed}{more})" if pickled else "this checkpoint holds pickled values"
     return (
-        f"{file}: refused to load: {len(pickled)} value(s) of this checkpoint have no safe form and were pickled "
-        f"({listed}{more}); nothing was unpickled; pass trust_pickle=True (ShardwiseCheckpointIO(trust_pickle=True), "
+        f"{file}: refused to load: {what}; nothing was unpickled; pass trust_pickle=True (ShardwiseCheckpointIO(trust_pickle=True), "
         f"or weights_only=False) only if you trust where the checkpoint came from"
     )
 

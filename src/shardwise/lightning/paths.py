@@ -19,16 +19,16 @@ from pathlib import Path
 
 from ..atomic import discard_stage, fsync_dir, staging_name
 from ..errors import FormatError, OutputExistsError
+from ..formats.dcp import METADATA as DCP_METADATA, looks_like_dcp
 from ..formats.torch_pickle import looks_like_torch
 from ..training.files import torch_load
 from ..training.layout import MANIFEST
-from .folder import is_shardwise_folder, read_folder
+from .folder import is_lightning_folder, is_shardwise_folder, read_folder
 from .values import inert_classes
 
 __all__ = ["SHARDWISE", "DCP", "TORCH", "MISSING", "OTHER", "kind_of", "load", "remove", "check_replaceable"]
 
 SHARDWISE, DCP, TORCH, MISSING, OTHER = "shardwise", "dcp", "torch", "missing", "other"
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index file
 
 
 def kind_of(path: Path) -> str:
@@ -36,7 +36,7 @@ def kind_of(path: Path) -> str:
     if path.is_dir():
         if is_shardwise_folder(path):
             return SHARDWISE
-        return DCP if (path / DCP_METADATA).is_file() else OTHER
+        return DCP if looks_like_dcp(path) else OTHER
     if path.is_file():
         with open(path, "rb") as f:
             return TORCH if looks_like_torch(f.read(16)) else OTHER
@@ -75,9 +75,15 @@ def check_replaceable(path: Path) -> None:
     """OutputExistsError unless a save may replace what is at ``path``: nothing, a file or link (as
     Lightning's own plugin overwrites them), an empty folder or a checkpoint folder. Any other
     folder is kept: deleting it could lose data a wrong path pointed at."""
-    if path.is_symlink() or not path.is_dir() or kind_of(path) in (SHARDWISE, DCP) or not any(path.iterdir()):
+    if path.is_symlink() or not path.is_dir() or _is_checkpoint_folder(path) or not any(path.iterdir()):
         return
-    raise OutputExistsError(f"{path}: a folder that is not a checkpoint (no {MANIFEST}, no {DCP_METADATA}); not replaced by a checkpoint")
+    raise OutputExistsError(f"{path}: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder); not replaced by a checkpoint")
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    """A folder a save may replace and removal may delete: a Lightning checkpoint shardwise wrote, or a DCP folder."""
+    kind = kind_of(path)
+    return kind == DCP or kind == SHARDWISE and is_lightning_folder(path)
 
 
 def remove(path: Path) -> None:
@@ -91,11 +97,10 @@ def remove(path: Path) -> None:
         path.unlink()
         fsync_dir(path.parent)
         return
-    kind = kind_of(path)
-    if kind == MISSING:
+    if not path.exists():
         return
-    if kind not in (SHARDWISE, DCP):
-        raise FormatError(f"{path}: not removed: a folder that is not a checkpoint (no {MANIFEST}, no {DCP_METADATA})")
+    if not _is_checkpoint_folder(path):
+        raise FormatError(f"{path}: not removed: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder)")
     hidden = staging_name(path)
     os.rename(path, hidden)
     fsync_dir(path.parent)

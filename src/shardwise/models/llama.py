@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FormatError, LayoutError
+from ..formats.hf_conventions import ties_embeddings
 
 __all__ = ["LlamaDims", "Style", "STYLES", "CANONICAL", "dims_from_hf_config", "MODEL_TYPES"]
 
@@ -161,5 +162,5 @@ def dims_from_hf_config(config: dict, label: str) -> LlamaDims:
         intermediate=number("intermediate_size"),
         vocab=number("vocab_size"),
         layers=number("num_hidden_layers"),
-        tied=bool(config.get("tie_word_embeddings", False)),
+        tied=ties_embeddings(config),
     )

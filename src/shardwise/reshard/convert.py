@@ -20,7 +20,7 @@ from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
 from ..errors import LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
-from ..formats.hf_conventions import GENERATION_CONFIG, finish_hf_folder, hf_json
+from ..formats.hf_conventions import GENERATION_CONFIG, config_for_dtype, finish_hf_folder, hf_json
 from ..jsonfile import read_json_object
 from ..layout.sharding import ShardedLayout, shard_plan
 from ..layout.stream import TileStreamer
@@ -184,6 +184,8 @@ def convert_layout(
         if expect_layers is not None and expect_layers != source.dims.layers:
             raise OptionError(f"{label}: the model has {source.dims.layers} layers, not the {expect_layers} the options say")
         hf_config = source.hf_config or hf_config_from_nemo(source.dims, source.nemo_config or {})
+        if cast is not None:  # one place: the manifest, archive artifacts and HF outputs all name the dtype written
+            hf_config = config_for_dtype(hf_config, cast)
         streamer = TileStreamer(source.lookup, progress, cast)
         warnings = list(source.warnings)
         encoding = _output_encoding(to, weights_format, source.encoding if keep_layout else None, full_state_file)

@@ -127,10 +127,16 @@ def save_checkpoint(
                 finish(group, plan, e)  # raises e
         run_save(group, plan, copies, after=release)
 
-    if async_staging:
-        copier.hold(optimizer)
-        _staged = copier
-    background.submit(write)
+    try:
+        if async_staging:
+            copier.hold(optimizer)
+            _staged = copier
+        background.submit(write)
+    except BaseException as e:  # no writer thread: the step must not wait for it, the other ranks still meet this one
+        if async_staging:
+            copier.close()
+            _staged = None
+        finish(group, plan, e)  # raises e
     return plan.tag
 
 

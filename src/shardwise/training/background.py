@@ -36,8 +36,9 @@ def submit(work: Callable[[], None]) -> None:
     if not _atexit_registered:
         atexit.register(_wait_at_exit)
         _atexit_registered = True
-    _thread = threading.Thread(target=run, name="shardwise-async-save", daemon=True)
-    _thread.start()
+    thread = threading.Thread(target=run, name="shardwise-async-save", daemon=True)
+    thread.start()
+    _thread = thread  # only a started thread is waited for
 
 
 def wait() -> None:

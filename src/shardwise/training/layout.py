@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FormatError
 
 __all__ = [
     "MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "MANIFEST_FORMAT", "MANIFEST_VERSION",
@@ -79,6 +82,26 @@ def manifest_entries(manifest: dict | None) -> dict[str, dict]:
     """A manifest's ``files`` as ``{name: entry}`` (empty without a manifest or a usable list)."""
     listed = (manifest or {}).get("files")
     return {f["name"]: f for f in listed if isinstance(f, dict) and "name" in f} if isinstance(listed, list) else {}
+
+
+def checked_file_entries(manifest: dict, path: Path) -> dict[str, dict]:
+    """:func:`manifest_entries` of a manifest whose ``files`` must be well formed: a list of
+    ``{name, size, crc32}`` entries, crc32 as hex text; FormatError naming ``path`` otherwise."""
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and type(f.get("size")) is int and isinstance(f.get("crc32"), str)
+        and _is_hex(f["crc32"]) for f in files
+    ):
+        raise FormatError(f"{path}: the manifest's 'files' is not a list of {{name, size, crc32}} entries")
+    return manifest_entries(manifest)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def manifest_document(tag: str, sequence: int, encoding: str, layout: dict, files: list[dict]) -> dict:

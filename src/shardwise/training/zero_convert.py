@@ -35,7 +35,7 @@ from ..errors import FormatError, LayoutError, OptionError
 from ..jsonfile import read_json_object
 from ..units import CHUNK_BYTES
 from .files import check_against, check_file, save_object, torch_load
-from .layout import DONE, MANIFEST, MARKER, full_optim_file, manifest_document, manifest_entries, optim_file, parse_rank_file
+from .layout import DONE, MANIFEST, MARKER, checked_file_entries, full_optim_file, manifest_document, manifest_entries, optim_file, parse_rank_file
 from .zero1 import is_zero1_state, merge_zero1, split_zero1
 
 __all__ = ["zero_convert", "ZeroConvertResult"]
@@ -154,11 +154,7 @@ def _read_manifest(src: Path) -> dict | None:
     if not path.is_file():
         return None
     document = read_json_object(path, "the checkpoint manifest")
-    files = document.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, dict) and isinstance(f.get("name"), str) and type(f.get("size")) is int and isinstance(f.get("crc32"), str) for f in files
-    ):
-        raise FormatError(f"{path}: the manifest's 'files' is not a list of {{name, size, crc32}} entries")
+    checked_file_entries(document, path)
     return document
 
 
