@@ -145,6 +145,26 @@ def test_online_mode_asks_the_hub_with_the_environment_token_and_falls_back_to_t
     assert calls[-1][1]["token"] is False  # no stored login is used, and nothing prompts
 
 
+@pytest.mark.parametrize("raised, message", [
+    ("incomplete", "is incomplete"),
+    ("disk full", "downloading into .* failed: No space left on device"),
+])
+def test_an_incomplete_snapshot_or_a_full_disk_is_not_covered_up_by_the_cache(hf_home, monkeypatch, raised, message):
+    import errno
+
+    import huggingface_hub
+
+    def failing(repo_id, **kwargs):
+        if raised == "incomplete":
+            raise huggingface_hub.errors.IncompleteSnapshotError("2 files missing", snapshot_path="/nowhere")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(shardwise.HubError, match=rf"org/tiny-llama: {'the snapshot in .*' if raised == 'incomplete' else ''}{message}"):
+        shardwise.hf_model_path("org/tiny-llama")  # cached: the old fall-back returned the snapshot anyway
+
+
 @pytest.mark.parametrize("args, message", [
     (["convert", "--hf-model-name", "../../etc", "out"], "not a Hugging Face model name"),
     (["convert", "--hf-model-name", "org/tiny-llama", "--revision", "../../x", "out"], "not a branch, tag or commit"),

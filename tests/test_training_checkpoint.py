@@ -318,3 +318,24 @@ def test_the_leader_refuses_a_layout_with_files_no_rank_wrote(tmp_path):
                "optim/dp_rank_00_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_01_tp_rank_00_pp_rank_00.pt", "optim/dp_rank_00_tp_rank_01_pp_rank_00.pt"}
     assert _missing(plan, written) == {"optim/dp_rank_01_tp_rank_01_pp_rank_00.pt"}
     assert _missing(plan, {n for n in written if n.startswith("model/")}) == set()  # a model-only save is whole
+
+
+def test_a_writer_thread_that_cannot_start_fails_the_save_and_leaves_no_step_waiting(tmp_path, monkeypatch):
+    import threading
+
+    from shardwise.training import background
+
+    model, optimizer, scheduler = _setup()
+    _train(model, optimizer, scheduler, 1, 0)
+
+    def no_thread(work):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(background, "submit", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        shardwise.save_checkpoint(tmp_path, "t", model=model, optimizer=optimizer, async_save=True, async_staging=True)
+    stepped = threading.Thread(target=_train, args=(model, optimizer, scheduler, 1, 1), daemon=True)
+    stepped.start()
+    stepped.join(30)
+    assert not stepped.is_alive(), "the optimizer step waits for a copy no thread will make"
+    assert not optimizer._optimizer_step_pre_hooks and list(tmp_path.iterdir()) == []
