@@ -46,6 +46,7 @@ from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint b
     open_workdir,
     parse_checked,
     ratio,
+    read_through,
     run,
     shardwise_cli,
 )
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             Step("cp", "cp -r + sync of the DCP folder", metadata, [["cp", "-r", str(folder), str(work / "cp")], ["sync", "-f", str(work)]], work / "cp"),
         ]
         for path in folder.iterdir():  # the warm cache: every data file read once (the steps' source is only the metadata)
-            run(["cat", str(path)], check=True)
+            read_through(path)
         bench = Bench("warm")
         bench.rounds(steps, args.warmup, args.repeat, "dcp -> hf")
         by = {s.name: s for s in steps}

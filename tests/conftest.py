@@ -94,11 +94,6 @@ def tiny_llama(
     return folder
 
 
-def save_tiny_llama(folder: Path, *, tied: bool = False, seed: int = 0) -> Path:
-    """A tiny random LlamaForCausalLM (2 layers, 4 query and 2 KV heads, vocabulary 64) saved by save_pretrained."""
-    return tiny_llama(folder, tied=tied, seed=seed)
-
-
 @pytest.fixture
 def st_file(tmp_path: Path) -> Path:
     """A small safetensors file written by the safetensors library."""

@@ -13,7 +13,7 @@ import transformers
 from shardwise.formats.hf_conventions import aliased_duplicates, config_for_dtype, derived_generation_config
 from shardwise.tensors import StoredTensor, TensorInfo
 
-from conftest import assert_same_tensors, save_tiny_llama
+from conftest import assert_same_tensors, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(3)
     bert = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     transformers.BertModel(bert).save_pretrained(root / "bert")
-    return {"tied": save_tiny_llama(root / "tied", tied=True), "untied": save_tiny_llama(root / "untied", seed=1), "bert": root / "bert"}
+    return {"tied": tiny_llama(root / "tied", tied=True), "untied": tiny_llama(root / "untied", seed=1), "bert": root / "bert"}
 
 
 def _load(folder: Path, cls=transformers.AutoModelForCausalLM, **kwargs):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import shardwise
 from shardwise.hub import hub_cache_dir
 
-from conftest import assert_same_tensors, listing, run_subprocess, save_tiny_llama
+from conftest import assert_same_tensors, listing, run_subprocess, tiny_llama
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V2 = "fedcba9876543210fedcba9876543210fedcba98"
@@ -36,7 +36,7 @@ def populate(cache: Path, name: str, folder: Path, commit: str, refs: tuple[str,
 
 
 def _llama_folder(folder: Path, seed: int) -> Path:
-    save_tiny_llama(folder, seed=seed)
+    tiny_llama(folder, seed=seed)
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     return folder
 

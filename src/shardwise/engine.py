@@ -65,14 +65,15 @@ class TensorStreamer:
         # two buffers, used in turn, so a BackgroundWriter may still be writing the previous chunk
         self._buffers = (memoryview(bytearray(CHUNK_BYTES)), memoryview(bytearray(CHUNK_BYTES)))
         self._turn = 0
-        self._tile_streamers: dict = {}
+        self._tiles = None  # a TileStreamer, for tensors saved in pieces
 
     def _tile_streamer(self, cast: str | None):
+        """One streamer per conversion: built with its cast (which it applies to floating tensors only)."""
         from .layout.stream import TileStreamer
 
-        if cast not in self._tile_streamers:
-            self._tile_streamers[cast] = TileStreamer(self.source.lookup, self.progress, cast=cast)
-        return self._tile_streamers[cast]
+        if self._tiles is None or cast is not None and self._tiles.cast != cast:
+            self._tiles = TileStreamer(self.source.lookup, self.progress, cast=cast)
+        return self._tiles
 
     def _next_buffer(self) -> memoryview:
         self._turn ^= 1

@@ -196,7 +196,8 @@ def path_from_parts(*parts):
     return "/".join(str(p) for p in parts).replace("//", "/")
 
 
-def _torch_size(dims=()):
+def torch_size(dims=()):
+    """``torch.Size(dims)`` as a plain tuple."""
     return tuple(dims)
 
 
@@ -272,12 +273,13 @@ _STANDIN_CLASSES = [
     "torch_xla.utils.serialization.TensorReference",  # xser reference files (resolved by formats.xser)
     "_io.BytesIO",  # Transformer Engine's _extra_state in NeMo/Megatron-core checkpoints (kept as inert bytes)
 ]
-_STANDIN_DICTS = [
+ATTRIBUTE_DICTS = (  # Lightning's dict with attribute access, by every name it is importable under
+    "lightning_fabric.utilities.data.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
     "lightning.fabric.utilities.data.AttributeDict",
     "lightning.pytorch.utilities.parsing.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "lightning_fabric.utilities.data.AttributeDict",
-]
+)
+_STANDIN_DICTS = ATTRIBUTE_DICTS
 _TYPE_REFS = ["typing.Any", "typing.Dict", "typing.List", "typing.Optional", "typing.Union", "builtins.NoneType"]
 
 
@@ -294,7 +296,7 @@ def _build_allowlist() -> dict[tuple[str, str], Any]:
         ("torch.nn.parameter", "Parameter"): TypeRef("torch.nn.Parameter"),
         ("torch", "Tensor"): TypeRef("torch.Tensor"),
         ("torch._tensor", "Tensor"): TypeRef("torch.Tensor"),
-        ("torch", "Size"): _torch_size,
+        ("torch", "Size"): torch_size,
         ("torch", "device"): _torch_device,
         ("torch.storage", "UntypedStorage"): _untyped_storage_ref(),
         ("torch", "UntypedStorage"): _untyped_storage_ref(),
@@ -355,10 +357,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(
         self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False, seen: set[str] | None = None,
+        allowed: dict[tuple[str, str], Any] | None = None,
     ):
         super().__init__(file)
         self._seen = seen
-        self._allowed = _build_allowlist()
+        self._allowed = _build_allowlist() if allowed is None else allowed  # ``allowed``: a narrower list (DCP metadata)
         self._path = path
         self._trust = trust
         self._persistent = persistent_load

@@ -9,7 +9,8 @@ survive), ``{"L": [...]}`` a list, ``{"U": [...]}`` a tuple, ``{"F": "inf"}`` a 
 Callers with more kinds pass ``other``: :func:`encode_structure` then hands it every value whose
 type is not exactly one of the plain types above (dict subclasses, named tuples, any object), and
 :func:`decode_structure` every node kind it does not know. Without ``other``, subclasses of dict
-and tuple are stored as plain dicts and tuples and any other value is an :class:`UnstorableError`.
+and plain tuple subclasses are stored as plain dicts and tuples; named tuples and any other value are an
+:class:`UnstorableError`.
 
 >>> node = encode_structure({"lr": 0.1, "betas": (0.9, 0.99)}, lambda tensor, path: "unused")
 >>> decode_structure(node, lambda name: None, "example")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import FormatError
 from ..tensors import FileTensorSource, TensorInfo
-from .dcp import METADATA, DcpSource, looks_like_dcp
+from .dcp import DcpSource, looks_like_dcp
 from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
 from .safetensors import SafetensorsFile, looks_like_safetensors
 from .torch_pickle import TorchFile, looks_like_torch
@@ -211,7 +211,7 @@ def _open_dcp(folder: Path, trust_pickle: bool) -> Checkpoint:
     """A torch.distributed.checkpoint folder: weights read chunk by chunk in place (see :mod:`.dcp`)."""
     source = DcpSource(folder, trust=trust_pickle)
     config_path = folder / "config.json"
-    companions = [p for p in companion_files(folder) if p.name != METADATA and not p.name.endswith(".distcp")]
+    companions = [p for p in companion_files(folder) if not p.name.endswith(".distcp")]  # .metadata is hidden already
     return Checkpoint(
         str(folder),
         "dcp",

@@ -28,13 +28,14 @@ import itertools
 import math
 import os
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import dtypes
-from ..errors import FormatError, UnsafeCheckpointError
-from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, path_from_parts
+from ..errors import FormatError, LayoutError, UnsafeCheckpointError
+from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, path_from_parts, torch_size
+from ..layout.stream import TiledSource
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .lightning import WEIGHT_KEYS
 from .region import Region
@@ -87,7 +88,6 @@ class DcpMetadata:
     folder: Path
     tensors: dict[str, DcpTensor]
     objects: dict[str, DcpChunk]
-    paths: dict[str, tuple]
     version: str | None
 
 
@@ -114,10 +114,6 @@ def _record_class(qualname: str) -> type:
     return type(qualname.rsplit(".", 1)[-1], (), {"__new__": __new__, "__init__": __init__, "__setstate__": __setstate__, "type_name": qualname})
 
 
-def _torch_size(dims=()):
-    return tuple(dims)
-
-
 def _layout(name):
     """``torch.serialization._get_layout("torch.strided")``, how torch pickles a layout: its name, nothing imported."""
     if not isinstance(name, str) or not name.startswith("torch.") or len(name) > 40:
@@ -129,10 +125,9 @@ class _MetadataUnpickler(RestrictedUnpickler):
     """The restricted unpickler with an allow-list of DCP's metadata classes and their plain parts only."""
 
     def __init__(self, file, path: str, trust: bool) -> None:
-        super().__init__(file, path=path, trust=trust)
-        self._allowed = {key: _record_class(".".join(key)) for key in _RECORDS}
-        self._allowed.update({
-            ("torch", "Size"): _torch_size,
+        allowed: dict[tuple[str, str], Any] = {key: _record_class(".".join(key)) for key in _RECORDS}
+        allowed.update({
+            ("torch", "Size"): torch_size,
             ("torch", "strided"): "strided",
             ("torch.serialization", "_get_layout"): _layout,
             ("collections", "OrderedDict"): dict,
@@ -140,10 +135,11 @@ class _MetadataUnpickler(RestrictedUnpickler):
             ("builtins", "frozenset"): frozenset,
         })
         for d in dtypes.DTYPES:
-            self._allowed[("torch", d.name)] = DTypeRef(d.name)
+            allowed[("torch", d.name)] = DTypeRef(d.name)
         for module in ("pathlib", "pathlib._local"):  # StorageMeta.checkpoint_id: the folder it was saved to
             for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-                self._allowed[(module, name)] = path_from_parts
+                allowed[(module, name)] = path_from_parts
+        super().__init__(file, path=path, trust=trust, allowed=allowed)
 
 
 # -- from records to checked metadata ---------------------------------------------------------------
@@ -265,9 +261,8 @@ def _checked(root: Any, folder: Path) -> DcpMetadata:
             chunks.append(DcpChunk(offsets, sizes_, *_storage(info, folder, sizes)))
         tensors[fqn] = DcpTensor(fqn, _path_of(fqn, planner_data), shape, dtype, tuple(chunks))
     _check_disjoint([*(c for t in tensors.values() for c in t.chunks), *objects.values()])
-    paths = {fqn: _path_of(fqn, planner_data) for fqn in (*tensors, *objects)}
     version = fields.get("version")
-    return DcpMetadata(folder, tensors, objects, paths, version if isinstance(version, str) else None)
+    return DcpMetadata(folder, tensors, objects, version if isinstance(version, str) else None)
 
 
 def read_metadata(folder: str | os.PathLike, *, trust: bool = False) -> DcpMetadata:
@@ -325,39 +320,38 @@ def _weights(metadata: DcpMetadata) -> tuple[str | None, dict[str, DcpTensor]]:
 
 
 class _Chunks(FileTensorSource):
-    """The chunks of a DCP folder as stored tensors, keyed ``(fqn, offsets)``; each zip header parsed on first use."""
+    """The chunks of a DCP folder as stored tensors; each chunk's zip header is parsed on first use."""
 
-    def __init__(self, metadata: DcpMetadata, trust: bool) -> None:
+    def __init__(self, folder: Path, trust: bool) -> None:
         super().__init__()
-        self._metadata, self._trust = metadata, trust
+        self._folder, self._trust = folder, trust
 
-    def entry(self, ref: tuple[str, tuple[int, ...]]) -> StoredTensor:
-        name = f"{ref[0]}@{list(ref[1])}"
+    def entry(self, fqn: str, dtype: str, chunk: DcpChunk) -> StoredTensor:
+        """The stored chunk of tensor ``fqn`` (whose dtype is ``dtype``)."""
+        name = f"{fqn}@{list(chunk.offsets)}"
         found = self._tensors.get(name)
         if found is None:
-            found = self._tensors[name] = self._parse(ref, name)
+            found = self._tensors[name] = self._parse(fqn, dtype, chunk, name)
         return found
 
-    def _parse(self, ref: tuple[str, tuple[int, ...]], name: str) -> StoredTensor:
+    def _parse(self, fqn: str, dtype: str, chunk: DcpChunk, name: str) -> StoredTensor:
         from .torch_pickle import read_torch_pickle
 
-        tensor = self._metadata.tensors[ref[0]]
-        chunk = next(c for c in tensor.chunks if c.offsets == ref[1])
-        path = str(self._metadata.folder / chunk.file)
-        label = f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (chunk at {list(chunk.offsets)} of '{tensor.fqn}')"
+        path = str(self._folder / chunk.file)
+        label = f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (chunk at {list(chunk.offsets)} of '{fqn}')"
         parsed = read_torch_pickle(Region(path, chunk.offset, chunk.length, label), trust=self._trust)
         lazy = parsed.root
-        if not isinstance(lazy, LazyTensor) or lazy.shape != chunk.sizes or lazy.dtype != tensor.dtype:
+        if not isinstance(lazy, LazyTensor) or lazy.shape != chunk.sizes or lazy.dtype != dtype:
             found = f"a {lazy.dtype} tensor of shape {list(lazy.shape)}" if isinstance(lazy, LazyTensor) else f"a {type(lazy).__name__}"
-            raise FormatError(f"{label}: holds {found}, but the metadata says {tensor.dtype} of shape {list(chunk.sizes)}")
+            raise FormatError(f"{label}: holds {found}, but the metadata says {dtype} of shape {list(chunk.sizes)}")
         return parsed.stored(lazy, name)
 
 
-class DcpSource(FileTensorSource):
+class DcpSource(TiledSource):
     """The weights of a DCP folder as a lazy tensor source (see the module docstring).
 
-    ``stored(name)`` is the chunk itself for a tensor saved whole, else None; :meth:`tiled` gives
-    a sharded tensor's tiles and :meth:`lookup` resolves them, for streaming writers.
+    A tensor saved whole is ``stored()`` in place (its chunk); a sharded one is :meth:`tiled`,
+    its tiles resolved by :meth:`lookup`, for streaming writers.
     """
 
     format_name = "dcp"
@@ -368,26 +362,21 @@ class DcpSource(FileTensorSource):
         super().__init__()
         self.metadata = read_metadata(folder, trust=trust)
         self.weights_key, weights = _weights(self.metadata)
-        self._chunks = _Chunks(self.metadata, trust)
-        self._tiled: dict[str, TiledTensor] = {}
+        self._chunks = _Chunks(self.metadata.folder, trust)
         for name, tensor in weights.items():
-            info = TensorInfo(name, tensor.shape, tensor.dtype)
-            tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, c.offsets))]
+            tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, tensor.dtype, c))]
             try:
                 check_cover(f"{self.metadata.folder / METADATA}: tensor '{tensor.fqn}'", *matrix_shape(tensor.shape), tiles)
-            except FormatError:
-                raise
-            except Exception as e:  # LayoutError: chunks that overlap or leave gaps
+            except LayoutError as e:  # chunks that overlap or leave gaps
                 raise FormatError(f"{self.metadata.folder / METADATA}: the chunks of tensor '{tensor.fqn}' do not tile it: {e}") from None
-            self._tiled[name] = TiledTensor(info, tuple(tiles))
+            self._tiled[name] = TiledTensor(TensorInfo(name, tensor.shape, tensor.dtype), tuple(tiles))
         self.training_state = self._training_state()
 
     def _training_state(self) -> dict:
-        others = [t for t in self.metadata.tensors.values() if self.weights_key is None or not t.path or t.path[0] != self.weights_key]
-        if self.weights_key is None:
-            others = []
+        key = self.weights_key
+        others = [] if key is None else [t for t in self.metadata.tensors.values() if t.path[0] != key]
         return {
-            "weights_key": self.weights_key,
+            "weights_key": key,
             "other_tensors": {"num_tensors": len(others), "total_bytes": sum(t.nbytes for t in others)},
             "objects": sorted(self.metadata.objects),
             "dcp_version": self.metadata.version,
@@ -403,40 +392,8 @@ class DcpSource(FileTensorSource):
             "sharded_weights": sum(1 for t in self._tiled.values() if len(t.sources()) > 1),
         }
 
-    def keys(self) -> list[str]:
-        return list(self._tiled)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tiled
-
-    def info(self, name: str) -> TensorInfo:
-        return self._tiled[name].info
-
-    def infos(self) -> list[TensorInfo]:
-        return [t.info for t in self._tiled.values()]
-
-    def tiled(self, name: str):
-        return self._tiled[name]
-
-    def lookup(self, ref: tuple[str, tuple[int, ...]]) -> tuple[FileTensorSource, StoredTensor]:
-        return self._chunks, self._chunks.entry(ref)
-
-    def stored(self, name: str) -> StoredTensor | None:
-        tiles = self._tiled[name].tiles
-        if len(tiles) != 1 or tiles[0].src is None:
-            return None
-        entry = self._chunks.entry(tiles[0].src)
-        if entry.info.shape != self._tiled[name].info.shape:
-            return None
-        self._tensors[name] = stored = replace(entry, info=self._tiled[name].info)
-        return stored
-
-    def read(self, name: str):
-        from ..layout.stream import TileStreamer, read_tiled
-
-        if self.stored(name) is not None:
-            return super().read(name)
-        return read_tiled(TileStreamer(self.lookup), self._tiled[name])
+    def lookup(self, ref: tuple[str, str, DcpChunk]) -> tuple[FileTensorSource, StoredTensor]:
+        return self._chunks, self._chunks.entry(*ref)
 
     def close(self) -> None:
         super().close()

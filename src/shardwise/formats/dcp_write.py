@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from ..tensors import TensorInfo
+from .dcp import METADATA
 from .torch_pickle import TensorStub, stub_pickle, write_torch_archive
 
 __all__ = ["DATA_FILE", "write_dcp_folder"]
@@ -91,5 +92,5 @@ def write_dcp_folder(stage: Path, infos: list[TensorInfo], write_tensor: Callabl
 
     ranges: list[tuple[int, int]] = []
     write_streaming(stage / DATA_FILE, lambda sink: ranges.extend(write_tensor_zips(sink, infos, write_tensor)))
-    write_text_durably(stage / ".metadata", metadata_pickle(infos, ranges))
-    return [DATA_FILE, ".metadata"]
+    write_text_durably(stage / METADATA, metadata_pickle(infos, ranges))
+    return [DATA_FILE, METADATA]

@@ -20,6 +20,7 @@ imports torch.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import BinaryIO, Callable, Hashable
 
 from ..atomic import write_all
@@ -27,10 +28,10 @@ from ..dtypes import dtype as dtype_row
 from ..errors import LayoutError
 from ..progress import NO_PROGRESS, Progress
 from ..units import CHUNK_BYTES
-from ..tensors import FileTensorSource, StoredTensor, tensor_bytes
+from ..tensors import FileTensorSource, StoredTensor, TensorInfo, tensor_bytes
 from .tiles import Tile, TiledTensor, matrix_shape
 
-__all__ = ["TileStreamer", "CHUNK_BYTES", "read_tiled"]
+__all__ = ["TileStreamer", "CHUNK_BYTES", "read_tiled", "TiledSource"]
 
 Lookup = Callable[[Hashable], tuple[FileTensorSource, StoredTensor]]
 
@@ -203,3 +204,61 @@ def _bands(tiles: tuple[Tile, ...], rows: int) -> list[tuple[int, int, list[Tile
         if present:
             bands.append((start, stop, present))
     return bands
+
+
+class TiledSource(FileTensorSource):
+    """Tensors assembled from tiles of other files' tensors, as a lazy tensor source.
+
+    Subclasses fill ``self._tiled`` (name -> :class:`TiledTensor`) and implement :meth:`lookup`.
+    A tensor one tile covers whole is ``stored()`` in place (its source's bytes, read like any file
+    tensor); any other has ``stored()`` None, and streaming writers execute :meth:`tiled` with
+    :meth:`lookup`; :meth:`read` builds it in memory. Not thread-safe (one streamer, built on first read).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tiled: dict[str, TiledTensor] = {}
+        self._streamer: TileStreamer | None = None
+
+    def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return list(self._tiled)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tiled
+
+    def __len__(self) -> int:
+        return len(self._tiled)
+
+    def __iter__(self):
+        return iter(self._tiled)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tiled[name].info
+
+    def infos(self) -> list[TensorInfo]:
+        return [t.info for t in self._tiled.values()]
+
+    def tiled(self, name: str) -> TiledTensor:
+        return self._tiled[name]
+
+    def stored(self, name: str) -> StoredTensor | None:
+        if name not in self._tensors:
+            tiled = self._tiled[name]
+            tiles = tiled.tiles
+            if len(tiles) != 1 or tiles[0].src is None or (tiles[0].row, tiles[0].col, tiles[0].src_row, tiles[0].src_col) != (0, 0, 0, 0):
+                return None
+            entry = self.lookup(tiles[0].src)[1]
+            if entry.info.shape != tiled.info.shape:
+                return None
+            self._tensors[name] = replace(entry, info=tiled.info)
+        return self._tensors[name]
+
+    def read(self, name: str):
+        if self.stored(name) is not None:
+            return super().read(name)
+        if self._streamer is None:
+            self._streamer = TileStreamer(self.lookup)
+        return read_tiled(self._streamer, self._tiled[name])

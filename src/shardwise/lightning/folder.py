@@ -28,7 +28,7 @@ from ..atomic import atomic_output, remove_stale_stages, write_text_durably
 from ..errors import FormatError, UnsafeCheckpointError
 from ..jsonfile import read_json_object
 from ..structure import encode_structure
-from ..training.encodings import STRUCTURE_KEY, fold_entries, read_structured_safetensors, write_tensor_file
+from ..training.encodings import STRUCTURE_KEY, fold_entries, read_structured_safetensors, whole_entry, write_tensor_file
 from ..training.files import check_file, torch_load, write_durably
 from ..training.layout import MANIFEST, checked_file_entries
 from .values import ValueCodec
@@ -78,8 +78,9 @@ def snapshot_checkpoint(checkpoint: dict, copy: Callable[[Any], Any] | None = No
     names = _TensorNames()
     codec = ValueCodec()
     node = encode_structure(checkpoint, names, other=codec.encode, root="the checkpoint")
+    pickled = codec.pickled_bytes()  # before any copy: a value that cannot be pickled fails with no buffer taken
     tensors = names.tensors if copy is None else {name: copy(t) for name, t in names.tensors.items()}
-    return Snapshot(json.dumps(node, separators=(",", ":")), tensors, codec.pickled_bytes(), codec.pickled_index)
+    return Snapshot(json.dumps(node, separators=(",", ":")), tensors, pickled, codec.pickled_index)
 
 
 def write_folder(snap: Snapshot, path: Path) -> None:
@@ -94,8 +95,7 @@ def write_folder(snap: Snapshot, path: Path) -> None:
     with atomic_output(path, is_dir=True, overwrite=True, any_kind=True) as stage:
         entries = [write_tensor_file(stage / PAYLOAD, PAYLOAD, snap.tensors, {STRUCTURE_KEY: snap.structure})]
         if snap.pickled is not None:
-            size, crc = write_durably(stage / PICKLED, snap.pickled)
-            entries.append({"name": PICKLED, "size": size, "ranges": [[0, size, crc]]})
+            entries.append(whole_entry(PICKLED, *write_durably(stage / PICKLED, snap.pickled)))
         write_text_durably(stage / MANIFEST, json.dumps(_manifest(fold_entries(entries), snap.pickled_index), indent=1) + "\n")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import OptionError
 from ..training import background
+from ..training.api import finalize_checkpoint
 from ..training.assign import SnapshotBuffers, replace_tensors
 from .folder import snapshot_checkpoint, write_folder
 from .paths import check_replaceable, load, remove
@@ -116,8 +117,8 @@ class AsyncShardwiseCheckpointIO(ShardwiseCheckpointIO):
     One save is in flight per process (shared with ``shardwise.save_checkpoint(async_save=True)``):
     the next save, a load, ``teardown()`` (which Lightning calls when fit, validate or test ends)
     and ``shardwise.finalize_checkpoint()`` wait for it and raise its error; at interpreter exit an
-    error nobody collected is printed. Removing the path being written waits for it first. Until
-    the write ends, values that are not tensors are the caller's not to mutate in place.
+    error nobody collected is printed. Removing the path being written waits for it first. The
+    structure and pickled values are taken before the save returns, tensors copied.
     """
 
     def __init__(self, *, trust_pickle: bool = False, verify: bool = True) -> None:
@@ -154,4 +155,4 @@ class AsyncShardwiseCheckpointIO(ShardwiseCheckpointIO):
 
     def _wait(self) -> None:
         self._writing = None
-        background.wait()
+        finalize_checkpoint()  # the shared writer thread; also drops an optimizer hook a staged training save left

@@ -40,16 +40,11 @@ import pathlib
 from typing import Any, Callable
 
 from ..errors import FormatError, OptionError
+from ..pickle_safety import ATTRIBUTE_DICTS
 from ..structure import KeyPath, describe
 
 __all__ = ["ValueCodec", "ATTRIBUTE_DICTS", "inert_classes"]
 
-ATTRIBUTE_DICTS = (  # Lightning's dict with attribute access, by every name it is importable under
-    "lightning_fabric.utilities.data.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-)
 _PATHS = {cls.__name__: cls for cls in (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath)}
 
 
@@ -97,9 +92,9 @@ class ValueCodec:
     ``load()`` returns the unpickled list and is called only if a ``pickle`` node is met.
     """
 
-    def __init__(self, where: str = "", pickled: Callable[[], list] | None = None, root: str = "the checkpoint") -> None:
+    def __init__(self, where: str = "", pickled: Callable[[], list] | None = None) -> None:
         self.where = where
-        self.root = root
+        self.root = "the checkpoint"
         self.pickled: list[Any] = []
         self.pickled_index: list[dict] = []
         self._pickled_ids: dict[int, int] = {}
@@ -178,7 +173,7 @@ class ValueCodec:
             return rebuild(payload, decode)
         except FormatError:
             raise
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ImportError, NotImplementedError) as e:  # WindowsPath on Linux
             raise FormatError(f"{self.where}: a {tag!r} value in its structure is not one shardwise wrote ({type(e).__name__}: {e})") from None
 
     def _decode_OrderedDict(self, payload: list, decode: Callable) -> Any:  # noqa: N802 - named for the tag

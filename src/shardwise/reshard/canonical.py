@@ -8,57 +8,23 @@ is assembled from its tiles when it is read, and only then.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
-
-from ..layout.stream import TileStreamer, read_tiled
-from ..tensors import FileTensorSource
+from ..layout.stream import TiledSource
 from .containers import Shards
 from .model import ShardedModel, open_model
 
 __all__ = ["CanonicalSource", "open_canonical", "open_layout_checkpoint"]
 
 
-class CanonicalSource(FileTensorSource):
+class CanonicalSource(TiledSource):
     """The canonical tensors of ``model`` (see module docstring). Closing it closes the model."""
 
     def __init__(self, model: ShardedModel) -> None:
         super().__init__()
         self.model = model
         self._tiled = {t.info.name: t for t in model.inverse()}
-        self._streamer = TileStreamer(model.lookup)
-        for name, tiled in self._tiled.items():
-            tiles = tiled.tiles
-            if len(tiles) == 1 and (tiles[0].row, tiles[0].col, tiles[0].src_row, tiles[0].src_col) == (0, 0, 0, 0):
-                _, entry = model.lookup(tiles[0].src)
-                if entry.info.shape == tiled.info.shape:
-                    self._tensors[name] = replace(entry, info=tiled.info)
-
-    def keys(self) -> list[str]:
-        return list(self._tiled)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tiled
-
-    def info(self, name: str):
-        return self._tiled[name].info
-
-    def infos(self):
-        return [t.info for t in self._tiled.values()]
-
-    def stored(self, name: str):
-        return self._tensors.get(name)
-
-    def tiled(self, name: str):
-        """The tiles of a tensor not stored whole (what streaming writers execute; see :mod:`shardwise.layout.stream`)."""
-        return self._tiled[name]
 
     def lookup(self, ref):
         return self.model.lookup(ref)
-
-    def read(self, name: str):
-        if name in self._tensors:
-            return super().read(name)
-        return read_tiled(self._streamer, self._tiled[name])
 
     def close(self) -> None:
         super().close()

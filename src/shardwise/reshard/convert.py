@@ -7,7 +7,6 @@ shards' rectangles directly: no full tensor, no whole model, one pass.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -251,7 +250,7 @@ def _artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -
 
     entries = _companion_entries(source, tmp)
     config_path = tmp / "config.json"
-    config_path.write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    config_path.write_text(hf_json(hf_config), encoding="utf-8")
     artifacts = [make_artifact(HF_CONFIG_KEY, "config.json", (("", config_path),), False)]
     tokenizer = tuple((n, p) for n, p in entries if _is_tokenizer(n))
     if tokenizer:

@@ -68,7 +68,8 @@ def _info(name: str, tensor) -> TensorInfo:
     return TensorInfo(name, tuple(tensor.shape), name_of(tensor.dtype))
 
 
-def _whole(entry_name: str, size: int, crc: int) -> dict:
+def whole_entry(entry_name: str, size: int, crc: int) -> dict:
+    """A manifest entry of a file written whole: one byte range, its CRC-32."""
     return {"name": entry_name, "size": size, "ranges": [[0, size, crc]]}
 
 
@@ -93,7 +94,7 @@ def write_part(encoding: str, obj: Any, stage: Path, name: str, part: int = 0, p
     """
     if encoding == "pt":
         size, crc = save_object(obj, stage / name)
-        return [_whole(name, size, crc)]
+        return [whole_entry(name, size, crc)]
     if encoding == "safetensors":
         return [_write_safetensors(obj, stage, stored_name(name, encoding), part, parts)]
     if encoding == "xser":
@@ -178,14 +179,14 @@ def _write_xser(obj: Any, stage: Path, name: str, part: int, parts: int) -> list
                 own = own.clone()  # torch.save writes a view's whole storage
             relpath = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}/tensor_{tid}.pt"
             size, crc = save_object(own, stage / relpath)
-            entries.append(_whole(relpath, size, crc))
+            entries.append(whole_entry(relpath, size, crc))
     if part == 0:
         references = replace_tensors(obj, lambda t: reference_stub(tids[id(t)], infos[tids[id(t)]]))
         for relpath, payload in ((name, references), (str(info_file(name)), info_table(infos))):
             data = stub_pickle(payload)
             stem = Path(relpath).name.rsplit(".", 1)[0]
             size, crc = _save_with(lambda sink, stem=stem, data=data: write_torch_archive(sink, stem, data, []), stage / relpath)
-            entries.append(_whole(relpath, size, crc))
+            entries.append(whole_entry(relpath, size, crc))
     return entries
 
 
@@ -231,14 +232,10 @@ def read_state(encoding: str, folder: Path, name: str, load: Callable[[str], Any
     if encoding == "pt":
         return load(name)
     if encoding == "safetensors":
-        return _read_safetensors(folder / stored_name(name, encoding), mapped)
+        return read_structured_safetensors(folder / stored_name(name, encoding), mapped)
     if encoding == "xser":
         return _read_xser(folder, name, load)
     raise FormatError(f"{folder}: its manifest names an unknown encoding {encoding!r}")
-
-
-def _read_safetensors(path: Path, mapped: bool) -> Any:
-    return read_structured_safetensors(path, mapped)
 
 
 def read_structured_safetensors(path: Path, mapped: bool, other: Callable | None = None) -> Any:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import start_writeback, write_all
+from ..atomic import start_writeback, write_all, write_text_durably
 from ..checksum import crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..units import CHUNK_BYTES
@@ -88,9 +88,7 @@ def write_durably(path: Path, data: bytes) -> tuple[int, int]:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb", buffering=0) as f:
-            write_all(f, data)
-            os.fsync(f.fileno())
+        write_text_durably(path, data)
     except OSError as e:
         raise write_failure(path, e) from None
     return len(data), crc32(data)
