@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 import shardwise
-from shardwise.errors import LayoutError
+from shardwise.errors import FormatError, LayoutError
 
 from conftest import assert_same_tensors, sample_state_dict
 
@@ -147,7 +147,7 @@ def test_sharded_archives_written_by_shardwise_use_nemos_rank_folders(tmp_path):
     assert shardwise.diff(src, shardwise_archive).equal
 
 
-def test_a_distributed_checkpoint_inside_an_archive_is_recognised_and_reported(cli, tmp_path):
+def test_a_distributed_checkpoint_inside_an_archive_with_unreadable_metadata_is_refused_by_name(cli, tmp_path):
     folder = tmp_path / "dist"
     (folder / "model_weights").mkdir(parents=True)
     (folder / "model_config.yaml").write_text("mcore_gpt: true\n")
@@ -157,11 +157,11 @@ def test_a_distributed_checkpoint_inside_an_archive_is_recognised_and_reported(c
     path = tmp_path / "dist.nemo"
     with tarfile.open(path, "w:") as tar:
         tar.add(folder, arcname=".")
-    summary = shardwise.inspect(path)
-    assert summary["layout"]["kind"] == "distributed" and summary["num_tensors"] == 0
-    assert "model_weights/__0_1.distcp" in summary["layout"]["distributed_files"]
-    with pytest.raises(LayoutError, match="distributed checkpoint"):
+    with pytest.raises(FormatError, match="model_weights/.metadata: not a readable DCP metadata pickle"):
+        shardwise.inspect(path)
+    with pytest.raises(FormatError, match="model_weights/.metadata"):
         shardwise.restore_from(path)
     for to in ("hf", "dcp"):  # never an empty output
         result = cli("convert", path, tmp_path / f"out-{to}", "--to", to)
-        assert result.code == 2 and "distributed checkpoint" in result.err and not (tmp_path / f"out-{to}").exists()
+        assert result.code == 2 and f"{path}:model_weights/.metadata" in result.err and not (tmp_path / f"out-{to}").exists()
+        assert len(result.err.strip().splitlines()) == 1

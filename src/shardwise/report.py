@@ -78,6 +78,14 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config:
 
 
 def _shards_checkpoint(shards) -> Checkpoint:
+    from .formats.torch_dist import TorchDistSource
+
+    source = shards.sources[(0, 0)]
+    if isinstance(source, TorchDistSource):  # one checkpoint of global tensors, not per-rank files
+        return Checkpoint(
+            str(shards.path), shards.container, "dcp", source, [shards.files[(0, 0)]], config=shards.nemo_config or shards.hf_config,
+            layout=source.layout(), training_state=source.training_state,
+        )
     keys = sorted(shards.sources)
     prefixes = [Path(shards.files[k]).parent.name + "/" if shards.container == "nemo-dir" else Path(shards.files[k]).name + "/" for k in keys]
     source = MergedSource([shards.sources[k] for k in keys], prefixes)

@@ -212,7 +212,8 @@ def restore_from(
             config = resolve_references(raw_config, folder, label)
             with archive.weights(*ranks, trust_pickle=trust_pickle) as source:
                 if cls is None:
-                    state_dict = {name: source.map(name) for name in source.keys()}
+                    # a distributed checkpoint's tensors cut in pieces are assembled; the rest map the archive's pages
+                    state_dict = {name: source.map(name) if source.stored(name) is not None else source.read(name) for name in source.keys()}
                     if str(map_location) != "cpu":
                         state_dict = {k: v.to(map_location) for k, v in state_dict.items()}
                     result = RestoredArchive(label, config, raw_config, state_dict, archive.layout.as_dict(), *ranks)

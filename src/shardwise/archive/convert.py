@@ -186,5 +186,3 @@ def check_unsharded(ckpt: Checkpoint, to: str) -> None:
             f"{ckpt.path}: is sharded (TP={layout['tp']}, PP={layout['pp']}); this version cannot merge shards into --to {to}; "
             f"restore one rank with shardwise.restore_from(..., tp_rank=, pp_rank=)"
         )
-    if layout.get("kind") == "distributed":
-        raise LayoutError(f"{ckpt.path}: holds a distributed checkpoint (model_weights/), which this version reports but does not convert")

@@ -1,9 +1,9 @@
 """Opening a ``.nemo``-style archive in place: members, config, layout, artifacts and weights.
 
 Nothing is extracted to read an archive: the tar headers give every member's offset, the config
-and manifest are read from there, and weights (safetensors or torch files) are opened as
-:class:`~shardwise.formats.region.Region` s of the archive, so their tensors are read directly
-from it. Only :meth:`Archive.extract` writes files, and only for the members asked for.
+and manifest are read from there, and weights (safetensors or torch files, or the files of a
+``model_weights/`` distributed checkpoint) are opened as :class:`~shardwise.formats.region.Region` s
+of the archive, so their tensors are read directly from it. Only :meth:`Archive.extract` writes files, and only for the members asked for.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import yaml
 
 from ..errors import FormatError, LayoutError
 from ..formats import MergedSource
+from ..formats.dcp import DcpFiles
 from ..formats.safetensors import SafetensorsFile
+from ..formats.torch_dist import TorchDistSource
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 from .artifacts import references
@@ -109,13 +111,16 @@ class Archive:
 
     # -- weights -------------------------------------------------------------------------------
     def weights(self, tp_rank: int = 0, pp_rank: int = 0, *, trust_pickle: bool = False) -> FileTensorSource:
-        """The tensors of one rank's weights file, read in place (no extraction)."""
+        """The tensors of one rank's weights file, read in place (no extraction).
+
+        A ``model_weights/`` distributed checkpoint holds the whole model under global keys: it is
+        rank (0, 0), its layers unstacked (:class:`~shardwise.formats.torch_dist.TorchDistSource`).
+        """
         layout = self.layout
         if layout.kind == "distributed":
-            raise LayoutError(
-                f"{self.path}: the weights are a distributed checkpoint ({DISTRIBUTED_FOLDER}/, "
-                f"{len(layout.distributed_files)} files); this version of shardwise reports it but does not read it"
-            )
+            if (tp_rank, pp_rank) != (0, 0):
+                raise LayoutError(f"{self.path}: the weights are one distributed checkpoint ({DISTRIBUTED_FOLDER}/) of global tensors; there are no per-rank files")
+            return TorchDistSource(self._distributed_files(), trust=trust_pickle)
         member = layout.shards.get((tp_rank, pp_rank))
         if member is None:
             raise LayoutError(f"{self.path}: no weights for tp_rank={tp_rank}, pp_rank={pp_rank}; the archive has TP={layout.tp}, PP={layout.pp}")
@@ -131,6 +136,15 @@ class Archive:
         shards = sorted(self.layout.shards.items())
         parts = [self.weights(tp_rank, pp_rank, trust_pickle=trust_pickle) for (tp_rank, pp_rank), _ in shards]
         return MergedSource(parts, [member.rpartition("/")[0] + "/" for _, member in shards])
+
+    def _distributed_files(self) -> DcpFiles:
+        """The files directly inside ``model_weights/``, as regions of the archive (read in place)."""
+        prefix = DISTRIBUTED_FOLDER + "/"
+        regions = {
+            m.name[len(prefix):]: self.index.region(m.name)
+            for m in self.index.under(DISTRIBUTED_FOLDER) if m.kind == "file" and "/" not in m.name[len(prefix):]
+        }
+        return DcpFiles(f"{self.path}:{DISTRIBUTED_FOLDER}", regions)
 
     # -- extraction ----------------------------------------------------------------------------
     def extract(self, names: list[str], dest: Path) -> None:

@@ -16,11 +16,14 @@ from typing import Any
 from ..errors import FormatError
 from ..tensors import FileTensorSource, TensorInfo
 from .dcp import DcpSource, looks_like_dcp
+from .torch_dist import BACKEND_FILE, COMMON_FILE, TorchDistSource, looks_like_torch_dist
 from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
 from .safetensors import SafetensorsFile, looks_like_safetensors
 from .torch_pickle import TorchFile, looks_like_torch
 
 __all__ = ["Checkpoint", "open_checkpoint", "MergedSource", "weights_kind"]
+
+_NEMO_CONFIG, _NEMO_WEIGHTS = "model_config.yaml", "model_weights"  # an unpacked archive (see shardwise.archive.layout)
 
 
 class MergedSource(FileTensorSource):
@@ -148,19 +151,23 @@ def _open_archive(path: Path, trust_pickle: bool) -> Checkpoint:
     archive = Archive(path)
     try:
         layout = archive.layout
-        source = FileTensorSource() if layout.kind == "distributed" else archive.all_weights(trust_pickle=trust_pickle)
+        source = archive.all_weights(trust_pickle=trust_pickle)
     except BaseException:
         archive.close()
         raise
+    summary = None if layout.kind == "single" else layout.as_dict()
+    if isinstance(source, TorchDistSource):
+        summary = source.layout()  # the files are listed in ``files``
     return Checkpoint(
         str(path),
         "archive",
-        layout.weights_format or "distributed",
+        layout.weights_format or "torch_dist",
         source,
         [f"{path}:{name}" for name in (layout.shards.values() or layout.distributed_files)],
         config=archive.model_config,
         metadata=dict(getattr(source, "metadata", {})),
-        layout=None if layout.kind == "single" else layout.as_dict(),
+        training_state=getattr(source, "training_state", None),
+        layout=summary,
         archive=archive,
     )
 
@@ -188,8 +195,12 @@ def _lightning_config(source: FileTensorSource) -> dict | None:
 
 
 def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
+    if looks_like_torch_dist(folder):
+        return _open_dcp(folder, trust_pickle, TorchDistSource)
+    if (folder / _NEMO_CONFIG).is_file() and looks_like_torch_dist(folder / _NEMO_WEIGHTS):
+        return _open_nemo_dir(folder, trust_pickle)
     if looks_like_dcp(folder):
-        return _open_dcp(folder, trust_pickle)
+        return _open_dcp(folder, trust_pickle, DcpSource)
     weights = find_weights(folder)
     source = _open_files(weights.files, trust_pickle)
     config_path = folder / "config.json"
@@ -207,17 +218,34 @@ def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
     )
 
 
-def _open_dcp(folder: Path, trust_pickle: bool) -> Checkpoint:
-    """A torch.distributed.checkpoint folder: weights read chunk by chunk in place (see :mod:`.dcp`)."""
-    source = DcpSource(folder, trust=trust_pickle)
+def _open_nemo_dir(folder: Path, trust_pickle: bool) -> Checkpoint:
+    """An unpacked archive whose weights are a ``model_weights/`` torch_dist checkpoint, as :func:`_open_archive` opens it packed."""
+    from ..archive.reader import read_yaml_config
+
+    ckpt = _open_dcp(folder / _NEMO_WEIGHTS, trust_pickle, TorchDistSource)
+    try:
+        config = read_yaml_config((folder / _NEMO_CONFIG).read_bytes(), str(folder / _NEMO_CONFIG))
+    except BaseException:
+        ckpt.close()
+        raise
+    return replace(ckpt, path=str(folder), format="nemo-dir", config=config.get("model") if isinstance(config.get("model"), dict) else config,
+                   companion_files=[], tokenizer_files=[])
+
+
+def _open_dcp(folder: Path, trust_pickle: bool, kind: type) -> Checkpoint:
+    """A torch.distributed.checkpoint folder, plain (:mod:`.dcp`) or Megatron's torch_dist
+    (:mod:`.torch_dist`, layers unstacked): weights read chunk by chunk in place."""
+    source = kind(folder, trust=trust_pickle)
+    metadata = source.dcp.metadata if isinstance(source, TorchDistSource) else source.metadata
     config_path = folder / "config.json"
-    companions = [p for p in companion_files(folder) if not p.name.endswith(".distcp")]  # .metadata is hidden already
+    hidden = (BACKEND_FILE, COMMON_FILE) if isinstance(source, TorchDistSource) else ()
+    companions = [p for p in companion_files(folder) if not p.name.endswith(".distcp") and p.name not in hidden]  # .metadata is hidden already
     return Checkpoint(
         str(folder),
-        "dcp",
+        source.format_name,
         "dcp",
         source,
-        sorted({str(folder / c.file) for t in source.metadata.tensors.values() for c in t.chunks}),
+        sorted({str(folder / c.file) for t in metadata.tensors.values() for c in t.chunks}),
         config=read_config(config_path) if config_path.is_file() else None,
         companion_files=[p.name for p in companions],
         tokenizer_files=[p.name for p in companions if p.name in TOKENIZER_FILES],

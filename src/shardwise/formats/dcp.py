@@ -19,7 +19,12 @@ never hold a whole tensor, let alone the model.
 
 Which tensors are weights follows :mod:`.lightning`'s rule on the key paths: a top-level
 ``state_dict`` (Lightning), else ``model`` or ``module``, else everything; the rest (optimizer
-states, byte objects) is training state.
+states, byte objects) is training state. ``flat=True`` takes every tensor under its flattened key
+instead (Megatron's ``torch_dist`` checkpoints save a flat dict of global keys, often with no
+planner data to tell the key paths by).
+
+The files need not be a folder: :class:`DcpFiles` also describes them as byte regions of a larger
+file (``model_weights/`` inside an uncompressed ``.nemo`` tar), read in place the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, path_from
 from ..layout.stream import TiledSource
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .lightning import WEIGHT_KEYS
-from .region import Region
+from .region import Region, open_region
 
-__all__ = ["METADATA", "looks_like_dcp", "read_metadata", "DcpMetadata", "DcpTensor", "DcpChunk", "DcpSource", "chunk_tiles"]
+__all__ = ["METADATA", "looks_like_dcp", "read_metadata", "DcpFiles", "DcpMetadata", "DcpTensor", "DcpChunk", "DcpSource", "chunk_tiles"]
 
 METADATA = ".metadata"
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
@@ -53,6 +58,40 @@ _RECORDS = {
     )
 } | {(_FILESYSTEM_MODULE, "_StorageInfo")}
 _MAX_METADATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class DcpFiles:
+    """Where the files of one DCP checkpoint are: a folder, or regions of a larger file.
+
+    ``label`` names the checkpoint in messages (the folder, or ``archive.nemo:model_weights``);
+    ``regions`` maps each plain file name to its bytes, or is None for the files of folder ``label``.
+
+    >>> DcpFiles.folder("ckpt").region(".metadata")  # doctest: +SKIP
+    Region(path='ckpt/.metadata', start=0, size=1234, label='ckpt/.metadata')
+    """
+
+    label: str
+    regions: dict[str, Region] | None = None
+
+    @staticmethod
+    def folder(path: str | os.PathLike) -> "DcpFiles":
+        return DcpFiles(os.fspath(path))
+
+    def path(self, name: str) -> str:
+        """How messages name file ``name``."""
+        return os.path.join(self.label, name) if self.regions is None else f"{self.label}/{name}"
+
+    def region(self, name: str) -> Region | None:
+        """The bytes of file ``name`` (None when there is no such file)."""
+        if self.regions is not None:
+            return self.regions.get(name)
+        path = self.path(name)
+        return Region.whole_file(path) if os.path.isfile(path) else None
+
+
+def as_files(where: "str | os.PathLike | DcpFiles") -> DcpFiles:
+    return where if isinstance(where, DcpFiles) else DcpFiles.folder(where)
 
 
 @dataclass(frozen=True)
@@ -85,10 +124,14 @@ class DcpTensor:
 class DcpMetadata:
     """What ``.metadata`` says, checked: tensors and byte objects by fqn, and the DCP version."""
 
-    folder: Path
+    files: DcpFiles
     tensors: dict[str, DcpTensor]
     objects: dict[str, DcpChunk]
     version: str | None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.files.label)
 
 
 def looks_like_dcp(folder: Path) -> bool:
@@ -179,7 +222,7 @@ def _dtype_of(properties: Any) -> str:
     return dtype.name
 
 
-def _storage(info: Any, folder: Path, sizes: dict[str, int]) -> tuple[str, int, int]:
+def _storage(info: Any, files: DcpFiles, sizes: dict[str, int]) -> tuple[str, int, int]:
     fields = _fields(info, "_StorageInfo")
     name, offset, length = fields.get("relative_path"), fields.get("offset"), fields.get("length")
     if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") or name.startswith("."):
@@ -189,12 +232,12 @@ def _storage(info: Any, folder: Path, sizes: dict[str, int]) -> tuple[str, int, 
     if fields.get("transform_descriptors"):
         raise _Bad(f"{name}: data is stored through transforms {list(fields['transform_descriptors'])!r:.80} (compression), which shardwise does not read")
     if name not in sizes:
-        path = folder / name
-        if not path.is_file():
-            raise _Bad(f"storage file {name} is missing")
-        sizes[name] = path.stat().st_size
+        region = files.region(name)
+        if region is None:
+            raise _Bad(f"storage file {files.path(name)} is missing")
+        sizes[name] = region.size
     if offset + length > sizes[name]:
-        raise _Bad(f"{name} is truncated: a chunk needs bytes up to {offset + length} but the file has {sizes[name]}")
+        raise _Bad(f"{files.path(name)} is truncated: a chunk needs bytes up to {offset + length} but the file has {sizes[name]}")
     return name, offset, length
 
 
@@ -226,7 +269,7 @@ def _check_disjoint(chunks: list[DcpChunk]) -> None:
                 raise _Bad(f"{name}: two entries share bytes {after.offset}:{min(after.offset + after.length, before.offset + before.length)}")
 
 
-def _checked(root: Any, folder: Path) -> DcpMetadata:
+def _checked(root: Any, files: DcpFiles) -> DcpMetadata:
     fields = _fields(root, "Metadata")
     entries, storage_data = fields.get("state_dict_metadata"), fields.get("storage_data")
     if not isinstance(entries, dict) or not isinstance(storage_data, dict):
@@ -244,7 +287,7 @@ def _checked(root: Any, folder: Path) -> DcpMetadata:
             info = storage.get((fqn, None))
             if info is None:
                 raise _Bad(f"object {fqn!r} has no storage entry")
-            objects[fqn] = DcpChunk((), (), *_storage(info, folder, sizes))
+            objects[fqn] = DcpChunk((), (), *_storage(info, files, sizes))
             continue
         tensor = _fields(entry, "TensorStorageMetadata")
         shape = _counts(tensor.get("size"), f"shape of {fqn}")
@@ -258,23 +301,26 @@ def _checked(root: Any, folder: Path) -> DcpMetadata:
             info = storage.get((fqn, offsets))
             if info is None:
                 raise _Bad(f"chunk at {list(offsets)} of tensor {fqn!r} has no storage entry")
-            chunks.append(DcpChunk(offsets, sizes_, *_storage(info, folder, sizes)))
+            chunks.append(DcpChunk(offsets, sizes_, *_storage(info, files, sizes)))
         tensors[fqn] = DcpTensor(fqn, _path_of(fqn, planner_data), shape, dtype, tuple(chunks))
     _check_disjoint([*(c for t in tensors.values() for c in t.chunks), *objects.values()])
     version = fields.get("version")
-    return DcpMetadata(folder, tensors, objects, version if isinstance(version, str) else None)
+    return DcpMetadata(files, tensors, objects, version if isinstance(version, str) else None)
 
 
-def read_metadata(folder: str | os.PathLike, *, trust: bool = False) -> DcpMetadata:
-    """Read and check ``folder/.metadata``; FormatError (or UnsafeCheckpointError) naming the file and problem."""
-    folder = Path(folder)
-    path = folder / METADATA
-    if path.stat().st_size > _MAX_METADATA_BYTES:
-        raise FormatError(f"{path}: metadata of {path.stat().st_size} bytes is larger than any DCP checkpoint writes")
+def read_metadata(where: "str | os.PathLike | DcpFiles", *, trust: bool = False) -> DcpMetadata:
+    """Read and check ``.metadata`` of a DCP folder (or :class:`DcpFiles`); FormatError (or
+    UnsafeCheckpointError) naming the file and problem."""
+    files = as_files(where)
+    path, region = files.path(METADATA), files.region(METADATA)
+    if region is None:
+        raise FormatError(f"{path}: missing; a DCP checkpoint keeps its metadata there")
+    if region.size > _MAX_METADATA_BYTES:
+        raise FormatError(f"{path}: metadata of {region.size} bytes is larger than any DCP checkpoint writes")
     try:
-        with open(path, "rb") as f:
-            root = _MetadataUnpickler(f, str(path), trust).load()
-        return _checked(root, folder)
+        with open_region(region) as f:
+            root = _MetadataUnpickler(f, path, trust).load()
+        return _checked(root, files)
     except UnsafeCheckpointError:
         raise
     except _Bad as e:
@@ -310,9 +356,9 @@ def chunk_tiles(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[i
 
 
 # -- the tensor source ----------------------------------------------------------------------------------
-def _weights(metadata: DcpMetadata) -> tuple[str | None, dict[str, DcpTensor]]:
-    """The key holding the weights (None: all tensors) and the weight tensors by their names under it."""
-    for key in WEIGHT_KEYS:
+def _weights(metadata: DcpMetadata, flat: bool) -> tuple[str | None, dict[str, DcpTensor]]:
+    """The key holding the weights (None: all tensors, by fqn) and the weight tensors by their names under it."""
+    for key in () if flat else WEIGHT_KEYS:
         chosen = {".".join(map(str, t.path[1:])): t for t in metadata.tensors.values() if len(t.path) > 1 and t.path[0] == key}
         if chosen:
             return key, chosen
@@ -335,9 +381,9 @@ def _cover_problem(tensor: DcpTensor) -> str | None:
 class _Chunks(FileTensorSource):
     """The chunks of a DCP folder as stored tensors; each chunk's zip header is parsed on first use."""
 
-    def __init__(self, folder: Path, trust: bool) -> None:
+    def __init__(self, files: DcpFiles, trust: bool) -> None:
         super().__init__()
-        self._folder, self._trust = folder, trust
+        self._files, self._trust = files, trust
 
     def entry(self, fqn: str, dtype: str, chunk: DcpChunk) -> StoredTensor:
         """The stored chunk of tensor ``fqn`` (whose dtype is ``dtype``)."""
@@ -350,9 +396,11 @@ class _Chunks(FileTensorSource):
     def _parse(self, fqn: str, dtype: str, chunk: DcpChunk, name: str) -> StoredTensor:
         from .torch_pickle import read_torch_pickle
 
-        path = str(self._folder / chunk.file)
-        label = f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (chunk at {list(chunk.offsets)} of '{fqn}')"
-        parsed = read_torch_pickle(Region(path, chunk.offset, chunk.length, label), trust=self._trust)
+        file = self._files.region(chunk.file)
+        if file is None:  # checked when the metadata was read; gone since
+            raise FormatError(f"{self._files.path(chunk.file)}: missing")
+        label = f"{self._files.path(chunk.file)}[{chunk.offset}:{chunk.offset + chunk.length}] (chunk at {list(chunk.offsets)} of '{fqn}')"
+        parsed = read_torch_pickle(Region(file.path, file.start + chunk.offset, chunk.length, label), trust=self._trust)
         lazy = parsed.root
         if not isinstance(lazy, LazyTensor) or lazy.shape != chunk.sizes or lazy.dtype != dtype:
             found = f"a {lazy.dtype} tensor of shape {list(lazy.shape)}" if isinstance(lazy, LazyTensor) else f"a {type(lazy).__name__}"
@@ -369,17 +417,17 @@ class DcpSource(TiledSource):
 
     format_name = "dcp"
 
-    def __init__(self, folder: str | os.PathLike, *, trust: bool = False) -> None:
+    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, flat: bool = False) -> None:
         from ..layout.tiles import TiledTensor
 
         super().__init__()
-        self.metadata = read_metadata(folder, trust=trust)
-        self.weights_key, weights = _weights(self.metadata)
-        self._chunks = _Chunks(self.metadata.folder, trust)
+        self.metadata = read_metadata(where, trust=trust)
+        self.weights_key, weights = _weights(self.metadata, flat)
+        self._chunks = _Chunks(self.metadata.files, trust)
         for name, tensor in weights.items():
             problem = _cover_problem(tensor)
             if problem:
-                raise FormatError(f"{self.metadata.folder / METADATA}: the chunks of tensor '{tensor.fqn}' do not tile it: {problem}")
+                raise FormatError(f"{self.metadata.files.path(METADATA)}: the chunks of tensor '{tensor.fqn}' do not tile it: {problem}")
             tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, tensor.dtype, c))]
             self._tiled[name] = TiledTensor(TensorInfo(name, tensor.shape, tensor.dtype), tuple(tiles))
         self.training_state = self._training_state()

@@ -11,7 +11,8 @@ Because a tiling is data, everything else follows without per-layout code:
 - :func:`invert` turns "how the shards are cut from the full tensors" into "how each full
   tensor is assembled from the shards" (replicas are read once; padding is dropped);
 - :func:`compose` turns two layouts into a direct shard-to-shard plan, so resharding never
-  builds a full tensor;
+  builds a full tensor (:func:`read_through` is its step: tiles of a tiled source become tiles
+  of that source's sources);
 - :func:`coalesce` merges neighbouring tiles, so contiguous runs become single byte copies.
 
 Sources are opaque hashable references (a canonical tensor name, or ``(shard, name)``).
@@ -26,7 +27,7 @@ from typing import Callable, Hashable, Iterable
 from ..errors import LayoutError
 from ..tensors import TensorInfo
 
-__all__ = ["Tile", "TiledTensor", "matrix_shape", "whole", "invert", "compose", "coalesce", "check_cover", "assemble"]
+__all__ = ["Tile", "TiledTensor", "matrix_shape", "whole", "invert", "compose", "read_through", "coalesce", "check_cover", "assemble"]
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -138,26 +139,31 @@ def compose(target: dict[Hashable, list[TiledTensor]], inverse: list[TiledTensor
     rectangles with no full tensor in between.
     """
     by_name = {t.info.name: t.tiles for t in inverse}
-    out: dict[Hashable, list[TiledTensor]] = {}
-    for shard, tensors in target.items():
-        rewritten = []
-        for tensor in tensors:
-            tiles: list[Tile] = []
-            for t in tensor.tiles:
-                if t.src is None:
-                    tiles.append(t)
-                    continue
-                for s in by_name[t.src]:
-                    r0, r1 = max(t.src_row, s.row), min(t.src_row + t.rows, s.row + s.rows)
-                    c0, c1 = max(t.src_col, s.col), min(t.src_col + t.cols, s.col + s.cols)
-                    if r0 < r1 and c0 < c1:
-                        tiles.append(Tile(
-                            t.row + r0 - t.src_row, t.col + c0 - t.src_col, r1 - r0, c1 - c0,
-                            s.src, s.src_row + r0 - s.row, s.src_col + c0 - s.col,
-                        ))
-            rewritten.append(TiledTensor(tensor.info, tuple(coalesce(tiles))))
-        out[shard] = rewritten
-    return out
+    return {shard: [read_through(tensor, by_name.__getitem__) for tensor in tensors] for shard, tensors in target.items()}
+
+
+def read_through(tensor: TiledTensor, tiles_of: Callable[[Hashable], "tuple[Tile, ...] | None"]) -> TiledTensor:
+    """``tensor`` with every tile whose source is itself tiled (``tiles_of(src)`` is not None) cut
+    along that source's tiles, so that it names their sources instead. Zero tiles and tiles of
+    sources ``tiles_of`` gives None for are kept as they are.
+
+    >>> read_through(layer, {"stacked": chunk_tiles}.get)  # doctest: +SKIP
+    """
+    tiles: list[Tile] = []
+    for t in tensor.tiles:
+        inner = None if t.src is None else tiles_of(t.src)
+        if inner is None:
+            tiles.append(t)
+            continue
+        for s in inner:
+            r0, r1 = max(t.src_row, s.row), min(t.src_row + t.rows, s.row + s.rows)
+            c0, c1 = max(t.src_col, s.col), min(t.src_col + t.cols, s.col + s.cols)
+            if r0 < r1 and c0 < c1:
+                tiles.append(Tile(
+                    t.row + r0 - t.src_row, t.col + c0 - t.src_col, r1 - r0, c1 - c0,
+                    s.src, s.src_row + r0 - s.row, s.src_col + c0 - s.col,
+                ))
+    return TiledTensor(tensor.info, tuple(coalesce(tiles)))
 
 
 def coalesce(tiles: Iterable[Tile]) -> list[Tile]:

@@ -7,7 +7,14 @@
 - ``archive``: a ``.nemo`` tar (``model_weights.ckpt`` at the root, or in ``mp_rank_XX/`` /
   ``tp_rank_XX_pp_rank_XXX/``), read in place;
 - ``nemo-dir``: the same members unpacked in a folder;
+- ``torch_dist``: a bare Megatron ``torch_dist`` folder (``metadata.json``, ``.metadata``,
+  ``*.distcp``), the ``model_weights/`` of an archive or nemo-dir on its own;
 - ``hf``: any unsharded checkpoint shardwise opens (HF folders, safetensors, torch files).
+
+An archive or nemo-dir whose weights are a ``model_weights/`` torch_dist checkpoint, and a bare
+one, hold one "shard": the whole model with its layers unstacked
+(:class:`~shardwise.formats.torch_dist.TorchDistSource`), in the mcore style at TP=1, PP=1,
+whatever parallel layout wrote it (its keys are global).
 """
 
 from __future__ import annotations
@@ -18,16 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, detect_layout, grid_of
+from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, detect_layout, grid_of
 from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
 from ..jsonfile import read_json_object
+from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 from ..training.layout import parse_rank_file, rank_file_name
 
-__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
+__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "read_model_config", "encoding_of"]
 
 CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
 _NXDT_V1 = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)")
@@ -74,13 +82,14 @@ class Shards:
 
 
 def encoding_of(label: str, sources: dict[tuple[int, int], FileTensorSource]) -> str:
-    """How the shards store their tensors: ``xser`` (torch-xla per-tensor files), ``safetensors`` or ``torch``.
+    """How the shards store their tensors: ``xser`` (torch-xla per-tensor files), ``safetensors``, ``torch``
+    or ``dcp`` (a torch_dist checkpoint's chunks).
 
     Shards that disagree are a FormatError (no reader handles a mixed checkpoint).
     """
     from ..formats import weights_kind
 
-    kinds = {"xser" if getattr(s, "xser", False) else weights_kind(s) for s in sources.values()}
+    kinds = {"xser" if getattr(s, "xser", False) else "dcp" if isinstance(s, TorchDistSource) else weights_kind(s) for s in sources.values()}
     if len(kinds) > 1:
         raise FormatError(f"{label}: shards are stored in different encodings ({', '.join(sorted(kinds))}); the checkpoint is mixed")
     return kinds.pop() if kinds else "torch"
@@ -92,13 +101,15 @@ def read_folder_manifest(folder: Path) -> dict | None:
 
 
 def find_shards(path: Path, *, trust_pickle: bool = False) -> Shards | None:
-    """The shards of ``path`` when it is a sharded container (nxdt, archive, nemo-dir), else None."""
+    """The shards of ``path`` when it is a sharded container (nxdt, archive, nemo-dir, torch_dist), else None."""
     if path.is_file():
         from ..formats import _is_archive
 
         return _archive_shards(path, trust_pickle) if _is_archive(path) else None
     if not path.is_dir():
         raise FormatError(f"{path}: no such file or folder")
+    if looks_like_torch_dist(path):
+        return _torch_dist_shards(path, trust_pickle)
     nxdt = _nxdt_files(path)
     if nxdt:
         folder = path if (path / MANIFEST_NAME).is_file() or not (path.parent / MANIFEST_NAME).is_file() else path.parent
@@ -149,8 +160,11 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
     try:
         layout = archive.layout
         if layout.kind == "distributed":
-            raise FormatError(f"{path}: holds a distributed checkpoint (model_weights/), which this version reports but does not convert")
-        sources = {key: archive.weights(*key, trust_pickle=trust_pickle) for key in layout.shards}
+            sources = {(0, 0): archive.weights(trust_pickle=trust_pickle)}
+            files = {(0, 0): f"{path}:{DISTRIBUTED_FOLDER}"}
+        else:
+            sources = {key: archive.weights(*key, trust_pickle=trust_pickle) for key in layout.shards}
+            files = {k: f"{path}:{v}" for k, v in layout.shards.items()}
         hf_config = None
         reference = archive.config.get(HF_CONFIG_KEY)
         if isinstance(reference, str) and reference.startswith(NEMO_PREFIX):
@@ -162,26 +176,48 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
         archive.close()
         raise
     return Shards(
-        path, "archive", sources, {k: f"{path}:{v}" for k, v in layout.shards.items()}, manifest=manifest,
+        path, "archive", sources, files, manifest=manifest,
         nemo_config=archive.model_config, archive=archive, hf_config=hf_config, closers=[archive],
     )
 
 
 def _nemo_dir_shards(folder: Path, trust_pickle: bool) -> Shards:
-    from ..archive.reader import read_yaml_config
-
     names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     layout = detect_layout(names, str(folder))
     if layout.kind == "distributed":
-        raise FormatError(f"{folder}: holds a distributed checkpoint (model_weights/), which this version reports but does not convert")
-    sources = {key: _open(folder / member, trust_pickle) for key, member in layout.shards.items()}
-    config = read_yaml_config((folder / CONFIG_NAME).read_bytes(), str(folder / CONFIG_NAME))
-    inner = config.get("model") if isinstance(config.get("model"), dict) else config
+        weights = folder / DISTRIBUTED_FOLDER
+        sources: dict[tuple[int, int], FileTensorSource] = {(0, 0): TorchDistSource(weights, trust=trust_pickle)}
+        files = {(0, 0): str(weights)}
+    else:
+        sources = {key: _open(folder / member, trust_pickle) for key, member in layout.shards.items()}
+        files = {k: str(folder / v) for k, v in layout.shards.items()}
     hf_config = None
     for candidate in folder.glob("*config.json"):
         hf_config = read_config(candidate)
         break
     return Shards(
-        folder, "nemo-dir", sources, {k: str(folder / v) for k, v in layout.shards.items()},
-        manifest=read_folder_manifest(folder), nemo_config=inner, hf_config=hf_config,
+        folder, "nemo-dir", sources, files,
+        manifest=read_folder_manifest(folder), nemo_config=read_model_config(folder / CONFIG_NAME), hf_config=hf_config,
     )
+
+
+def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
+    """A bare torch_dist folder; its config is a config.json inside it, or, for the ``model_weights``
+    folder of an unpacked archive, the ``model_config.yaml`` next to it (``--config`` overrides both)."""
+    source = TorchDistSource(folder, trust=trust_pickle)
+    try:
+        hf_config = read_config(folder / "config.json") if (folder / "config.json").is_file() else None
+        beside = folder.parent / CONFIG_NAME
+        nemo_config = read_model_config(beside) if folder.name == DISTRIBUTED_FOLDER and beside.is_file() else None
+    except BaseException:
+        source.close()
+        raise
+    return Shards(folder, "torch_dist", {(0, 0): source}, {(0, 0): str(folder)}, nemo_config=nemo_config, hf_config=hf_config)
+
+
+def read_model_config(path: Path) -> dict:
+    """A NeMo ``model_config.yaml`` as the model's config (a top-level ``model:`` mapping unwrapped, as NeMo does)."""
+    from ..archive.reader import read_yaml_config
+
+    config = read_yaml_config(path.read_bytes(), str(path))
+    return config["model"] if isinstance(config.get("model"), dict) else config

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
-from ..archive.layout import CONFIG_NAME, MANIFEST_NAME, parse_rank_folder
+from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, parse_rank_folder
 from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
@@ -41,8 +41,9 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
     """Whether a conversion goes through the parallel-layout engine, and what it has opened for it.
 
     It does when the output is sharded (nxdt, nemo-dir), a layout option is given, the source is a
-    sharded or Megatron-style checkpoint, or a Llama-family HF model becomes an archive (as mcore).
-    Returns None for the plain tensor copy, else the source for :func:`.model.open_model`: the
+    sharded or Megatron-style checkpoint, or a Llama-family HF model becomes an archive (as mcore);
+    a bare torch_dist folder goes through it only into a model container (hf, nxdt, archive,
+    nemo-dir), and is otherwise copied as its own (unstacked) tensors. Returns None for the plain tensor copy, else the source for :func:`.model.open_model`: the
     :class:`Shards` it found (opened once; the caller owns them) or the path of an unsharded model.
     """
     from ..formats.hf import read_config
@@ -65,7 +66,8 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
         return None  # the plain conversion reports what is wrong with the source
     if shards is None:
         return path if forced else None
-    if forced or shards_need_engine(shards):
+    raw = shards.container == "torch_dist" and to not in CONTAINERS  # a bare torch_dist folder into a tensor file: its own tensors, unstacked
+    if forced or (shards_need_engine(shards) and not raw):
         return shards
     shards.close()
     return None
@@ -178,6 +180,11 @@ def convert_layout(
         if to not in CONTAINERS:
             given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
             raise OptionError(f"{given}: choose --to {', '.join(CONTAINERS)} for a Llama-family model")
+        if keep_layout and source.encoding == "dcp":
+            raise OptionError(
+                f"{label}: is a distributed checkpoint of global tensors, which loads at any TP/PP as it is (Megatron reshards it when loading); "
+                f"to write per-rank files, use convert --to archive, nemo-dir or nxdt with --tp/--pp"
+            )
         if keep_layout and to == "hf":
             raise OptionError(f"{label}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
         if expect_layers is not None and expect_layers != source.dims.layers:
@@ -299,7 +306,7 @@ def _stored_companions(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]
         folder = Path(source.path)
         found = []
         for child in sorted(folder.iterdir()):
-            if child.name in (CONFIG_NAME, MANIFEST_NAME) or parse_rank_folder(child.name) or child.name.endswith("config.json"):
+            if child.name in (CONFIG_NAME, MANIFEST_NAME, DISTRIBUTED_FOLDER) or parse_rank_folder(child.name) or child.name.endswith("config.json"):
                 continue
             if child.is_dir():
                 found += [(p.relative_to(child).as_posix(), p) for p in sorted(child.rglob("*")) if p.is_file()]

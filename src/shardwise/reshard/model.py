@@ -18,10 +18,11 @@ from ..errors import FormatError, LayoutError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.hf import read_config
 from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_of
-from ..layout.tiles import TiledTensor, invert
+from ..layout.stream import TiledSource
+from ..layout.tiles import TiledTensor, invert, read_through
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
-from .containers import Shards, encoding_of, find_shards
+from .containers import Shards, encoding_of, find_shards, read_model_config
 from .nemo_config import dims_from_nemo_config
 
 __all__ = ["ShardedModel", "open_model", "open_shards", "detect_style"]
@@ -58,12 +59,28 @@ class ShardedModel:
     _closers: list = field(default_factory=list)
 
     def inverse(self) -> list[TiledTensor]:
-        """Each canonical tensor as tiles of ``(shard, stored name)``."""
-        return invert(self.plan, self.canonical)
+        """Each canonical tensor as tiles of ``(shard, stored name)``; where a shard's tensors are
+        themselves tiled (a :class:`~shardwise.layout.stream.TiledSource`: DCP chunks, stacked
+        layers), as tiles of ``(shard, that source's ref)``, so nothing is assembled in between."""
+        inverse = invert(self.plan, self.canonical)
+        tiled = {shard for shard, source in self.shards.items() if isinstance(source, TiledSource)}
+        if not tiled:
+            return inverse
+
+        def tiles_of(ref: tuple[Shard, str]):
+            shard, name = ref
+            if shard not in tiled:
+                return None
+            return tuple(replace(t, src=None if t.src is None else (shard, t.src)) for t in self.shards[shard].tiled(name).tiles)
+
+        return [read_through(tensor, tiles_of) for tensor in inverse]
 
     def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
+        """The source and stored tensor of a ref of :meth:`inverse` (or ``(shard, stored name)``)."""
         shard, name = ref
         source = self.shards[shard]
+        if isinstance(source, TiledSource) and not isinstance(name, str):
+            return source.lookup(name)
         return source, source.stored(name)
 
     def close(self) -> None:
@@ -121,8 +138,8 @@ def open_model(
 def open_shards(shards: Shards, *, config: dict | str | os.PathLike | None = None, expect: dict | None = None) -> ShardedModel:
     """Open shards already found by :func:`~.containers.find_shards` as a model, as :func:`open_model` does.
 
-    ``config`` is the HF config, as a dict or the path of a config.json; when given it wins over
-    any the container carries. The model takes over ``shards`` (closing the model closes them;
+    ``config`` is the HF config, as a dict or the path of a config.json (or of a NeMo
+    ``model_config.yaml``: ``.yaml``/``.yml``); when given it wins over any the container carries. The model takes over ``shards`` (closing the model closes them;
     they are closed here when opening fails).
 
     >>> model = open_shards(find_shards(Path("tag/model")), config={"hidden_size": 64, ...})  # doctest: +SKIP
@@ -164,6 +181,9 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     label = str(shards.path)
     parallel = (shards.manifest or {}).get("parallel")
     warnings: list[str] = []
+    nemo_config = shards.nemo_config
+    if config is not None and not isinstance(config, dict) and Path(config).suffix in (".yaml", ".yml"):
+        nemo_config, config = read_model_config(Path(config)), None  # --config model_config.yaml: NeMo's, not HF's
     hf_config = dict(config) if isinstance(config, dict) else read_config(Path(config)) if config is not None else None
     if hf_config is None and isinstance(parallel, dict):
         hf_config = parallel.get("config")
@@ -178,17 +198,21 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
         raise LayoutError(f"{label}: the manifest says {layout.style} TP={layout.tp} PP={layout.pp}, the files are {style} TP={shards.tp} PP={shards.pp}")
     if hf_config is not None:
         dims = dims_from_hf_config(hf_config, label)
-    elif style == "mcore" and shards.nemo_config:
-        dims = dims_from_nemo_config(shards.nemo_config, label, padded_vocab=_embed_rows(shards, layout))
-        warnings.append(f"{label}: has no HF config.json; the vocabulary keeps its {dims.vocab} padded rows (pass --config to trim it)")
+    elif style == "mcore" and nemo_config:
+        dims = dims_from_nemo_config(nemo_config, label, padded_vocab=_embed_rows(shards, layout))
+        warnings.append(
+            f"{label}: has no HF config.json, and model_config.yaml does not record the vocabulary size: all {dims.vocab} stored rows are kept, "
+            f"padding included (pass --config with the HF config.json to trim it)"
+        )
     else:
-        raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json")
+        also = " or NeMo model_config.yaml" if style == "mcore" else ""
+        raise LayoutError(f"{label}: the {style} layout does not record head counts; pass --config with the model's HF config.json{also}")
     layout = _infer_options(label, layout, dims, shards)
     encoding = encoding_of(label, shards.sources)
     _check_expected(label, layout, expect, encoding)
     model = _finish(
         label, shards.container, layout, dims, hf_config, shards.sources, shards.files, warnings, encoding,
-        nemo_config=shards.nemo_config, archive=shards.archive, closers=shards.closers,
+        nemo_config=nemo_config, archive=shards.archive, closers=shards.closers,
     )
     model.has_manifest = isinstance(parallel, dict)
     if model.has_manifest and isinstance(parallel.get("generation_config"), dict):

@@ -1,0 +1,194 @@
+"""NeMo-style torch_dist checkpoints of a HuggingFace Llama, written without NeMo or Megatron, for the tests.
+
+    python tests/torch_dist_ranks.py HF_DIR OUT WORLD CHUNKS VOCAB_MULTIPLE
+
+writes OUT as an unpacked ``.nemo`` (``model_config.yaml`` and ``model_weights/``) holding the
+model in HF_DIR, saved by ``torch.distributed.checkpoint.save`` from WORLD gloo ranks the way
+Megatron-core's ``torch_dist`` strategy saves it (read from the public Megatron-LM and NeMo
+sources, written here independently of shardwise so that a wrong mapping in shardwise shows):
+
+- keys are global mcore names with the layer index folded into a leading axis
+  (``model.decoder.layers.self_attention.linear_qkv.weight`` of shape ``[layers, ...]``), saved
+  as a flat dict with ``flatten_state_dict=False`` (no planner data, as MCoreSavePlanner);
+- CHUNKS ``layer``: every layer is a chunk of its own (``prepend_axis_num=1``), as Megatron saves;
+  ``whole``: one chunk holds all layers (a stack saved as one tensor);
+- at WORLD > 1, tensor parallel pieces: linear_qkv, the embedding and output_layer by rows,
+  linear_proj and linear_fc2 by columns, linear_fc1 as two pieces per rank (gate_r at
+  ``r * ffn / tp``, up_r at ``ffn + r * ffn / tp``, as ``apply_swiglu_sharded_factory``); norms
+  are whole, layer i written by rank ``i % WORLD`` (each replica saved once);
+- Q, K and V interleaved per query group in linear_qkv; gate and up stacked in linear_fc1; the
+  input and post-attention norms fused into linear_qkv / linear_fc1 ``layer_norm_weight``; the
+  vocabulary padded to a multiple of VOCAB_MULTIPLE x WORLD with non-zero rows;
+- TransformerEngine ``_extra_state`` entries as byte objects, ``metadata.json``, and a
+  ``common.pt`` whose pickle would run code if anything loaded it (shardwise must not).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def hf_state(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state, config
+
+
+def padded(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    extra = torch.arange(1, (rows - weight.shape[0]) * weight.shape[1] + 1, dtype=torch.float32).reshape(-1, weight.shape[1]) / 1000
+    return torch.cat([weight, extra.to(weight.dtype)])
+
+
+def mcore_stacked(state: dict, config: dict, vocab_rows: int) -> dict:
+    """The global mcore tensors, layers stacked on a leading axis."""
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    d = config.get("head_dim") or config["hidden_size"] // heads
+    per_group = heads // kv
+    layers = []
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        q, k, v = (state[p + f"self_attn.{n}_proj.weight"] for n in "qkv")
+        groups = []
+        for g in range(kv):
+            groups += [q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        layers.append({
+            "self_attention.linear_qkv.layer_norm_weight": state[p + "input_layernorm.weight"],
+            "self_attention.linear_qkv.weight": torch.cat(groups),
+            "self_attention.linear_proj.weight": state[p + "self_attn.o_proj.weight"],
+            "mlp.linear_fc1.layer_norm_weight": state[p + "post_attention_layernorm.weight"],
+            "mlp.linear_fc1.weight": torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]),
+            "mlp.linear_fc2.weight": state[p + "mlp.down_proj.weight"],
+        })
+    out = {"model.embedding.word_embeddings.weight": padded(state["model.embed_tokens.weight"], vocab_rows)}
+    for rest in layers[0]:
+        out[f"model.decoder.layers.{rest}"] = torch.stack([layer[rest] for layer in layers])
+    out["model.decoder.final_layernorm.weight"] = state["model.norm.weight"]
+    if not config.get("tie_word_embeddings", False):
+        out["model.output_layer.weight"] = padded(state["lm_head.weight"], vocab_rows)
+    return out
+
+
+def pieces(key: str, tensor: torch.Tensor, rank: int, world: int, ffn: int, chunks: str) -> list[tuple[torch.Tensor, list[int]]]:
+    """This rank's (piece, global offsets) of ``tensor``."""
+    stacked = ".layers." in key
+    norm = key.endswith("layer_norm_weight") or key.endswith("final_layernorm.weight")
+    lead = 1 if stacked else 0  # the axis after the stacked layer axis
+    if norm:
+        if stacked and chunks == "layer":
+            return [(tensor[i:i + 1], [i, 0]) for i in range(tensor.shape[0]) if i % world == rank]
+        return [(tensor, [0] * tensor.dim())] if rank == 0 else []
+    if key.endswith("linear_fc1.weight"):
+        part = ffn // world
+        found = [(tensor[:, rank * part:(rank + 1) * part], [0, rank * part, 0]), (tensor[:, ffn + rank * part:ffn + (rank + 1) * part], [0, ffn + rank * part, 0])]
+    else:
+        axis = lead + (1 if key.endswith("linear_proj.weight") or key.endswith("linear_fc2.weight") else 0)
+        part = tensor.shape[axis] // world
+        offsets = [0] * tensor.dim()
+        offsets[axis] = rank * part
+        found = [(tensor.narrow(axis, rank * part, part), offsets)]
+    if stacked and chunks == "layer":
+        found = [(piece[i:i + 1], [i, *offsets[1:]]) for piece, offsets in found for i in range(piece.shape[0])]
+    return found
+
+
+def save(hf_dir: Path, out: Path, world: int, chunks: str, vocab_multiple: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    rank = dist.get_rank()
+    state, config = hf_state(hf_dir)
+    vocab_rows = math.ceil(config["vocab_size"] / (vocab_multiple * world)) * vocab_multiple * world
+    ffn = config["intermediate_size"]
+    to_save: dict = {}
+    for key, tensor in mcore_stacked(state, config, vocab_rows).items():
+        local = [Shard.from_tensor_and_offsets(piece.contiguous().clone(), offsets, rank) for piece, offsets in pieces(key, tensor, rank, world, ffn, chunks)]
+        to_save[key] = init_from_local_shards(local, *tensor.shape)
+    layers = config["num_hidden_layers"]
+    for module in ("self_attention.core_attention", "self_attention.linear_qkv", "mlp.linear_fc1"):
+        blob = io.BytesIO()
+        torch.save([{"fp8_meta": rank}], blob)
+        to_save[f"model.decoder.layers.{module}._extra_state/shard_{rank}_{world}"] = blob
+    weights = out / "model_weights"
+    dcp.save(to_save, checkpoint_id=str(weights), planner=DefaultSavePlanner(flatten_state_dict=False))
+    if rank == 0:
+        backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+        (weights / "metadata.json").write_text(json.dumps(backend))
+        (weights / "common.pt").write_bytes(pickle.dumps(_RunsCode(str(out / "pwned"))))
+        (out / "model_config.yaml").write_text(model_config_yaml(config, world, vocab_multiple))
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def model_config_yaml(config: dict, world: int, vocab_multiple: int) -> str:
+    """NeMo's model_config.yaml for the model (the keys NeMo's Llama converter sets)."""
+    heads = config["num_attention_heads"]
+    fields = {
+        "mcore_gpt": True, "transformer_engine": True, "tensor_model_parallel_size": world, "pipeline_model_parallel_size": 1,
+        "num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"], "ffn_hidden_size": config["intermediate_size"],
+        "num_attention_heads": heads, "num_query_groups": config.get("num_key_value_heads", heads),
+        "kv_channels": config.get("head_dim") or config["hidden_size"] // heads,
+        "max_position_embeddings": config["max_position_embeddings"], "encoder_seq_length": config["max_position_embeddings"],
+        "normalization": "rmsnorm", "layernorm_epsilon": config["rms_norm_eps"], "activation": "fast-swiglu", "bias": False,
+        "position_embedding_type": "rope", "rotary_base": config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+        "share_embeddings_and_output_weights": bool(config.get("tie_word_embeddings", False)),
+        "make_vocab_size_divisible_by": vocab_multiple, "precision": 32,
+        "target": "nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel",
+    }
+    import yaml
+
+    return yaml.safe_dump(fields, sort_keys=False)
+
+
+def rank_main(args: list[str], world: int, rank: int, rendezvous: str) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+        save(Path(args[0]), Path(args[1]), world, args[3], int(args[4]))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def main(args: list[str]) -> int:
+    world = int(args[2])
+    rendezvous = os.path.abspath(f"{args[1]}.rendezvous")
+    if os.path.exists(rendezvous):
+        os.remove(rendezvous)
+    children = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            rank_main(args, world, rank, rendezvous)
+        children.append(pid)
+    failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+    if os.path.exists(rendezvous):
+        os.remove(rendezvous)
+    print("FAILED" if failed else "OK")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
