@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -87,10 +88,29 @@ def load(folder: Path, world: int) -> None:
             raise AssertionError(f"rank {dist.get_rank()}: {name} differs after load")
 
 
-def rank_main(command: str, path: Path, world: int, rank: int, rendezvous: str) -> None:
+def run_ranks(world: int, rendezvous: str, work: Callable[[], None]) -> int:
+    """Fork ``world`` processes that join one gloo group (file rendezvous at ``rendezvous``) and run
+    ``work()`` each; prints OK or FAILED (a failing rank prints its traceback) and returns the exit code."""
+    rendezvous = os.path.abspath(rendezvous)
+    if os.path.exists(rendezvous):
+        os.remove(rendezvous)
+    children = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            _rank_main(work, world, rank, rendezvous)
+        children.append(pid)
+    failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+    if os.path.exists(rendezvous):
+        os.remove(rendezvous)
+    print("FAILED" if failed else "OK")
+    return 1 if failed else 0
+
+
+def _rank_main(work: Callable[[], None], world: int, rank: int, rendezvous: str) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-        (save if command == "save" else load)(path, world)
+        work()
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -101,20 +121,7 @@ def rank_main(command: str, path: Path, world: int, rank: int, rendezvous: str) 
 
 def main(argv: list[str]) -> int:
     command, path, world = argv[0], Path(argv[1]), int(argv[2])
-    rendezvous = f"{path}.rendezvous"
-    if os.path.exists(rendezvous):
-        os.remove(rendezvous)
-    children = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            rank_main(command, path, world, rank, rendezvous)
-        children.append(pid)
-    failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
-    if os.path.exists(rendezvous):
-        os.remove(rendezvous)
-    print("FAILED" if failed else "OK")
-    return 1 if failed else 0
+    return run_ranks(world, f"{path}.rendezvous", lambda: (save if command == "save" else load)(path, world))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -118,7 +117,6 @@ def save(hf_dir: Path, out: Path, world: int, chunks: str, vocab_multiple: int) 
     for key, tensor in mcore_stacked(state, config, vocab_rows).items():
         local = [Shard.from_tensor_and_offsets(piece.contiguous().clone(), offsets, rank) for piece, offsets in pieces(key, tensor, rank, world, ffn, chunks)]
         to_save[key] = init_from_local_shards(local, *tensor.shape)
-    layers = config["num_hidden_layers"]
     for module in ("self_attention.core_attention", "self_attention.linear_qkv", "mlp.linear_fc1"):
         blob = io.BytesIO()
         torch.save([{"fp8_meta": rank}], blob)
@@ -160,34 +158,10 @@ def model_config_yaml(config: dict, world: int, vocab_multiple: int) -> str:
     return yaml.safe_dump(fields, sort_keys=False)
 
 
-def rank_main(args: list[str], world: int, rank: int, rendezvous: str) -> None:
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-        save(Path(args[0]), Path(args[1]), world, args[3], int(args[4]))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
-
-
 def main(args: list[str]) -> int:
-    world = int(args[2])
-    rendezvous = os.path.abspath(f"{args[1]}.rendezvous")
-    if os.path.exists(rendezvous):
-        os.remove(rendezvous)
-    children = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:
-            rank_main(args, world, rank, rendezvous)
-        children.append(pid)
-    failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
-    if os.path.exists(rendezvous):
-        os.remove(rendezvous)
-    print("FAILED" if failed else "OK")
-    return 1 if failed else 0
+    from dcp_ranks import run_ranks  # the sibling script's gloo launcher (this folder is on sys.path when run as a script)
+
+    return run_ranks(int(args[2]), f"{args[1]}.rendezvous", lambda: save(Path(args[0]), Path(args[1]), dist.get_world_size(), args[3], int(args[4])))
 
 
 if __name__ == "__main__":

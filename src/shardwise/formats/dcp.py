@@ -368,10 +368,14 @@ def _weights(metadata: DcpMetadata, flat: bool) -> tuple[str | None, dict[str, D
 def _cover_problem(tensor: DcpTensor) -> str | None:
     """Why ``tensor``'s chunks do not cover it exactly once (None when they do), checked on the
     N-d boxes: pairwise disjoint and as many elements as the tensor (the boxes lie inside it).
-    A chunk cut through inner dimensions makes many tiles; checking those instead would be quadratic in them."""
-    chunks = tensor.chunks
+    A chunk cut through inner dimensions makes many tiles; checking those instead would be quadratic in them.
+    Chunks are swept along the first dimension, so only those sharing rows are compared (Megatron's
+    stacked layers make a chunk per layer and piece: thousands, each sharing rows with a few)."""
+    chunks = sorted(tensor.chunks, key=lambda c: c.offsets[:1])
     for i, a in enumerate(chunks):
         for b in chunks[i + 1:]:
+            if a.offsets and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
+                break
             if all(oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a.offsets, a.sizes, b.offsets, b.sizes)) and math.prod(a.sizes) and math.prod(b.sizes):
                 return f"the chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
     covered, total = sum(math.prod(c.sizes) for c in chunks), math.prod(tensor.shape)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Hashable
 
 from ..errors import FormatError
@@ -171,10 +171,11 @@ class TorchDistSource(TiledSource):
         for item in order:
             if isinstance(item, str):
                 self._tiled[item] = self.dcp.tiled(item)
-            else:
-                for layer in range(self.stacked[item[0]]):
-                    for fqn, rest in groups[item[0]]:
-                        self._add_layer(fqn, f"{item[0]}layers.{layer}.{rest}", layer)
+                continue
+            by_layer = {fqn: self._chunks_by_layer(fqn) for fqn, _ in groups[item[0]]}
+            for layer in range(self.stacked[item[0]]):
+                for fqn, rest in groups[item[0]]:
+                    self._add_layer(fqn, f"{item[0]}layers.{layer}.{rest}", layer, by_layer[fqn][layer])
         self.training_state = {"backend": self.backend, "skipped": self.skipped, "dcp_version": self.dcp.metadata.version}
 
     def _count_layers(self, fqn: str, prefix: str) -> None:
@@ -187,14 +188,22 @@ class TorchDistSource(TiledSource):
             first = next(k for k in self.dcp.keys() if unstacked_name(k) and unstacked_name(k)[0] == prefix)
             raise FormatError(f"{where}: stacked keys disagree on the layer count: '{first}' has {known} layers, '{fqn}' has {shape[0]}")
 
-    def _add_layer(self, fqn: str, name: str, layer: int) -> None:
+    def _chunks_by_layer(self, fqn: str) -> list[list[DcpChunk]]:
+        """The chunks holding each layer of stacked tensor ``fqn``."""
+        tensor = self.dcp.metadata.tensors[fqn]
+        found: list[list[DcpChunk]] = [[] for _ in range(tensor.shape[0])]
+        for chunk in tensor.chunks:
+            for layer in range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]):
+                found[layer].append(chunk)
+        return found
+
+    def _add_layer(self, fqn: str, name: str, layer: int, chunks: list[DcpChunk]) -> None:
+        """Layer ``layer`` of ``fqn`` as tensor ``name``: tiled by the layer's slice of each chunk holding it."""
         tensor = self.dcp.metadata.tensors[fqn]
         rest = tensor.shape[1:]
         tiles = []
-        for chunk in tensor.chunks:
-            index = layer - chunk.offsets[0]
-            if 0 <= index < chunk.sizes[0]:
-                tiles += chunk_tiles(rest, chunk.offsets[1:], chunk.sizes[1:], _LayerSlice((fqn, tensor.dtype, chunk), index))
+        for chunk in chunks:
+            tiles += chunk_tiles(rest, chunk.offsets[1:], chunk.sizes[1:], _LayerSlice((fqn, tensor.dtype, chunk), layer - chunk.offsets[0]))
         self._tiled[name] = TiledTensor(TensorInfo(name, rest, tensor.dtype), tuple(tiles))
 
     def layout(self) -> dict:
