@@ -35,6 +35,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from .. import dtypes
@@ -382,6 +383,35 @@ def _cover_problem(tensor: DcpTensor) -> str | None:
     return None if covered == total else f"the chunks hold {covered} of its {total} elements"
 
 
+class _LazyTiles(Mapping):
+    """The weights' :class:`~shardwise.layout.tiles.TiledTensor` s by name, each built on first use:
+    a chunk cut through inner dimensions makes a tile per row, thousands for a column-parallel
+    weight, which callers that only list or slice tensors (torch_dist's stacked layers) never need."""
+
+    def __init__(self, weights: dict[str, DcpTensor]) -> None:
+        self._weights = weights
+        self._built: dict = {}
+
+    def __getitem__(self, name: str):
+        from ..layout.tiles import TiledTensor
+
+        found = self._built.get(name)
+        if found is None:
+            tensor = self._weights[name]
+            tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, tensor.dtype, c))]
+            found = self._built[name] = TiledTensor(TensorInfo(name, tensor.shape, tensor.dtype), tuple(tiles))
+        return found
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weights
+
+    def __iter__(self):
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
 class _Chunks(FileTensorSource):
     """The chunks of a DCP folder as stored tensors; each chunk's zip header is parsed on first use."""
 
@@ -422,19 +452,24 @@ class DcpSource(TiledSource):
     format_name = "dcp"
 
     def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, flat: bool = False) -> None:
-        from ..layout.tiles import TiledTensor
-
         super().__init__()
         self.metadata = read_metadata(where, trust=trust)
         self.weights_key, weights = _weights(self.metadata, flat)
         self._chunks = _Chunks(self.metadata.files, trust)
-        for name, tensor in weights.items():
+        for tensor in weights.values():
             problem = _cover_problem(tensor)
             if problem:
                 raise FormatError(f"{self.metadata.files.path(METADATA)}: the chunks of tensor '{tensor.fqn}' do not tile it: {problem}")
-            tiles = [tile for c in tensor.chunks for tile in chunk_tiles(tensor.shape, c.offsets, c.sizes, (tensor.fqn, tensor.dtype, c))]
-            self._tiled[name] = TiledTensor(TensorInfo(name, tensor.shape, tensor.dtype), tuple(tiles))
+        self._weights = weights
+        self._tiled = _LazyTiles(weights)  # type: ignore[assignment]
         self.training_state = self._training_state()
+
+    def info(self, name: str) -> TensorInfo:
+        tensor = self._weights[name]
+        return TensorInfo(name, tensor.shape, tensor.dtype)
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(name) for name in self._weights]
 
     def _training_state(self) -> dict:
         key = self.weights_key
@@ -453,7 +488,7 @@ class DcpSource(TiledSource):
             "kind": "dcp",
             "files": len({c.file for t in tensors for c in t.chunks} | {o.file for o in self.metadata.objects.values()}),
             "chunks": sum(len(t.chunks) for t in tensors),
-            "sharded_weights": sum(1 for t in self._tiled.values() if len(t.sources()) > 1),
+            "sharded_weights": sum(1 for t in self._weights.values() if len(t.chunks) > 1),
         }
 
     def lookup(self, ref: tuple[str, str, DcpChunk]) -> tuple[FileTensorSource, StoredTensor]:
