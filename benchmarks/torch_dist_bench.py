@@ -10,6 +10,8 @@ process, warm page cache, ``--repeat`` rounds after a warm-up, medians:
 
 - ``shardwise convert model.nemo OUT --to hf`` (read in place from the tar, layer slice by layer
   slice; config.json built from model_config.yaml; fsyncs its output);
+- ``shardwise convert`` of the same model from its one safetensors file to HF (a plain copy:
+  what the engine's write path costs without any unstacking or de-interleaving);
 - ``cp`` of the archive followed by ``sync`` (the same bytes, for scale).
 
 Reported: the time ratio, and peak RSS (``ru_maxrss``) of both, raw and for shardwise above its
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             tar.add(work / "nemo", arcname=".")
         steps = [
             Step("shardwise", "shardwise convert --to hf", archive, [[*cli, "convert", str(archive), str(work / "out"), "--to", "hf", "-q"]], work / "out"),
+            Step("plain", "shardwise convert of the same model's safetensors", hf / "model.safetensors",
+                 [[*cli, "convert", str(hf / "model.safetensors"), str(work / "plain"), "--to", "hf", "--config", str(hf / "config.json"), "-q"]], work / "plain"),
             Step("cp", "cp + sync of the archive", archive, [["cp", str(archive), str(work / "copy.nemo")], ["sync", "-f", str(work)]], work / "copy.nemo"),
         ]
         bench = Bench("warm")
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss": {name: s.peak_rss for name, s in by.items()},
             "startup_rss": startup,
             "time_vs_cp": ratio(by["shardwise"].median, by["cp"].median),
+            "time_vs_plain": ratio(by["shardwise"].median, by["plain"].median),
             "rss_above_startup_vs_largest_tensor": ratio(by["shardwise"].peak_rss - startup, largest),
             "bit_exact": exact,
         }
@@ -108,9 +113,9 @@ def print_report(args, r: dict) -> None:
     s, rss = r["seconds"], r["peak_rss"]
     print(f"torch_dist_bench: {r['archive_bytes'] / GiB:.2f} GiB .nemo (torch_dist, {WORLD} ranks, Llama-shaped bf16), warm cache, "
           f"median of {args.repeat}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    for name, label in (("shardwise", "shardwise convert --to hf"), ("cp", "cp + sync")):
+    for name, label in (("shardwise", "shardwise convert --to hf"), ("plain", "same model from safetensors"), ("cp", "cp + sync")):
         print(f"  {label:28s} {s[name]['median']:6.2f} s (best {s[name]['best']:.2f})   peak RSS {mib(rss[name])}")
-    print(f"time    shardwise / cp {r['time_vs_cp']:.2f}x")
+    print(f"time    shardwise / cp {r['time_vs_cp']:.2f}x; / the same conversion from one safetensors file {r['time_vs_plain']:.2f}x")
     print(f"memory  shardwise peak RSS {mib(rss['shardwise'])}, {mib(rss['shardwise'] - r['startup_rss'])} above its start-up "
           f"({mib(r['startup_rss'])}), {r['rss_above_startup_vs_largest_tensor']:.2f}x the largest tensor ({mib(r['largest_tensor_bytes'])}); "
           f"model {mib(r['size_bytes'])}")
