@@ -163,6 +163,20 @@ def test_uploads_stream_in_parts_and_never_hold_a_file(tmp_path, bucket):
     assert remote.fs.cat_file(remote.path) == local.read_bytes()
 
 
+def test_downloads_read_in_ranged_parts(tmp_path, bucket):
+    part = 5 * 2**20
+    data = os.urandom(12 * part + 123)
+    remote = Remote(f"{bucket}/big.bin")
+    remote.fs.pipe_file(remote.path, data)
+    tracemalloc.start()
+    try:
+        transfer.download(remote.fs, remote.path, tmp_path / "big.bin", part_size=part)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * part < len(data) and (tmp_path / "big.bin").read_bytes() == data
+
+
 def test_an_interrupted_upload_leaves_no_object_and_no_open_multipart_upload(tmp_path, bucket, monkeypatch):
     part = 5 * 2**20
     local = tmp_path / "big.bin"

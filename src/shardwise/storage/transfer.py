@@ -5,14 +5,14 @@
   most about two parts in memory whatever the file's size. If anything fails (a read error, a
   refused part, KeyboardInterrupt) the upload is abandoned: S3 aborts the multipart upload, and
   no object appears under the name. An object is therefore whole or absent, never truncated.
-- :func:`download_all` fetches remote files to local paths, several at a time, each streamed.
+- :func:`download_all` fetches remote files to local paths, several at a time, each in ranged
+  reads of ``part_size`` bytes (so a download holds one part per file in memory, not the file).
 - :func:`listing` lists a remote file or folder with sizes: every object under a prefix, however
   many (the filesystem pages through listings of more than 1000 keys).
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -20,7 +20,7 @@ from typing import Iterable
 from ..errors import FormatError
 from .urls import Remote
 
-__all__ = ["PART_SIZE", "upload", "upload_all", "download_all", "listing", "remove_objects"]
+__all__ = ["PART_SIZE", "upload", "upload_all", "download", "download_all", "listing", "remove_objects"]
 
 PART_SIZE = 16 * 2**20  # S3 needs at least 5 MiB per part (but the last); 16 MiB parts allow files up to 156 GiB
 _WORKERS = 4  # object stores are latency-bound: a few transfers at once fill the link
@@ -62,14 +62,28 @@ def upload_all(pairs: Iterable[tuple[Path, str]], fs, part_size: int = PART_SIZE
             future.result()
 
 
-def download_all(pairs: Iterable[tuple[str, Path]], fs) -> None:
-    """Fetch each (remote path, local file), creating the local folders; streamed, a few at a time."""
+def download(fs, rpath: str, local: Path, part_size: int = PART_SIZE) -> None:
+    """Copy the remote file ``rpath`` to ``local`` in ranged reads of ``part_size`` bytes (one part in memory at a time)."""
+    with fs.open(rpath, "rb", block_size=part_size, cache_type="none") as src, open(local, "wb") as dst:
+        while True:
+            data = src.read(part_size)
+            if not data:
+                break
+            dst.write(data)
+
+
+def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = PART_SIZE) -> None:
+    """Fetch each (remote path, local file), creating the local folders; streamed, a few files at a time."""
     pairs = list(pairs)
     for _, local in pairs:
         local.parent.mkdir(parents=True, exist_ok=True)
-    if not pairs:
+    if len(pairs) < 2:
+        for rpath, local in pairs:
+            download(fs, rpath, local, part_size)
         return
-    fs.get([r for r, _ in pairs], [os.fspath(local) for _, local in pairs])
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardwise-download") as pool:
+        for future in [pool.submit(download, fs, rpath, local, part_size) for rpath, local in pairs]:
+            future.result()
 
 
 def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
