@@ -10,6 +10,9 @@
 
 A crash anywhere leaves at most a hidden staging folder, which the next save removes: the tags
 already in place are never touched before the new one is complete.
+
+On object storage (a URL as the root) the staging folder is local scratch, each rank uploads its
+files in step 2 and the leader uploads the manifest and ``done`` in step 3: see :mod:`.remote`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from ..atomic import commit_stage, discard_stage, fsync_dir, remove_stale_stages
 from ..errors import IntegrityError, OptionError
 from ..storage.mirror import Scratch
 from ..storage.urls import url_text
+from . import remote as remote_tags
 from .assign import FileWrite
 from .encodings import fold_entries, stored_name, write_part
 from .group import Group, first_failure
 from .layout import DONE, MANIFEST, MARKER, manifest_document, model_file, optim_file
-from . import remote as remote_tags
 from .tags import Tag, list_tags, next_sequence, tags_to_remove
+
 __all__ = ["SavePlan", "begin", "write_files", "finish", "remove_tag"]
 
 
