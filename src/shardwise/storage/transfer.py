@@ -6,7 +6,7 @@
   refused part, KeyboardInterrupt) the upload is abandoned: S3 aborts the multipart upload, and
   no object appears under the name. An object is therefore whole or absent, never truncated.
 - :func:`download_all` fetches remote files to local paths, several at a time, each in ranged
-  reads of ``part_size`` bytes (so a download holds one part per file in memory, not the file).
+  reads of ``READ_SIZE`` bytes (so a download holds one part per file in memory, not the file).
 - :func:`listing` lists a remote file or folder with sizes: every object under a prefix, however
   many (the filesystem pages through listings of more than 1000 keys).
 """
@@ -20,9 +20,10 @@ from typing import Iterable
 from ..errors import FormatError
 from .urls import Remote
 
-__all__ = ["PART_SIZE", "upload", "upload_all", "download", "download_all", "listing", "remove_objects"]
+__all__ = ["PART_SIZE", "READ_SIZE", "upload", "upload_all", "download", "download_all", "listing", "remove_objects"]
 
 PART_SIZE = 16 * 2**20  # S3 needs at least 5 MiB per part (but the last); 16 MiB parts allow files up to 156 GiB
+READ_SIZE = 64 * 2**20  # one ranged GET per 64 MiB: few requests, a bounded buffer (times the few files at once)
 _WORKERS = 4  # object stores are latency-bound: a few transfers at once fill the link
 
 
@@ -62,7 +63,7 @@ def upload_all(pairs: Iterable[tuple[Path, str]], fs, part_size: int = PART_SIZE
             future.result()
 
 
-def download(fs, rpath: str, local: Path, part_size: int = PART_SIZE) -> None:
+def download(fs, rpath: str, local: Path, part_size: int = READ_SIZE) -> None:
     """Copy the remote file ``rpath`` to ``local`` in ranged reads of ``part_size`` bytes (one part in memory at a time)."""
     with fs.open(rpath, "rb", block_size=part_size, cache_type="none") as src, open(local, "wb") as dst:
         while True:
@@ -72,7 +73,7 @@ def download(fs, rpath: str, local: Path, part_size: int = PART_SIZE) -> None:
             dst.write(data)
 
 
-def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = PART_SIZE) -> None:
+def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = READ_SIZE) -> None:
     """Fetch each (remote path, local file), creating the local folders; streamed, a few files at a time."""
     pairs = list(pairs)
     for _, local in pairs:
