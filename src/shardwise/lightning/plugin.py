@@ -69,7 +69,7 @@ def _relocate(checkpoint: dict, map_location: Any) -> dict:
 
 class ShardwiseCheckpointIO(*_checkpoint_io_bases()):
     """Saves each Lightning checkpoint as a shardwise folder at the path Lightning names, and loads
-    shardwise folders and single-file ``.ckpt`` files alike.
+    shardwise folders, single-file ``.ckpt`` files and PyTorch distributed checkpoint (DCP) folders alike.
 
     - ``save_checkpoint``: atomic (complete folder or the previous content), safetensors for every
       tensor, manifest with sizes and CRC-32s (:mod:`.folder`). Replaces a file, a link or a
@@ -78,7 +78,9 @@ class ShardwiseCheckpointIO(*_checkpoint_io_bases()):
       (``verify=False``: sizes only). Values that had to be pickled, and torch files that pickle
       more than tensors, containers and a few inert classes, load only with ``trust_pickle=True``
       or Lightning's ``weights_only=False``; ``weights_only=True`` refuses them whatever
-      ``trust_pickle`` says. Tensors load on CPU, then go where ``map_location`` says.
+      ``trust_pickle`` says. Tensors load on CPU, then go where ``map_location`` says. A DCP folder
+      (Lightning's sharded checkpoints with their ``meta.pt``, or ``dcp.save`` of a checkpoint dict)
+      loads with every tensor merged whole from the chunks of all ranks (:mod:`.dcp_folder`).
     - ``remove_checkpoint``: removes a checkpoint folder (renamed away first, so the path never
       shows half of one), a file or a link; a missing path is fine.
 
