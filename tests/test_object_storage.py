@@ -301,3 +301,28 @@ def test_world_4_tp2_dp2_saves_to_s3_and_resumes_with_the_exact_loss(tmp_path, b
     assert len(pairs) == 4 and all(len(a) == 3 and a == b for a, b in pairs)
     files = _objects(f"{bucket}/ckpt/checkpoint_1")
     assert {"done", "shardwise.json", "model/dp_rank_00_tp_rank_01_pp_rank_00.safetensors"} <= set(files)
+
+
+@pytest.mark.parametrize("plugin_name", ["ShardwiseCheckpointIO", "AsyncShardwiseCheckpointIO"])
+def test_lightning_saves_to_s3_resumes_from_it_and_removes_old_checkpoints(tmp_path, bucket, plugin_name):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from test_lightning_io import _fit, _same, _state
+
+    import shardwise.lightning as lightning
+
+    plugin = getattr(lightning, plugin_name)
+    straight, model = _fit(tmp_path / "straight", max_steps=8, callbacks=[])
+    uninterrupted = _state(straight, model)
+    keep_last = [ModelCheckpoint(dirpath=f"{bucket}/ckpts", every_n_train_steps=2, save_top_k=1, monitor="step", mode="max")]
+    _fit(tmp_path / "a", plugin(), max_steps=4, callbacks=keep_last)
+    names = {rel.split("/")[0] for rel in _objects(f"{bucket}/ckpts")}
+    assert len(names) == 1 and "step=4" in names.pop()  # step 2's checkpoint was removed through the plugin
+    saved = next(iter(keep_last[0].best_k_models))
+    assert saved.startswith(f"{bucket}/ckpts/") and {"shardwise.json", "checkpoint.safetensors"} == set(_objects(saved))
+    trainer, resumed = _fit(tmp_path / "b", plugin(), max_steps=8, ckpt_path=saved, callbacks=[], seed=123)
+    assert resumed.steps_seen == [4, 5, 6, 7] and _same(_state(trainer, resumed), uninterrupted)
+    with pytest.raises(shardwise.OutputExistsError, match="not a checkpoint"):
+        other = Remote(f"{bucket}/data/file.txt")
+        other.fs.pipe_file(other.path, b"keep me")
+        plugin().save_checkpoint({"x": torch.ones(1)}, f"{bucket}/data")
+    assert _objects(f"{bucket}/data") == {"file.txt": 7}
