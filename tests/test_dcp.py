@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_llama
-from shardwise.formats.dcp import chunk_tiles
+from shardwise.errors import FormatError
+from shardwise.formats.dcp import chunk_tiles, read_state
 from shardwise.layout.tiles import TiledTensor, assemble, check_cover, matrix_shape
 from shardwise.tensors import TensorInfo
 
@@ -77,6 +78,41 @@ def test_inspect_names_the_format_and_the_training_state(dcp_folder, cli):
     world = len(list(dcp_folder.glob("*.distcp")))
     assert summary["layout"]["kind"] == "dcp" and summary["layout"]["files"] == world
     assert summary["layout"]["sharded_weights"] == 5  # embed, qkv, o, conv, grid; the replicated ones are one chunk
+
+
+def test_read_state_gives_the_dict_that_was_saved_every_tensor_whole(dcp_folder):
+    state = read_state(dcp_folder)
+    assert list(state) == ["model", "optim"] and sorted(state["model"]) == sorted(_reference(dcp_folder))
+    for key, tensor in _reference(dcp_folder).items():  # rows, columns, inner dimensions, 2-D grids, merged from every rank
+        assert state["model"][key].dtype == tensor.dtype and torch.equal(state["model"][key], tensor), key
+    assert state["optim"]["step"] == 5 and torch.equal(state["optim"]["state"]["embed.weight"]["exp_avg"], torch.ones(37, 16))
+
+
+def _saved_with_paths(folder: Path, state: dict, paths: dict) -> Path:
+    """``state`` saved by torch, then its planner data given the key paths ``paths`` (by fqn)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=folder)
+    _rewrite_metadata(folder, lambda m: m.planner_data.update(paths))
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as meant
+def test_read_state_builds_lists_from_integer_path_components_and_refuses_contradictions(tmp_path):
+    ones, twos, threes = torch.ones(2), torch.full((2,), 2.0), torch.full((3,), 3.0)
+    gap = _saved_with_paths(tmp_path / "gap", {"a": {"0": ones, "2": twos}, "b": threes}, {"a.0": ("a", 0), "a.2": ("a", 2)})
+    built = read_state(gap)  # item 1 was an empty dict, which torch does not save: None, as torch's own loader gives
+    assert list(built) == ["a", "b"] and built["a"][1] is None and torch.equal(built["a"][2], twos) and torch.equal(built["b"], threes)
+
+    cases = {
+        "spelling": ({"a": {"x": ones}}, {"a.x": ("a", "y")}, "not a key path that spells it"),
+        "kinds": ({"a": {"0": ones, "1": twos}}, {"a.1": ("a", 1)}, "needs a to be another kind of container"),
+        "index": ({"a": {"0": ones, "9": twos}}, {"a.0": ("a", 0), "a.9": ("a", 9)}, "is list item 9, but the checkpoint holds only 2 entries"),
+    }
+    for name, (state, paths, message) in cases.items():
+        folder = _saved_with_paths(tmp_path / name, state, paths)
+        with pytest.raises(FormatError, match=rf"^{folder / '.metadata'}: .*{message}"):
+            read_state(folder)
 
 
 def _copy(dcp_folder: Path, tmp_path: Path) -> Path:

@@ -220,17 +220,19 @@ def test_paths_that_are_not_checkpoints_are_format_errors_naming_them(tmp_path, 
     (broken / "shardwise.json").write_text("{not json")
     dcp_folder = tmp_path / "dcp.ckpt"
     dcp.save({"w": torch.ones(3)}, checkpoint_id=dcp_folder)
+    (dcp_folder / ".metadata").write_bytes(b"\x80\x04not a pickle")
     unknown = "not a checkpoint shardwise reads"
     cases = {
         truncated: "not a readable torch file, or truncated", garbage: rf"{unknown} \(a file that does not start as a torch file\)",
         empty: rf"{unknown} \(an empty file\)", folder: rf"{unknown} \(a folder without shardwise.json or .metadata\)",
         tmp_path / "missing.ckpt": "no such checkpoint", broken / "shardwise.json": "the checkpoint's manifest is not valid JSON",
-        dcp_folder: r"a PyTorch distributed checkpoint \(DCP\) folder",
     }
     for path, message in cases.items():
         target = broken if path.name == "shardwise.json" else path
         with pytest.raises(FormatError, match=rf"^{path}: {message}"):
             plugin.load_checkpoint(target)
+    with pytest.raises(FormatError, match=rf"^{dcp_folder / '.metadata'}: not a readable DCP metadata pickle"):
+        plugin.load_checkpoint(dcp_folder)
     with pytest.raises(FormatError, match=rf"^{garbage}: not a checkpoint"):
         _fit(tmp_path / "run", plugin, max_steps=8, ckpt_path=garbage)
 
@@ -401,3 +403,170 @@ def test_other_shardwise_folders_are_neither_replaced_nor_removed(tmp_path):
     with pytest.raises(OutputExistsError, match=rf"^{folder}: a folder that is not a checkpoint"):
         plugin.save_checkpoint(_checkpoint(1), folder)
     shardwise.load_checkpoint(tmp_path / "run", tag, model={"w": torch.zeros(2)})
+
+
+# -- resuming from PyTorch distributed checkpoints (DCP) ------------------------------------------------
+def _resumed(root: Path, plugin, ckpt_path: Path, seed: int) -> dict:
+    """What a resume to step 8 from ``ckpt_path`` gives: the steps it ran, where it ended, its state."""
+    trainer, model = _fit(root, plugin, max_steps=8, ckpt_path=ckpt_path, seed=seed, callbacks=[])
+    return {"steps": model.steps_seen, "epoch": trainer.current_epoch, "global_step": trainer.global_step, **_state(trainer, model)}
+
+
+def _same_checkpoint(loaded: dict, expected: dict) -> bool:
+    """The same keys with the same values (``_same``), in whatever order the top-level keys come."""
+    return sorted(map(str, loaded)) == sorted(map(str, expected)) and all(_same(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def dcp_of_a_lightning_checkpoint(tmp_path_factory):
+    """The single file Lightning's default plugin wrote at step 4, and its dict saved again with
+    ``torch.distributed.checkpoint.save``: (file, folder)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path_factory.mktemp("dcp_of_lightning")
+    _fit(root, None, max_steps=4)
+    single = root / "ckpts/epoch=0-step=4.ckpt"
+    folder = root / "dcp.ckpt"
+    dcp.save(torch.load(single, weights_only=True), checkpoint_id=folder)
+    return single, folder
+
+
+@pytest.mark.parametrize("plugin_class", PLUGINS)
+def test_a_dcp_of_the_dict_lightning_saves_resumes_as_the_single_file_does(tmp_path, dcp_of_a_lightning_checkpoint, plugin_class):
+    single, folder = dcp_of_a_lightning_checkpoint
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp"]
+    expected = torch.load(single, weights_only=True)
+    loaded = plugin_class().load_checkpoint(folder)
+    # DCP flattening turns the optimizer's integer state keys into strings; they come back as numbers
+    assert _same(loaded["optimizer_states"], expected["optimizer_states"])
+    assert _same(dict(loaded["state_dict"]), dict(expected["state_dict"]))  # DCP keeps no OrderedDict
+    for key in ("epoch", "global_step", "lr_schedulers", "hyper_parameters"):
+        assert _same(loaded[key], expected[key]), key
+
+    from_file = _resumed(tmp_path / "file", plugin_class(), single, seed=1)
+    from_dcp = _resumed(tmp_path / "dcp", plugin_class(), folder, seed=2)
+    assert from_file["steps"] == [4, 5, 6, 7]  # a resume, not a fresh start
+    assert _same(from_dcp, from_file)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_optimizer_states_in_a_dcp_come_back_as_torch_gives_them(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    fresh = torch.optim.SGD(layer.parameters(), lr=0.1).state_dict()  # no step yet: an empty state, which DCP drops
+    adam = torch.optim.Adam([{"params": [layer.weight]}, {"params": [layer.bias], "lr": 0.5}])
+    layer(torch.ones(4, 3)).sum().backward()
+    adam.step()  # state keyed 0 and 1 across two groups, which DCP saves under "0" and "1"
+    expected = {"state_dict": layer.state_dict(), "optimizer_states": [fresh, adam.state_dict()]}
+    dcp.save(expected, checkpoint_id=tmp_path / "dcp")
+    loaded = ShardwiseCheckpointIO().load_checkpoint(tmp_path / "dcp")
+    assert _same(loaded["optimizer_states"], expected["optimizer_states"])
+
+
+@pytest.fixture(scope="module")
+def two_rank_checkpoints(tmp_path_factory):
+    """Lightning's ModelParallelStrategy on 2 gloo ranks, the model sharded by FSDP2, saved at step 4
+    both as its sharded DCP folder and as its single file (tests/lightning_ranks.py): (folder, file)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    script = Path(__file__).with_name("lightning_ranks.py")
+    result = subprocess.run([sys.executable, str(script), str(out), "4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
+    return out / "sharded.ckpt", out / "full.ckpt"
+
+
+@pytest.mark.parametrize("plugin_class", PLUGINS)
+def test_lightnings_sharded_checkpoint_from_two_ranks_resumes_as_its_single_file_does(tmp_path, two_rank_checkpoints, plugin_class):
+    from shardwise.formats.dcp import read_metadata
+
+    folder, single = two_rank_checkpoints
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"] and single.is_file()
+    metadata = read_metadata(folder)
+    split = [t for t in metadata.tensors.values() if len({c.file for c in t.chunks}) == 2]
+    assert {t.path[0] for t in split} == {"state_dict", "optimizer_0"}  # weights and moments, half on each rank
+
+    loaded = plugin_class().load_checkpoint(folder)
+    assert _same_checkpoint(loaded, torch.load(single, weights_only=True))  # meta.pt, the model and the optimizer, merged
+
+    from_file = _resumed(tmp_path / "file", plugin_class(), single, seed=1)
+    from_dcp = _resumed(tmp_path / "dcp", plugin_class(), folder, seed=2)
+    assert from_file["steps"] == [4, 5, 6, 7]
+    assert _same(from_dcp, from_file)
+
+
+def test_lightnings_fsdp_layout_is_read_too(tmp_path, two_rank_checkpoints):
+    """FSDPStrategy(state_dict_type="sharded") saves as ModelParallelStrategy does but names the model
+    state ``model``; it needs a GPU, so its layout is written here with Lightning's own save helper."""
+    from lightning_fabric.strategies.fsdp import _distributed_checkpoint_save
+
+    _, single = two_rank_checkpoints
+    checkpoint = torch.load(single, weights_only=True)
+    folder = tmp_path / "fsdp.ckpt"
+    folder.mkdir()
+    rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+    _distributed_checkpoint_save({"model": checkpoint["state_dict"], "optimizer_0": checkpoint["optimizer_states"][0]}, folder)
+    torch.save(rest, folder / "meta.pt")
+    assert _same_checkpoint(ShardwiseCheckpointIO().load_checkpoint(folder), checkpoint)
+
+    torch.save({**rest, "state_dict": {}}, folder / "meta.pt")
+    with pytest.raises(FormatError, match=rf"^{folder / 'meta.pt'}: holds 'state_dict', which the distributed checkpoint beside it holds too"):
+        ShardwiseCheckpointIO().load_checkpoint(folder)
+
+
+def test_pickles_in_a_dcp_need_the_opt_in_as_in_a_single_file(tmp_path, two_rank_checkpoints):
+    import torch.distributed.checkpoint as dcp
+
+    plugin = ShardwiseCheckpointIO()
+    evil = tmp_path / "evil.ckpt"
+    dcp.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"run": os.system}}, checkpoint_id=evil)
+    refusal = rf"^{evil / '__0_0.distcp'}\[\d+:\d+\] \(object 'hyper_parameters.run'\): refused to load"
+    with pytest.raises(UnsafeCheckpointError, match=refusal):
+        plugin.load_checkpoint(evil)
+    with pytest.raises(UnsafeCheckpointError, match=refusal):
+        _fit(tmp_path / "run", plugin, max_steps=8, ckpt_path=evil)
+
+    fraction = tmp_path / "fraction.ckpt"
+    extra = {"ratio": Fraction(1, 3), "namespace": argparse.Namespace(depth=2, path=Path("data"))}
+    dcp.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": extra}, checkpoint_id=fraction)
+    with pytest.raises(UnsafeCheckpointError, match=rf"^{fraction / '__0_0.distcp'}\[\d+:\d+\] \(object 'hyper_parameters.ratio'\): refused"):
+        plugin.load_checkpoint(fraction)
+    with pytest.raises(UnsafeCheckpointError, match="hyper_parameters.ratio"):  # Lightning's weights_only=True wins over trust
+        ShardwiseCheckpointIO(trust_pickle=True).load_checkpoint(fraction, weights_only=True)
+    assert ShardwiseCheckpointIO(trust_pickle=True).load_checkpoint(fraction)["hyper_parameters"] == extra
+
+    folder = _copy(two_rank_checkpoints[0], tmp_path)  # Lightning's meta.pt is read as a single file is
+    meta = torch.load(folder / "meta.pt", weights_only=True)
+    meta["hyper_parameters"]["ratio"] = Fraction(1, 3)
+    torch.save(meta, folder / "meta.pt")
+    with pytest.raises(UnsafeCheckpointError, match=rf"^{folder / 'meta.pt'}: refused to load"):
+        plugin.load_checkpoint(folder)
+    assert ShardwiseCheckpointIO(trust_pickle=True).load_checkpoint(folder)["hyper_parameters"]["ratio"] == Fraction(1, 3)
+
+
+def test_a_damaged_dcp_is_a_format_error_naming_the_file(tmp_path, two_rank_checkpoints):
+    plugin = ShardwiseCheckpointIO()
+    truncated = _copy(two_rank_checkpoints[0], tmp_path / "truncated")
+    data = truncated / "__1_0.distcp"
+    os.truncate(data, data.stat().st_size - 100)
+    with pytest.raises(FormatError, match=rf"^{truncated / '.metadata'}: not a readable DCP checkpoint: __1_0.distcp is truncated"):
+        plugin.load_checkpoint(truncated)
+    with pytest.raises(FormatError, match="__1_0.distcp is truncated"):
+        _fit(tmp_path / "run", plugin, max_steps=8, ckpt_path=truncated)
+
+    from shardwise.formats.dcp import read_metadata
+
+    overwritten = _copy(two_rank_checkpoints[0], tmp_path / "overwritten")
+    metadata = read_metadata(overwritten)
+    chunk = metadata.tensors["state_dict.net.0.weight"].chunks[-1]
+    with open(overwritten / chunk.file, "r+b") as f:  # the chunk's torch.save zip, its header gone
+        f.seek(chunk.offset)
+        f.write(b"\0" * 64)
+    with pytest.raises(FormatError, match=rf"^{overwritten / chunk.file}\[{chunk.offset}:{chunk.offset + chunk.length}\] \(chunk at \[\d+, 0\] of 'state_dict.net.0.weight'\)"):
+        plugin.load_checkpoint(overwritten)
+    obj = metadata.objects["optimizer_0.param_groups.0.lr"]
+    with open(overwritten / obj.file, "r+b") as f:
+        f.seek(obj.offset)
+        f.write(b"\0" * 64)
+    with pytest.raises(FormatError, match=rf"^{overwritten / obj.file}\[{obj.offset}:{obj.offset + obj.length}\] \(object 'optimizer_0.param_groups.0.lr'\): not a readable torch file"):
+        plugin.load_checkpoint(overwritten)

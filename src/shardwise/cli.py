@@ -60,6 +60,13 @@ def _progress(quiet: bool):
     return terminal_progress(quiet=quiet)
 
 
+def _shown(path: Path) -> str:
+    """A path argument as the user wrote it (typer's Path folds ``s3://b/k`` into ``s3:/b/k``)."""
+    from .storage.urls import url_text
+
+    return url_text(path) or str(path)
+
+
 def _paths(hf_model_name: Optional[str], revision: Optional[str], given: tuple[Optional[Path], ...], names: tuple[str, ...]) -> list[Path]:
     """A command's checkpoint paths, the first of which ``--hf-model-name`` may replace.
 
@@ -255,7 +262,7 @@ def pack(
     from .archive.unpack import pack as run
 
     names = run(folder, archive, overwrite=overwrite)
-    typer.echo(f"wrote {archive}: {len(names)} files")
+    typer.echo(f"wrote {_shown(archive)}: {len(names)} files")
 
 
 @app.command()
@@ -268,7 +275,7 @@ def unpack(
     from .archive.unpack import unpack as run
 
     names = run(archive, folder, overwrite=overwrite)
-    typer.echo(f"wrote {folder}: {len(names)} files")
+    typer.echo(f"wrote {_shown(folder)}: {len(names)} files")
 
 
 @app.command("zero-convert")

@@ -35,6 +35,7 @@ from .plan import OutputPlan, PlannedFile, PlannedTensor, infer_format, plan_out
 from .progress import NO_PROGRESS, Progress
 from .tensors import FileTensorSource, StoredTensor, TensorInfo, tensor_bytes
 from .units import CHUNK_BYTES, parse_size
+from .storage import accepts_urls
 
 __all__ = ["convert", "ConvertResult", "TensorStreamer", "CHUNK_BYTES"]
 
@@ -180,6 +181,7 @@ def _copy_companions(ckpt: Checkpoint, stage: Path, config: str | os.PathLike | 
     return copied
 
 
+@accepts_urls(inputs=("src", "config", "hparams_file"), outputs=("dst",))
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import ShardwiseError
 from .formats import Checkpoint, MergedSource, open_checkpoint
+from .storage import accepts_urls
 
 __all__ = ["describe", "inspect_path"]
 
@@ -48,6 +49,7 @@ def _archive_summary(archive) -> dict:
     }
 
 
+@accepts_urls(inputs=("path", "config"))
 def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config: str | os.PathLike | None = None) -> dict:
     """Open ``path`` lazily and describe it (see :func:`describe`).
 

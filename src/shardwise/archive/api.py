@@ -33,6 +33,7 @@ from .layout import ranks_of_process
 from .manifest import verify_members
 from .reader import Archive
 from .writer import planned_shards, write_archive
+from ..storage import accepts_urls
 
 __all__ = ["save_to", "restore_from", "ArchiveMixin", "RestoredArchive", "plain_config", "load_weights_into"]
 
@@ -54,6 +55,7 @@ def plain_config(config: Any) -> dict:
     return copy.deepcopy(config)
 
 
+@accepts_urls(outputs=("path",))
 def save_to(
     model_or_state_dict: Any,
     path: str | os.PathLike,
@@ -162,6 +164,7 @@ class RestoredArchive:
         return f"RestoredArchive({self.path!r}, tensors={len(self.state_dict)}, tp_rank={self.tp_rank}, pp_rank={self.pp_rank})"
 
 
+@accepts_urls(inputs=("path",))
 def restore_from(
     path: str | os.PathLike,
     model_cls: type | None = None,

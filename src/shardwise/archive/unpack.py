@@ -21,10 +21,12 @@ from .manifest import check_crc, manifest_bytes, read_manifest
 from .reader import write_members
 from .tar_index import open_tar
 from .tar_writer import TarWriter
+from ..storage import accepts_urls
 
 __all__ = ["pack", "unpack"]
 
 
+@accepts_urls(inputs=("archive",), outputs=("folder",))
 def unpack(archive: str | os.PathLike, folder: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
     """Extract ``archive`` into the new folder ``folder``; returns the files written (relative names)."""
     with open_tar(archive) as index:
@@ -37,6 +39,7 @@ def unpack(archive: str | os.PathLike, folder: str | os.PathLike, *, overwrite: 
     return list(crcs)
 
 
+@accepts_urls(inputs=("folder",), outputs=("archive",))
 def pack(folder: str | os.PathLike, archive: str | os.PathLike, *, overwrite: bool = False) -> list[str]:
     """Write ``folder``'s files into the tar ``archive`` (members ``./NAME``); returns the member names."""
     folder = Path(folder)

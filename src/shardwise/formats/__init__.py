@@ -20,6 +20,7 @@ from .torch_dist import BACKEND_FILE, COMMON_FILE, TorchDistSource, looks_like_t
 from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
 from .safetensors import SafetensorsFile, looks_like_safetensors
 from .torch_pickle import TorchFile, looks_like_torch
+from ..storage import accepts_urls
 
 __all__ = ["Checkpoint", "open_checkpoint", "MergedSource", "weights_kind"]
 
@@ -110,6 +111,7 @@ def _open_files(paths: tuple[Path, ...] | list[Path], trust_pickle: bool) -> Fil
     return MergedSource([_open_file(p, trust_pickle) for p in paths])
 
 
+@accepts_urls(inputs=("path",), keep_inputs=True)
 def open_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Checkpoint:
     """Open a file or folder lazily; raises FormatError (or UnsafeCheckpointError) naming the problem."""
     path = Path(path)

@@ -19,9 +19,11 @@ never hold a whole tensor, let alone the model.
 
 Which tensors are weights follows :mod:`.lightning`'s rule on the key paths: a top-level
 ``state_dict`` (Lightning), else ``model`` or ``module``, else everything; the rest (optimizer
-states, byte objects) is training state. ``flat=True`` takes every tensor under its flattened key
-instead (Megatron's ``torch_dist`` checkpoints save a flat dict of global keys, often with no
-planner data to tell the key paths by).
+states, byte objects) is training state. ``all_tensors=True`` takes every tensor under its
+flattened key instead (Megatron's ``torch_dist`` checkpoints save a flat dict of global keys,
+often with no planner data to tell the key paths by). :func:`read_state` reads it all back
+instead, as the nested dict that was saved, every tensor whole (what resuming training from a
+DCP needs).
 
 The files need not be a folder: :class:`DcpFiles` also describes them as byte regions of a larger
 file (``model_weights/`` inside an uncompressed ``.nemo`` tar), read in place the same way.
@@ -46,7 +48,7 @@ from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .lightning import WEIGHT_KEYS
 from .region import Region, open_region
 
-__all__ = ["METADATA", "looks_like_dcp", "read_metadata", "DcpFiles", "DcpMetadata", "DcpTensor", "DcpChunk", "DcpSource", "chunk_tiles"]
+__all__ = ["METADATA", "looks_like_dcp", "read_metadata", "read_state", "DcpFiles", "DcpMetadata", "DcpTensor", "DcpChunk", "DcpSource", "chunk_tiles"]
 
 METADATA = ".metadata"
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
@@ -123,12 +125,19 @@ class DcpTensor:
 
 @dataclass(frozen=True)
 class DcpMetadata:
-    """What ``.metadata`` says, checked: tensors and byte objects by fqn, and the DCP version."""
+    """What ``.metadata`` says, checked: tensors and byte objects by fqn, and the DCP version.
+
+    ``paths`` is ``planner_data``: every entry's key path in the dict that was saved, as torch's
+    ``flatten_state_dict`` recorded it (strings for dict keys, integers for list indices), in the
+    order the entries were flattened; None when the save did not flatten (each fqn is then a
+    top-level key of its own).
+    """
 
     files: DcpFiles
     tensors: dict[str, DcpTensor]
     objects: dict[str, DcpChunk]
     version: str | None
+    paths: dict[str, tuple] | None = None
 
     @property
     def folder(self) -> Path:
@@ -250,11 +259,24 @@ def _index_key(index: Any) -> tuple[str, tuple[int, ...] | None]:
     return fqn, None if offset is None else _counts(offset, f"offset of {fqn}")
 
 
-def _path_of(fqn: str, planner_data: Any) -> tuple:
-    path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
-    if isinstance(path, (tuple, list)) and path and all(isinstance(p, (str, int)) for p in path):
-        return tuple(path)
-    return tuple(fqn.split(".", 1))  # no planner data: the first dotted component as the top-level key
+def _key_paths(planner_data: Any, entries: dict) -> dict[str, tuple] | None:
+    """Every entry's key path from ``planner_data``, checked, in planner order (None without planner
+    data). A path is a top-level name, then dict keys (strings) and list indices (non-negative
+    integers) that, joined by dots, spells its fqn, as torch's ``flatten_state_dict`` makes it."""
+    if not isinstance(planner_data, dict):
+        return None
+    paths = {}
+    for fqn in [*(k for k in planner_data if k in entries), *(k for k in entries if k not in planner_data)]:
+        path = planner_data.get(fqn)
+        if path is None:
+            raise _Bad(f"planner_data gives no key path for {fqn!r}, though it gives them for other keys")
+        if not (
+            isinstance(path, (tuple, list)) and path and isinstance(path[0], str)
+            and all(isinstance(p, str) or type(p) is int and p >= 0 for p in path) and ".".join(map(str, path)) == fqn
+        ):
+            raise _Bad(f"planner_data gives key {fqn!r} the path {path!r:.120}, which is not a key path that spells it")
+        paths[fqn] = tuple(path)
+    return paths
 
 
 def _check_disjoint(chunks: list[DcpChunk]) -> None:
@@ -279,7 +301,7 @@ def _checked(root: Any, files: DcpFiles) -> DcpMetadata:
     sizes: dict[str, int] = {}
     tensors: dict[str, DcpTensor] = {}
     objects: dict[str, DcpChunk] = {}
-    planner_data = fields.get("planner_data")
+    paths = _key_paths(fields.get("planner_data"), entries)
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
             raise _Bad(f"key {fqn!r:.60} is not a name")
@@ -303,10 +325,11 @@ def _checked(root: Any, files: DcpFiles) -> DcpMetadata:
             if info is None:
                 raise _Bad(f"chunk at {list(offsets)} of tensor {fqn!r} has no storage entry")
             chunks.append(DcpChunk(offsets, sizes_, *_storage(info, files, sizes)))
-        tensors[fqn] = DcpTensor(fqn, _path_of(fqn, planner_data), shape, dtype, tuple(chunks))
+        path = paths[fqn] if paths is not None else tuple(fqn.split(".", 1))  # unflattened: the first dotted component as the top-level key
+        tensors[fqn] = DcpTensor(fqn, path, shape, dtype, tuple(chunks))
     _check_disjoint([*(c for t in tensors.values() for c in t.chunks), *objects.values()])
     version = fields.get("version")
-    return DcpMetadata(files, tensors, objects, version if isinstance(version, str) else None)
+    return DcpMetadata(files, tensors, objects, version if isinstance(version, str) else None, paths)
 
 
 def read_metadata(where: "str | os.PathLike | DcpFiles", *, trust: bool = False) -> DcpMetadata:
@@ -357,9 +380,9 @@ def chunk_tiles(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[i
 
 
 # -- the tensor source ----------------------------------------------------------------------------------
-def _weights(metadata: DcpMetadata, flat: bool) -> tuple[str | None, dict[str, DcpTensor]]:
-    """The key holding the weights (None: all tensors, by fqn) and the weight tensors by their names under it."""
-    for key in () if flat else WEIGHT_KEYS:
+def _weights(metadata: DcpMetadata) -> tuple[str | None, dict[str, DcpTensor]]:
+    """The key holding the weights (None: all tensors) and the weight tensors by their names under it."""
+    for key in WEIGHT_KEYS:
         chosen = {".".join(map(str, t.path[1:])): t for t in metadata.tensors.values() if len(t.path) > 1 and t.path[0] == key}
         if chosen:
             return key, chosen
@@ -446,15 +469,16 @@ class DcpSource(TiledSource):
     """The weights of a DCP folder as a lazy tensor source (see the module docstring).
 
     A tensor saved whole is ``stored()`` in place (its chunk); a sharded one is :meth:`tiled`,
-    its tiles resolved by :meth:`lookup`, for streaming writers.
+    its tiles resolved by :meth:`lookup`, for streaming writers. ``all_tensors``: every tensor of
+    the folder instead, named by its fqn (``weights_key`` is then None).
     """
 
     format_name = "dcp"
 
-    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, flat: bool = False) -> None:
+    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, all_tensors: bool = False) -> None:
         super().__init__()
         self.metadata = read_metadata(where, trust=trust)
-        self.weights_key, weights = _weights(self.metadata, flat)
+        self.weights_key, weights = (None, self.metadata.tensors) if all_tensors else _weights(self.metadata)
         self._chunks = _Chunks(self.metadata.files, trust)
         for tensor in weights.values():
             problem = _cover_problem(tensor)
@@ -497,3 +521,78 @@ class DcpSource(TiledSource):
     def close(self) -> None:
         super().close()
         self._chunks.close()
+
+
+# -- the whole state, nested again ------------------------------------------------------------------------
+def read_state(folder: "str | os.PathLike | DcpFiles", *, trust: bool = False, allowed: tuple = ()) -> dict:
+    """Everything a DCP folder holds, as the nested dict ``torch.distributed.checkpoint.save`` was given.
+
+    Byte objects are read first, each with ``torch.load(weights_only=True)`` plus the inert
+    ``allowed`` classes unless ``trust``; anything else they pickle is an UnsafeCheckpointError
+    naming the ``.distcp`` file and byte range, raised before any tensor is read. Then every tensor
+    is read whole onto CPU, its chunks (from all ranks) placed one after another into one new
+    tensor: memory is the state once, plus a band of rows in flight.
+
+    The nesting comes from ``planner_data`` (:attr:`DcpMetadata.paths`): string components are dict
+    keys, integer ones list indices, as in torch's ``unflatten_state_dict``; without planner data
+    each fqn is a top-level key. What torch's flattening drops stays dropped: empty dicts are not
+    saved at all, dict keys come back as strings, ``OrderedDict`` as ``dict``; a list slot that held
+    only empty dicts comes back None, as torch's own loader gives it. FormatError (naming
+    ``.metadata``) for paths that contradict each other, a chunk that does not hold what the
+    metadata says, or a truncated file.
+    """
+    from ..training.files import torch_load
+
+    with DcpSource(folder, trust=trust, all_tensors=True) as source:
+        metadata = source.metadata
+        objects = {}
+        for fqn, chunk in metadata.objects.items():
+            path, file = metadata.files.path(chunk.file), metadata.files.region(chunk.file)
+            region = Region(file.path, file.start + chunk.offset, chunk.length, f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (object '{fqn}')")
+            objects[fqn] = torch_load(region, trust, allowed=allowed)
+        paths = metadata.paths if metadata.paths is not None else {fqn: (fqn,) for fqn in [*metadata.tensors, *metadata.objects]}
+        nest = _Nest(metadata.folder / METADATA, len(paths))
+        for fqn, path in paths.items():
+            nest.put(fqn, path, objects.pop(fqn) if fqn in objects else source.read(fqn))
+        return nest.result()
+
+
+class _Nest:
+    """Builds the nested dict from (key path, value) pairs. Containers are dicts while building (list
+    slots collected by index) and become lists at the end; a value never counts as a container,
+    even when it is a dict (an older torch saved dicts without tensors as one byte object).
+    Contradictory paths are a FormatError naming ``where``."""
+
+    def __init__(self, where: Path, entries: int) -> None:
+        self.where, self.entries = where, entries
+        self.root: dict = {}
+        self.is_list: dict[int, bool] = {id(self.root): False}  # the containers made here, by id
+
+    def put(self, fqn: str, path: tuple, value: Any) -> None:
+        node = self.root
+        for depth, (key, next_key) in enumerate(zip(path, path[1:])):
+            if key not in node:
+                node[key] = {}
+                self.is_list[id(node[key])] = type(next_key) is int
+            child = node[key]
+            if self.is_list.get(id(child)) != (type(next_key) is int):  # a value, or the other kind of container
+                raise FormatError(f"{self.where}: key {fqn!r} needs {'.'.join(map(str, path[:depth + 1]))} to be another kind of container than other keys make it")
+            node = child
+        key = path[-1]
+        if key in node:
+            raise FormatError(f"{self.where}: key {fqn!r} is saved twice, or under a key other entries are saved below")
+        if type(key) is int and key > self.entries:  # gaps come only from items that were empty dicts; an index beyond every entry would only allocate
+            raise FormatError(f"{self.where}: key {fqn!r} is list item {key}, but the checkpoint holds only {self.entries} entries")
+        node[key] = value
+
+    def result(self) -> dict:
+        return self._built(self.root)
+
+    def _built(self, node: dict) -> Any:
+        built = {key: self._built(value) if id(value) in self.is_list else value for key, value in node.items()}
+        if not self.is_list[id(node)]:
+            return built
+        items = [None] * (max(built) + 1)
+        for index, value in built.items():
+            items[index] = value
+        return items

@@ -151,7 +151,7 @@ class TorchDistSource(TiledSource):
         super().__init__()
         files = as_files(where)
         self.backend = read_backend(files)
-        self.dcp = DcpSource(files, trust=trust, flat=True)
+        self.dcp = DcpSource(files, trust=trust, all_tensors=True)
         self._slices = _Slices()
         self.stacked: dict[str, int] = {}
         self.skipped = sorted(k for k in [*self.dcp.metadata.objects, *self.dcp.metadata.tensors] if _EXTRA_STATE in k)

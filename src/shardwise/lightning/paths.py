@@ -4,7 +4,8 @@ Lightning hands the plugin one path per checkpoint. :func:`kind_of` tells what i
 file system and a file's first bytes, never from the name:
 
 - ``SHARDWISE``: a folder holding ``shardwise.json`` (:mod:`.folder`);
-- ``DCP``: a folder holding ``.metadata``, a ``torch.distributed.checkpoint`` save;
+- ``DCP``: a folder holding ``.metadata``, a ``torch.distributed.checkpoint`` save (Lightning's
+  sharded checkpoints, with their ``meta.pt``, or ``dcp.save`` of a checkpoint dict: :mod:`.dcp_folder`);
 - ``TORCH``: a file that starts as a torch file (zip archive or legacy pickle), such as the
   ``.ckpt`` Lightning's default ``TorchCheckpointIO`` writes;
 - ``MISSING``, ``OTHER``: nothing there, or something shardwise does not read.
@@ -23,6 +24,7 @@ from ..formats.dcp import METADATA as DCP_METADATA, looks_like_dcp
 from ..formats.torch_pickle import looks_like_torch
 from ..training.files import torch_load
 from ..training.layout import MANIFEST
+from .dcp_folder import read_dcp_checkpoint
 from .folder import is_lightning_folder, is_shardwise_folder, read_folder
 from .values import inert_classes
 
@@ -49,8 +51,10 @@ def load(path: Path, *, trust_pickle: bool, verify: bool) -> dict:
     A shardwise folder is checked against its manifest (IntegrityError naming a damaged file); a
     torch file is read with ``weights_only`` plus a few inert classes Lightning checkpoints carry
     (argparse Namespace, paths, AttributeDict); anything else pickled needs ``trust_pickle``
-    (UnsafeCheckpointError naming the file). FormatError naming ``path`` for what is not a
-    checkpoint shardwise reads.
+    (UnsafeCheckpointError naming the file). A DCP folder's tensors are merged whole from the
+    chunks of all ranks, its pickled parts read as a torch file's are (``verify`` does not apply:
+    DCP records no checksums). FormatError naming ``path`` (or the damaged file) for what is not
+    a checkpoint shardwise reads.
     """
     kind = kind_of(path)
     if kind == SHARDWISE:
@@ -60,15 +64,15 @@ def load(path: Path, *, trust_pickle: bool, verify: bool) -> dict:
         if not isinstance(checkpoint, dict):
             raise FormatError(f"{path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
         return checkpoint
-    if kind == DCP:  # resuming from torch.distributed.checkpoint folders is the next branch here
-        raise FormatError(f"{path}: a PyTorch distributed checkpoint (DCP) folder; this version of shardwise cannot resume from DCP yet")
+    if kind == DCP:
+        return read_dcp_checkpoint(path, trust_pickle=trust_pickle)
     if kind == MISSING:
         raise FormatError(f"{path}: no such checkpoint (nothing at this path)")
     if path.is_dir():
         what = f"a folder without {MANIFEST} or {DCP_METADATA}"
     else:
         what = "a file that does not start as a torch file" if path.stat().st_size else "an empty file"
-    raise FormatError(f"{path}: not a checkpoint shardwise reads ({what}); expected a shardwise checkpoint folder or a torch .ckpt file")
+    raise FormatError(f"{path}: not a checkpoint shardwise reads ({what}); expected a shardwise checkpoint folder, a DCP folder or a torch .ckpt file")
 
 
 def check_replaceable(path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
+from ..storage.urls import url_text
 from ..training import background
 from ..training.api import finalize_checkpoint
 from ..training.assign import SnapshotBuffers, replace_tensors
@@ -39,11 +40,23 @@ def _checkpoint_io_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-def _local(path: Any) -> Path:
-    text = os.fspath(path)
-    if "://" in str(text):
-        raise OptionError(f"{text}: shardwise's Lightning plugin reads and writes local paths only")
-    return Path(text)
+def _where(path: Any) -> Path | str:
+    """A checkpoint path as a local Path, or as a URL string (``s3://...``, see :mod:`.remote`)."""
+    return url_text(path) or Path(os.fspath(path))
+
+
+def _identity(where: Path | str) -> str:
+    """What makes two checkpoint locations the same: a URL as given, a path made absolute."""
+    return where if isinstance(where, str) else os.path.abspath(where)
+
+
+def _write(snapshot: Any, target: Path | str) -> None:
+    if isinstance(target, str):
+        from .remote import save_url
+
+        save_url(snapshot, target)
+    else:
+        write_folder(snapshot, target)
 
 
 def _relocate(checkpoint: dict, map_location: Any) -> dict:
@@ -69,7 +82,7 @@ def _relocate(checkpoint: dict, map_location: Any) -> dict:
 
 class ShardwiseCheckpointIO(*_checkpoint_io_bases()):
     """Saves each Lightning checkpoint as a shardwise folder at the path Lightning names, and loads
-    shardwise folders and single-file ``.ckpt`` files alike.
+    shardwise folders, single-file ``.ckpt`` files and PyTorch distributed checkpoint (DCP) folders alike.
 
     - ``save_checkpoint``: atomic (complete folder or the previous content), safetensors for every
       tensor, manifest with sizes and CRC-32s (:mod:`.folder`). Replaces a file, a link or a
@@ -78,11 +91,14 @@ class ShardwiseCheckpointIO(*_checkpoint_io_bases()):
       (``verify=False``: sizes only). Values that had to be pickled, and torch files that pickle
       more than tensors, containers and a few inert classes, load only with ``trust_pickle=True``
       or Lightning's ``weights_only=False``; ``weights_only=True`` refuses them whatever
-      ``trust_pickle`` says. Tensors load on CPU, then go where ``map_location`` says.
+      ``trust_pickle`` says. Tensors load on CPU, then go where ``map_location`` says. A DCP folder
+      (Lightning's sharded checkpoints with their ``meta.pt``, or ``dcp.save`` of a checkpoint dict)
+      loads with every tensor merged whole from the chunks of all ranks (:mod:`.dcp_folder`).
     - ``remove_checkpoint``: removes a checkpoint folder (renamed away first, so the path never
       shows half of one), a file or a link; a missing path is fine.
 
-    Local paths only (no ``s3://``); ``storage_options`` are refused. Not thread-safe: Lightning
+    Paths may be ``s3://`` (any fsspec) URLs (see :mod:`.remote`), with credentials from the
+    environment; ``storage_options`` are refused. Not thread-safe: Lightning
     calls one method at a time.
     """
 
@@ -92,20 +108,36 @@ class ShardwiseCheckpointIO(*_checkpoint_io_bases()):
         self.verify = verify
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        write_folder(snapshot_checkpoint(checkpoint), self._target(path, storage_options))
+        _write(snapshot_checkpoint(checkpoint), self._target(path, storage_options))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         trust = self.trust_pickle if weights_only is None else not weights_only
-        return _relocate(load(_local(path), trust_pickle=trust, verify=self.verify), map_location)
+        where = _where(path)
+        if isinstance(where, str):
+            from .remote import load_url
+
+            return _relocate(load_url(where, trust_pickle=trust, verify=self.verify), map_location)
+        return _relocate(load(where, trust_pickle=trust, verify=self.verify), map_location)
 
     def remove_checkpoint(self, path: Any) -> None:
-        remove(_local(path))
+        where = _where(path)
+        if isinstance(where, str):
+            from .remote import remove_url
 
-    def _target(self, path: Any, storage_options: Any) -> Path:
+            remove_url(where)
+        else:
+            remove(where)
+
+    def _target(self, path: Any, storage_options: Any) -> Path | str:
         if storage_options is not None:
-            raise OptionError(f"{path}: {type(self).__name__} takes no storage_options (got {storage_options!r})")
-        target = _local(path)
-        check_replaceable(target)
+            raise OptionError(f"{path}: {type(self).__name__} takes no storage_options (got {storage_options!r}); credentials come from the environment")
+        target = _where(path)
+        if isinstance(target, str):
+            from .remote import check_replaceable_url
+
+            check_replaceable_url(target)
+        else:
+            check_replaceable(target)
         return target
 
 
@@ -124,7 +156,7 @@ class AsyncShardwiseCheckpointIO(ShardwiseCheckpointIO):
     def __init__(self, *, trust_pickle: bool = False, verify: bool = True) -> None:
         super().__init__(trust_pickle=trust_pickle, verify=verify)
         self._buffers = SnapshotBuffers()
-        self._writing: Path | None = None
+        self._writing: Path | str | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         self._wait()  # the previous save's error surfaces here
@@ -133,7 +165,7 @@ class AsyncShardwiseCheckpointIO(ShardwiseCheckpointIO):
 
         def write() -> None:
             try:
-                write_folder(snap, target)
+                _write(snap, target)
             finally:
                 self._buffers.release(snap.tensors)
 
@@ -145,7 +177,7 @@ class AsyncShardwiseCheckpointIO(ShardwiseCheckpointIO):
         return super().load_checkpoint(path, map_location, weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
-        if self._writing is not None and os.path.abspath(self._writing) == os.path.abspath(_local(path)):
+        if self._writing is not None and _identity(self._writing) == _identity(_where(path)):
             self._wait()
         super().remove_checkpoint(path)
 

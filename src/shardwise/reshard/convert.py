@@ -31,6 +31,7 @@ from .containers import CONTAINERS, Shards, find_shards
 from .model import ShardedModel, open_model
 from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
+from ..storage import accepts_urls
 
 __all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine"]
 
@@ -130,6 +131,7 @@ def _qkv_option(style: str, source: ShardedModel, qkv_linear: bool | None, fuse_
     return STYLES[style].default_qkv
 
 
+@accepts_urls(inputs=("src", "config"), outputs=("dst",))
 def convert_layout(
     src: "str | os.PathLike | Shards",
     dst: str | os.PathLike,

@@ -16,11 +16,11 @@ they were, and re-saving an existing tag replaces it atomically.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ..distributed import coords_of
 from ..errors import OptionError
+from ..storage.urls import is_url
 from . import background
 from .assign import FileWrite, SnapshotBuffers, files_to_write, snapshot
 from .encodings import ENCODINGS, SPLIT_BY_TENSOR, owned_tensors
@@ -101,10 +101,10 @@ def save_checkpoint(
     zero1 = bool(zero1 or is_zero1_state(optimizer_state))
     writes = files_to_write(
         coords, model=_state_of(model), optimizer=optimizer_state, scheduler=_state_of(scheduler),
-        user_content=user_content, zero1=zero1, split_by_tensor=encoding in SPLIT_BY_TENSOR,
+        user_content=user_content, zero1=zero1, split_by_tensor=encoding in SPLIT_BY_TENSOR and not is_url(checkpoint_dir),  # an object has one writer
     )
     layout = {"tp": coords.tp_size, "pp": coords.pp_size, "dp": coords.dp_size, "optimizer": "zero1" if zero1 else "replicated"}
-    plan = begin(group, Path(checkpoint_dir), tag, encoding, layout, num_kept_ckpts, model_config)
+    plan = begin(group, checkpoint_dir, tag, encoding, layout, num_kept_ckpts, model_config)
     if not async_save:
         run_save(group, plan, writes)
         return plan.tag

@@ -16,6 +16,7 @@ from typing import Any
 from ..atomic import start_writeback, write_all, write_text_durably
 from ..checksum import crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
+from ..formats.region import Region, open_region
 from ..units import CHUNK_BYTES
 
 __all__ = ["save_object", "write_durably", "write_failure", "check_file", "check_against", "file_crc32", "torch_load"]
@@ -129,10 +130,10 @@ def _reason(error: Exception) -> str:
     return ((pointed or lines)[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
-def torch_load(path: Path, trust_pickle: bool, mapped: bool = False, allowed: tuple = ()) -> Any:
+def torch_load(path: Path | Region, trust_pickle: bool, mapped: bool = False, allowed: tuple = ()) -> Any:
     """``torch.load`` on CPU, ``weights_only`` unless ``trust_pickle``: tensors, containers and numbers
     load, any other class is refused (UnsafeCheckpointError) before anything runs; unreadable or
-    truncated files are a FormatError; both name the file in one line.
+    truncated files are a FormatError; both name the file (a :class:`Region`: its label) in one line.
 
     ``mapped`` returns tensors backed by a private map of the file (no copy now, copy-on-write
     later): for states that are copied into place right away, as ``Module.load_state_dict`` does.
@@ -144,10 +145,20 @@ def torch_load(path: Path, trust_pickle: bool, mapped: bool = False, allowed: tu
 
     import torch
 
+    from ..formats.torch_pickle import looks_like_torch
+
+    region = path if isinstance(path, Region) else None
+    if region is not None:
+        path = region.label
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)), (open(path, "rb") if region is None else open_region(region)) as f:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mapped)
+            if not looks_like_torch(f.read(16)):  # garbage would otherwise read as a pickle refused for its opcodes
+                raise FormatError(f"{path}: not a readable torch file, or damaged (it starts as neither a zip archive nor a torch pickle)")
+            f.seek(0)
+            return torch.load(path if region is None else f, map_location="cpu", weights_only=not trust_pickle, mmap=mapped and region is None)
+    except FormatError:
+        raise
     except pickle.UnpicklingError as e:
         if trust_pickle:
             raise FormatError(f"{path}: cannot be unpickled ({_reason(e)})") from None

@@ -25,19 +25,20 @@ from .files import check_against, check_file, file_crc32, torch_load
 from .group import Group
 from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
 from .tags import Tag, list_tags
+from ..storage.urls import url_text
 
 __all__ = ["load_states", "saved_layout", "read_file"]
 
 
-def _choose(root: Path, tag: str | None) -> Tag:
-    tags = list_tags(root)
+def _choose(root: Path | str, tags: list[Tag], tag: str | None) -> Tag:
+    """The tag to load among ``tags`` (those of ``root``, oldest first): ``tag``, or the newest complete one."""
     if tag is not None:
         for t in tags:
             if t.name == tag:
                 if not t.complete:
                     raise IntegrityError(f"{t.path}: checkpoint is incomplete (no done marker, or files shorter than its manifest says)")
                 return t
-        raise FormatError(f"{root / tag}: no such checkpoint")
+        raise FormatError(f"{root}/{tag}: no such checkpoint")
     complete = [t for t in tags if t.complete]
     if not complete:
         raise FormatError(f"{root}: holds no complete checkpoint")
@@ -52,7 +53,10 @@ def saved_layout(tag: Tag) -> dict:
     if tag.manifest is not None and isinstance(tag.manifest.get("layout"), dict) and "optimizer" in tag.manifest["layout"]:
         return tag.manifest["layout"]
     def ranks(folder: str) -> list:
-        names = os.listdir(tag.path / folder) if (tag.path / folder).is_dir() else []
+        if tag.listing is not None:  # a remote tag: its listing
+            names = [rel.split("/")[1] for rel in tag.listing if rel.startswith(f"{folder}/") and rel.count("/") == 1]
+        else:
+            names = os.listdir(tag.path / folder) if (tag.path / folder).is_dir() else []
         return [r for r in map(parse_rank_file, names) if r is not None]
 
     model, optim = ranks("model"), ranks("optim")
@@ -166,10 +170,38 @@ def load_states(
     checkpoint_dir: str | os.PathLike, tag: str | None, coords: ParallelCoords, group: Group, *,
     model: Any, optimizer: Any, scheduler: Any, strict: bool, verify: bool, trust_pickle: bool, model_config: Any = None,
 ) -> Any:
-    """Load this rank's part of ``tag`` into the objects given; the user content, or None."""
-    root = Path(checkpoint_dir)
-    chosen = group.leader_decides(lambda: _choose(root, tag))
+    """Load this rank's part of ``tag`` into the objects given; the user content, or None.
+
+    ``checkpoint_dir`` may be a URL: the tag is chosen from one listing and this rank's files are
+    fetched to local scratch first (see :mod:`.remote`).
+    """
+    url = url_text(checkpoint_dir)
+    if url is None:
+        root = Path(checkpoint_dir)
+        chosen = group.leader_decides(lambda: _choose(root, list_tags(root), tag))
+        return _load_tag(chosen, saved_layout(chosen), coords, model, optimizer, scheduler, strict, verify, trust_pickle, model_config)
+    from . import remote
+
+    chosen = group.leader_decides(lambda: _choose(url, remote.list_remote_tags(remote.RemoteRoot(url)), tag))
     layout = saved_layout(chosen)
+    same_grid = (layout["tp"], layout["pp"]) == (coords.tp_size, coords.pp_size)
+    wanted = remote.files_for_rank(chosen.listing, layout, coords, model=model is not None, optimizer=optimizer is not None, same_grid=same_grid)
+    local, scratch = remote.fetch_for_rank(chosen, wanted)
+    try:
+        return _load_tag(local, layout, coords, model, optimizer, scheduler, strict, verify, trust_pickle, model_config)
+    except (ShardwiseError, OSError) as e:  # name the remote files, not their scratch copies
+        from ..storage.entry import renamed_error
+
+        raise renamed_error(e, {str(local.path): str(chosen.path)}) from None
+    finally:
+        scratch.remove()
+
+
+def _load_tag(
+    chosen: Tag, layout: dict, coords: ParallelCoords, model: Any, optimizer: Any, scheduler: Any,
+    strict: bool, verify: bool, trust_pickle: bool, model_config: Any,
+) -> Any:
+    """Load this rank's part of the local tag ``chosen`` (saved at ``layout``); the user content, or None."""
     same_grid = (layout["tp"], layout["pp"]) == (coords.tp_size, coords.pp_size)
     if optimizer is not None and not same_grid:
         raise LayoutError(

@@ -10,6 +10,9 @@
 
 A crash anywhere leaves at most a hidden staging folder, which the next save removes: the tags
 already in place are never touched before the new one is complete.
+
+On object storage (a URL as the root) the staging folder is local scratch, each rank uploads its
+files in step 2 and the leader uploads the manifest and ``done`` in step 3: see :mod:`.remote`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from typing import Any
 
 from ..atomic import commit_stage, discard_stage, fsync_dir, remove_stale_stages, staging_name, write_text_durably
 from ..errors import IntegrityError, OptionError
+from ..storage.mirror import Scratch
+from ..storage.urls import url_text
+from . import remote as remote_tags
 from .assign import FileWrite
 from .encodings import fold_entries, stored_name, write_part
 from .group import Group, first_failure
@@ -45,6 +51,12 @@ class SavePlan:
     layout: dict
     num_kept_ckpts: int | None
     model_config: dict | None = None
+    remote: Any = None  # a RemoteRoot when ``root`` is a URL (see :mod:`.remote`); ``stage`` is then local scratch
+
+    @property
+    def where(self) -> str:
+        """The tag's location for messages: its path or URL."""
+        return f"{self.remote.url}/{self.tag}" if self.remote is not None else str(self.root / self.tag)
 
 
 def _check_tag(tag: str) -> None:
@@ -52,8 +64,28 @@ def _check_tag(tag: str) -> None:
         raise OptionError(f"tag {tag!r} must be a plain folder name (no '/', not starting with '.')")
 
 
-def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict, num_kept_ckpts: int | None, model_config: dict | None = None) -> SavePlan:
-    """Step 1, collective: the tag's name and sequence and a fresh staging folder holding the marker."""
+def begin(group: Group, root: Path | str, tag: str | None, encoding: str, layout: dict, num_kept_ckpts: int | None, model_config: dict | None = None) -> SavePlan:
+    """Step 1, collective: the tag's name and sequence and a fresh staging folder holding the marker.
+
+    ``root`` may be a URL (``s3://...``): see :mod:`.remote`.
+    """
+    url = url_text(root)
+    root = Path(root)
+
+    def decide_remote() -> SavePlan:
+        where = remote_tags.RemoteRoot(url)
+        tags = remote_tags.list_remote_tags(where)
+        sequence = next_sequence(tags)
+        name = tag or f"checkpoint_{sequence}"
+        _check_tag(name)
+        stage = Scratch("save").path / name
+        stage.mkdir()
+        try:
+            remote_tags.begin_tag(where, name, tags, manifest_document(name, sequence, encoding, layout, []))
+        except BaseException:
+            shutil.rmtree(stage.parent, ignore_errors=True)
+            raise
+        return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts, model_config, where)
 
     def decide() -> SavePlan:
         root.mkdir(parents=True, exist_ok=True)
@@ -70,7 +102,7 @@ def begin(group: Group, root: Path, tag: str | None, encoding: str, layout: dict
             raise
         return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts, model_config)
 
-    return group.leader_decides(decide)
+    return group.leader_decides(decide_remote if url else decide)
 
 
 def write_files(plan: SavePlan, writes: list[FileWrite]) -> list[dict]:
@@ -79,10 +111,16 @@ def write_files(plan: SavePlan, writes: list[FileWrite]) -> list[dict]:
         encoding = plan.encoding if write.name.startswith(("model/", "optim/")) else "pt"  # scheduler, user content: as NxD
         return write_part(encoding, write.obj, plan.stage, write.name, write.part, write.parts)
 
+    if plan.remote is not None:
+        plan.stage.mkdir(parents=True, exist_ok=True)  # on another node than the leader's
     if len(writes) < 2:
-        return [entry for write in writes for entry in one(write)]
-    with ThreadPoolExecutor(2, thread_name_prefix="shardwise-write") as pool:  # checksums and copies of two files at once
-        return [entry for entries in pool.map(one, writes) for entry in entries]
+        entries = [entry for write in writes for entry in one(write)]
+    else:
+        with ThreadPoolExecutor(2, thread_name_prefix="shardwise-write") as pool:  # checksums and copies of two files at once
+            entries = [entry for entries in pool.map(one, writes) for entry in entries]
+    if plan.remote is not None:
+        remote_tags.upload_files(plan.remote, plan.tag, plan.stage, [e["name"] for e in entries])
+    return entries
 
 
 def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) -> None:
@@ -91,37 +129,69 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
     failure = first_failure(outcomes)
 
     def commit() -> None:
+        if plan.remote is not None:
+            return _commit_remote(plan, outcomes, failure)
         if failure is not None:
             discard_stage(plan.stage)
             return
         try:
-            files = fold_entries([entry for entries in outcomes for entry in entries])
-            missing = _missing(plan, {f["name"] for f in files})
-            if missing:
-                raise IntegrityError(
-                    f"{plan.root / plan.tag}: no rank wrote {', '.join(sorted(missing)[:3])}{' ...' if len(missing) > 3 else ''} "
-                    f"(do the DP replicas hold the same states? a per-rank optimizer state needs zero1=True)"
-                )
+            files = _checked_files(plan, outcomes)
             for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
                 fsync_dir(folder)
-            document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)
-            if plan.model_config is not None:
-                document["model_config"] = plan.model_config
+            document = _manifest(plan, files)
             write_text_durably(plan.stage / MANIFEST, json.dumps(document, indent=1) + "\n")
             write_text_durably(plan.stage / DONE, "1")
             commit_stage(plan.stage, plan.root / plan.tag, overwrite=True)
         except BaseException as e:
             discard_stage(plan.stage)
             if isinstance(e, OSError):
-                raise OSError(e.errno, f"{plan.root / plan.tag}: committing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
+                raise OSError(e.errno, f"{plan.where}: committing the checkpoint failed: {e.strerror or e}; earlier checkpoints are untouched") from None
             raise
         _apply_retention(plan)
 
-    group.leader_decides(commit)
+    try:
+        group.leader_decides(commit)
+    finally:
+        if plan.remote is not None:
+            shutil.rmtree(plan.stage.parent, ignore_errors=True)  # this rank's scratch (its files are uploaded or failed)
     if isinstance(outcome, BaseException):
         raise outcome
     if failure is not None:
-        raise OSError(f"{plan.root / plan.tag}: not saved: {failure}; earlier checkpoints are untouched")
+        raise OSError(f"{plan.where}: not saved: {failure}; earlier checkpoints are untouched")
+
+
+def _checked_files(plan: SavePlan, outcomes: list) -> list[dict]:
+    """The manifest's file entries from every rank's outcome; IntegrityError when the layout's files are not all there."""
+    files = fold_entries([entry for entries in outcomes for entry in entries])
+    missing = _missing(plan, {f["name"] for f in files})
+    if missing:
+        raise IntegrityError(
+            f"{plan.where}: no rank wrote {', '.join(sorted(missing)[:3])}{' ...' if len(missing) > 3 else ''} "
+            f"(do the DP replicas hold the same states? a per-rank optimizer state needs zero1=True)"
+        )
+    return files
+
+
+def _manifest(plan: SavePlan, files: list[dict]) -> dict:
+    document = manifest_document(plan.tag, plan.sequence, plan.encoding, plan.layout, files)
+    if plan.model_config is not None:
+        document["model_config"] = plan.model_config
+    return document
+
+
+def _commit_remote(plan: SavePlan, outcomes: list, failure) -> None:
+    """Step 3 on object storage (leader): manifest and ``done`` after every rank's uploads, then retention; or discard."""
+    if failure is not None:
+        remote_tags.discard_tag(plan.remote, plan.tag)
+        return
+    try:
+        remote_tags.commit_tag(plan.remote, plan.tag, _manifest(plan, _checked_files(plan, outcomes)))
+    except BaseException as e:
+        remote_tags.discard_tag(plan.remote, plan.tag)
+        if isinstance(e, OSError):
+            raise OSError(f"{plan.where}: committing the checkpoint failed: {e}; earlier checkpoints are untouched") from None
+        raise
+    _apply_retention(plan)
 
 
 def _missing(plan: SavePlan, written: set[str]) -> set[str]:
@@ -138,11 +208,16 @@ def _missing(plan: SavePlan, written: set[str]) -> set[str]:
 
 def _apply_retention(plan: SavePlan) -> None:
     """Remove what ``num_kept_ckpts`` no longer keeps; a failure here is a warning, the new checkpoint is complete."""
+    if plan.num_kept_ckpts is None or plan.num_kept_ckpts < 0:
+        return
+    local = plan.remote is None
+    remove = remove_tag if local else remote_tags.remove_tag
     try:
-        for old in tags_to_remove(list_tags(plan.root), plan.num_kept_ckpts, plan.tag):
-            remove_tag(old)
+        tags = list_tags(plan.root) if local else remote_tags.list_remote_tags(plan.remote)
+        for old in tags_to_remove(tags, plan.num_kept_ckpts, plan.tag):
+            remove(old)
     except OSError as e:
-        warnings.warn(f"{plan.root / plan.tag} is saved, but removing older checkpoints failed: {e}", stacklevel=2)
+        warnings.warn(f"{plan.where} is saved, but removing older checkpoints failed: {e}", stacklevel=2)
 
 
 def remove_tag(tag: Tag) -> None:

@@ -16,7 +16,7 @@ from ..errors import FormatError
 from ..jsonfile import read_json_object
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, manifest_entries
 
-__all__ = ["Tag", "list_tags", "tags_to_remove", "next_sequence"]
+__all__ = ["Tag", "make_tag", "list_tags", "tags_to_remove", "next_sequence"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Tag:
     sequence: int | None
     manifest: dict | None
     order_key: tuple
+    listing: dict | None = None  # remote tags: every file's size by relative name (one listing serves all checks)
 
     @functools.cached_property
     def entries(self) -> dict[str, dict]:
@@ -49,24 +50,29 @@ def _manifest(path: Path) -> dict | None:
     return document if document.get("format") == MANIFEST_FORMAT else {"broken": True}
 
 
-def _sizes_match(path: Path, manifest: dict) -> bool:
-    for entry in manifest.get("files", []):
-        file = path / entry["name"]
-        if not file.is_file() or file.stat().st_size != entry["size"]:
-            return False
-    return True
+def _sizes_match(manifest: dict, size_of) -> bool:
+    return all(size_of(entry["name"]) == entry["size"] for entry in manifest.get("files", []))
+
+
+def make_tag(name: str, path, manifest: dict | None, done: bool, size_of, mtime: float, listing: dict | None = None) -> Tag:
+    """A Tag from what was found: its manifest (``{"broken": True}`` when unreadable), whether ``done``
+    exists, ``size_of(relative name)`` (None when missing) and the mtime of ``done`` (else the marker)."""
+    broken = manifest is not None and manifest.get("broken")
+    complete = done and not broken and (manifest is None or _sizes_match(manifest, size_of))
+    sequence = manifest.get("sequence") if manifest and not broken and isinstance(manifest.get("sequence"), int) else None
+    order_key = (0, sequence, mtime) if sequence is not None else (1, 0, mtime)
+    return Tag(name, path, done, complete, sequence, None if broken else manifest, order_key, listing)
 
 
 def _read_tag(path: Path) -> Tag:
-    manifest = _manifest(path)
+    def size_of(rel: str) -> int | None:
+        file = path / rel
+        return file.stat().st_size if file.is_file() else None
+
     done = (path / DONE).is_file()
-    broken = manifest is not None and manifest.get("broken")
-    complete = done and not broken and (manifest is None or _sizes_match(path, manifest))
-    sequence = manifest.get("sequence") if manifest and not broken and isinstance(manifest.get("sequence"), int) else None
     stamp = (path / DONE) if done else (path / MARKER)
     mtime = stamp.stat().st_mtime if stamp.exists() else 0.0
-    order_key = (0, sequence, mtime) if sequence is not None else (1, 0, mtime)
-    return Tag(path.name, path, done, complete, sequence, None if broken else manifest, order_key)
+    return make_tag(path.name, path, _manifest(path), done, size_of, mtime)
 
 
 def list_tags(root: Path) -> list[Tag]:

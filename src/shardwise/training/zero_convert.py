@@ -37,6 +37,7 @@ from ..units import CHUNK_BYTES
 from .files import check_against, check_file, save_object, torch_load
 from .layout import DONE, MANIFEST, MARKER, checked_file_entries, full_optim_file, manifest_document, manifest_entries, optim_file, parse_rank_file
 from .zero1 import is_zero1_state, merge_zero1, split_zero1
+from ..storage import accepts_urls
 
 __all__ = ["zero_convert", "ZeroConvertResult"]
 
@@ -66,6 +67,7 @@ class _Cells:
     pp: int
 
 
+@accepts_urls(inputs=("src",), outputs=("dst",))
 def zero_convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,

@@ -26,6 +26,7 @@ from ..formats.hf import read_config
 from ..layout.sharding import stored_name, style_of
 from ..models.llama import dims_from_hf_config
 from ..reshard.model import ShardedModel, open_model
+from ..storage import accepts_urls
 
 __all__ = ["verify_logits", "VerifyReport", "VerifyError", "FAULT_ENV"]
 
@@ -62,6 +63,7 @@ class VerifyReport:
         return out
 
 
+@accepts_urls(inputs=("ckpt", "reference", "config"))
 def verify_logits(
     ckpt: str | os.PathLike,
     reference: str | os.PathLike,

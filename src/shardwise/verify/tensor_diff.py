@@ -17,6 +17,7 @@ from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
 from ..tensors import FileTensorSource, TensorInfo, tensor_bytes, tensor_from_bytes
 from ..units import CHUNK_BYTES
+from ..storage import accepts_urls
 
 __all__ = ["diff", "DiffReport", "Mismatch"]
 
@@ -59,6 +60,7 @@ class DiffReport:
         return out
 
 
+@accepts_urls(inputs=("a", "b", "config"))
 def diff(
     a: str | os.PathLike,
     b: str | os.PathLike,

@@ -1,0 +1,90 @@
+"""The Lightning plugins on object storage: checkpoint paths that are ``s3://`` (any fsspec) URLs.
+
+The same rules as for local paths (:mod:`.paths`), through :mod:`shardwise.storage`:
+
+- save: the folder is written into local scratch, then published (streamed multipart uploads, its
+  ``shardwise.json`` last, see :func:`shardwise.storage.mirror.published`). What may be replaced
+  is what may be replaced locally: nothing, a single object (a ``.ckpt``), a Lightning checkpoint
+  folder shardwise wrote, or a DCP folder; any other folder is an OutputExistsError;
+- load: the checkpoint is fetched to scratch and loaded as a local one; errors name the URL;
+- remove: the objects of a checkpoint (``shardwise.json`` first, so the folder never reads as a
+  whole checkpoint once removal began), or the single object; a missing URL is fine.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import FormatError, OutputExistsError, ShardwiseError
+from ..formats.dcp import METADATA as DCP_METADATA
+from ..storage.entry import renamed_error
+from ..storage.mirror import fetch, published
+from ..storage.transfer import listing, remove_objects
+from ..storage.urls import Remote
+from .folder import FORMAT, write_folder
+from .paths import load
+
+__all__ = ["check_replaceable_url", "save_url", "load_url", "remove_url"]
+
+MANIFEST = "shardwise.json"
+_MISSING, _OBJECT, _CHECKPOINT, _OTHER = "missing", "object", "checkpoint", "other"
+
+
+def _kind(remote: Remote) -> tuple[str, dict]:
+    try:
+        kind, files = listing(remote)
+    except FormatError:
+        return _MISSING, {}
+    if kind == "file":
+        return _OBJECT, files
+    if DCP_METADATA in files:
+        return _CHECKPOINT, files
+    if MANIFEST in files:
+        try:
+            document = json.loads(remote.fs.cat_file(f"{remote.path}/{MANIFEST}"))
+        except (ValueError, UnicodeDecodeError):
+            return _OTHER, files
+        if isinstance(document, dict) and document.get("format") == FORMAT:
+            return _CHECKPOINT, files
+    return _OTHER, files
+
+
+def check_replaceable_url(url: str) -> None:
+    """OutputExistsError unless a save may replace what is at ``url`` (see module docstring)."""
+    if _kind(Remote(url))[0] == _OTHER:
+        raise OutputExistsError(f"{url}: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder); not replaced by a checkpoint")
+
+
+def save_url(snapshot: Any, url: str) -> None:
+    """Write a snapshot (:func:`.folder.snapshot_checkpoint`) as a checkpoint folder at ``url``."""
+    check_replaceable_url(url)
+    with published(url, overwrite=True) as local:
+        write_folder(snapshot, local)
+
+
+def load_url(url: str, *, trust_pickle: bool, verify: bool) -> dict:
+    """The checkpoint dict at ``url`` (see :func:`.paths.load`)."""
+    local, scratch = fetch(url)
+    try:
+        return load(local, trust_pickle=trust_pickle, verify=verify)
+    except (ShardwiseError, OSError) as e:
+        raise renamed_error(e, {str(local): url}) from None
+    finally:
+        scratch.remove()
+
+
+def remove_url(url: str) -> None:
+    """Remove the checkpoint at ``url``; nothing there is fine; FormatError, nothing removed, for another folder."""
+    remote = Remote(url)
+    kind, files = _kind(remote)
+    if kind == _MISSING:
+        return
+    if kind == _OBJECT:
+        remove_objects(remote.fs, [remote.path])
+        return
+    if kind == _OTHER:
+        raise FormatError(f"{url}: not removed: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder)")
+    first = [n for n in (MANIFEST, DCP_METADATA) if n in files]
+    remove_objects(remote.fs, [f"{remote.path}/{n}" for n in first])
+    remove_objects(remote.fs, [f"{remote.path}/{n}" for n in sorted(files) if n not in first])

@@ -1,0 +1,120 @@
+"""Remote inputs and outputs as local paths for the length of one call.
+
+- :func:`fetch` copies a remote file, or every object under a remote folder, into a fresh local
+  scratch folder (``TMPDIR``) under the same base name, so that format detection and suffix rules
+  see what they would see locally. The caller removes the scratch folder (:class:`Scratch`).
+- :func:`published` yields a local path that does not exist yet; when the block succeeds, what was
+  written there is uploaded to the URL and the scratch copy removed. A file becomes one object
+  (whole or absent, see :mod:`.transfer`). A folder's objects go up in an order that makes the
+  output complete or absent to every reader: the data first, then the files that make a folder a
+  model (``config.json``, weight indexes), then the manifest ``shardwise.json``, then ``done``.
+  A folder replaced with ``overwrite`` first loses its manifest and markers, so it reads as
+  incomplete (never as a mix of old and new) until the new manifest lands; objects the new
+  output does not have are deleted last. On failure nothing is uploaded. Object stores cannot
+  rename, so unlike a local output, the old folder is not kept whole while the new one uploads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from ..errors import OutputExistsError
+from .transfer import download_all, listing, remove_objects, upload_all
+from .urls import Remote
+
+__all__ = ["Scratch", "fetch", "published", "publish_order"]
+
+# Objects uploaded after all others, in this order: a folder counts as a model once they are there.
+_COMPLETES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "shardwise.json", "done")
+
+
+class Scratch:
+    """A local scratch folder removed by :meth:`remove` (idempotent)."""
+
+    def __init__(self, prefix: str):
+        self.path = Path(tempfile.mkdtemp(prefix=f"shardwise-{prefix}-"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _basename(remote: Remote) -> str:
+    return PurePosixPath(remote.path.rstrip("/")).name or "root"
+
+
+def fetch(url: str) -> tuple[Path, Scratch]:
+    """Download ``url`` (a file or a folder) into a new scratch folder; (its local path, the scratch).
+
+    FormatError naming the URL when nothing is there; an error while fetching removes the scratch.
+    """
+    remote = Remote(url)
+    kind, files = listing(remote)
+    scratch = Scratch("fetch")
+    local = scratch.path / _basename(remote)
+    try:
+        if kind == "file":
+            download_all([(remote.path, local)], remote.fs)
+        else:
+            local.mkdir()
+            base = remote.path.rstrip("/")
+            download_all([(f"{base}/{rel}", local / rel) for rel in sorted(files)], remote.fs)
+    except BaseException:
+        scratch.remove()
+        raise
+    return local, scratch
+
+
+def publish_order(names: list[str]) -> list[list[str]]:
+    """Upload batches for a folder's relative file names: the data, then each completing file (see module docstring)."""
+    last = [n for n in _COMPLETES if n in names]
+    return [[n for n in sorted(names) if n not in _COMPLETES], *[[n] for n in last]]
+
+
+@contextlib.contextmanager
+def published(url: str, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a local path to write the output for ``url`` into; upload it on success (see module docstring).
+
+    An existing output raises OutputExistsError before anything runs unless ``overwrite``.
+    """
+    remote = Remote(url)
+    existing = _existing(remote)
+    if existing is not None and not overwrite:
+        raise OutputExistsError(f"{url}: output already exists; pass --overwrite (overwrite=True) to replace it")
+    scratch = Scratch("publish")
+    local = scratch.path / _basename(remote)
+    try:
+        yield local
+        _publish(local, remote, existing or {})
+    finally:
+        scratch.remove()
+
+
+def _existing(remote: Remote) -> dict[str, dict] | None:
+    try:
+        return listing(remote)[1]
+    except Exception as e:  # noqa: BLE001 - FormatError for "nothing there"; anything else is a real error
+        from ..errors import FormatError
+
+        if isinstance(e, FormatError):
+            return None
+        raise
+
+
+def _publish(local: Path, remote: Remote, existing: dict[str, dict]) -> None:
+    fs, base = remote.fs, remote.path.rstrip("/")
+    old_folder = {rel for rel in existing if rel}
+    if local.is_file():
+        remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder)])  # a folder replaced by a file
+        upload_all([(local, base)], fs)
+        return
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    if existing and not old_folder:  # a file replaced by a folder
+        remove_objects(fs, [base])
+    remove_objects(fs, [f"{base}/{n}" for n in _COMPLETES if n in old_folder])  # the old output reads as incomplete from here
+    for batch in publish_order(names):
+        upload_all([(local / n, f"{base}/{n}") for n in batch], fs)
+    remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder - set(names))])

@@ -1,0 +1,117 @@
+"""Moving files between local disk and a remote filesystem, streamed in parts.
+
+- :func:`upload` writes a local file to a remote path through the filesystem's buffered writer in
+  parts of ``part_size`` bytes: on S3 a multipart upload once the file outgrows one part, with at
+  most about two parts in memory whatever the file's size. If anything fails (a read error, a
+  refused part, KeyboardInterrupt) the upload is abandoned: S3 aborts the multipart upload, and
+  no object appears under the name. An object is therefore whole or absent, never truncated.
+- :func:`download_all` fetches remote files to local paths, several at a time, each in ranged
+  reads of ``READ_SIZE`` bytes (so a download holds one part per file in memory, not the file).
+- :func:`listing` lists a remote file or folder with sizes: every object under a prefix, however
+  many (the filesystem pages through listings of more than 1000 keys).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import FormatError
+from .urls import Remote
+
+__all__ = ["PART_SIZE", "READ_SIZE", "upload", "upload_all", "download", "download_all", "listing", "remove_objects"]
+
+PART_SIZE = 16 * 2**20  # S3 needs at least 5 MiB per part (but the last); 16 MiB parts allow files up to 156 GiB
+READ_SIZE = 64 * 2**20  # one ranged GET per 64 MiB: few requests, a bounded buffer (times the few files at once)
+_WORKERS = 4  # object stores are latency-bound: a few transfers at once fill the link
+
+
+def upload(local: Path, fs, rpath: str, part_size: int = PART_SIZE) -> None:
+    """Copy the file ``local`` to ``rpath`` on ``fs``, ``part_size`` bytes at a time (see module docstring)."""
+    with open(local, "rb") as src:
+        dst = fs.open(rpath, "wb", block_size=part_size)
+        try:
+            while True:
+                data = src.read(part_size)
+                if not data:
+                    break
+                dst.write(data)
+        except BaseException:
+            _abandon(dst)
+            raise
+        dst.close()
+
+
+def _abandon(f) -> None:
+    """Give up a file being written: S3 aborts its multipart upload; nothing is committed."""
+    try:
+        f.discard()  # s3fs: abort the multipart upload and drop the buffer
+    finally:
+        f.closed = True  # close() would commit what was buffered
+
+
+def upload_all(pairs: Iterable[tuple[Path, str]], fs, part_size: int = PART_SIZE) -> None:
+    """Upload each (local file, remote path), a few at a time; the first failure is raised after the others stop."""
+    pairs = list(pairs)
+    if len(pairs) < 2:
+        for local, rpath in pairs:
+            upload(local, fs, rpath, part_size)
+        return
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardwise-upload") as pool:
+        for future in [pool.submit(upload, local, fs, rpath, part_size) for local, rpath in pairs]:
+            future.result()
+
+
+def download(fs, rpath: str, local: Path, part_size: int = READ_SIZE) -> None:
+    """Copy the remote file ``rpath`` to ``local`` in ranged reads of ``part_size`` bytes (one part in memory at a time)."""
+    with fs.open(rpath, "rb", block_size=part_size, cache_type="none") as src, open(local, "wb") as dst:
+        while True:
+            data = src.read(part_size)
+            if not data:
+                break
+            dst.write(data)
+
+
+def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = READ_SIZE) -> None:
+    """Fetch each (remote path, local file), creating the local folders; streamed, a few files at a time."""
+    pairs = list(pairs)
+    for _, local in pairs:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    if len(pairs) < 2:
+        for rpath, local in pairs:
+            download(fs, rpath, local, part_size)
+        return
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardwise-download") as pool:
+        for future in [pool.submit(download, fs, rpath, local, part_size) for rpath, local in pairs]:
+            future.result()
+
+
+def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
+    """``("file", {"": info})`` for an object, ``("folder", {relpath: info, ...})`` for a prefix.
+
+    ``info`` is the filesystem's description (``size`` and, on S3, ``LastModified``). FormatError
+    naming the URL when nothing is there.
+    """
+    fs = remote.fs
+    fs.invalidate_cache()  # other processes write here too: never answer from a stale listing
+    try:
+        info = fs.info(remote.path)
+    except FileNotFoundError:
+        raise FormatError(f"{remote.url}: no such file or folder") from None
+    if info.get("type") != "directory":
+        return "file", {"": info}
+    base = remote.path.rstrip("/") + "/"
+    found = fs.find(remote.path, detail=True)
+    files = {name[len(base):]: entry for name, entry in found.items() if name.startswith(base) and entry.get("type") != "directory"}
+    return "folder", files
+
+
+def remove_objects(fs, rpaths: Iterable[str]) -> None:
+    """Delete these objects (missing ones are not an error)."""
+    rpaths = list(rpaths)
+    if rpaths:
+        try:
+            fs.rm(rpaths)
+        except FileNotFoundError:
+            pass
