@@ -29,11 +29,12 @@ from ..formats.hf import TOKENIZER_FILES, companion_files, read_config
 from ..formats.views import ViewSource
 from ..jsonfile import read_json_object
 from ..layout.clip_sharding import clip_shard_plan
-from ..layout.tiles import TiledTensor, invert, whole
+from ..layout.tiles import TiledTensor, whole
 from ..models.clip import HF, MCORE, OPENCLIP, OPENCLIP_NOT_WEIGHTS, ClipDims, canonical_infos, name_of
 from ..models.clip_configs import dims_from_hf_config, dims_from_nemo_config, dims_from_openclip, hf_config_from_dims, is_clip_nemo_config, openclip_arch
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .containers import Shards, encoding_of, find_shards
+from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
 __all__ = ["ClipModel", "open_clip_model", "clip_source_kind", "OPENCLIP_CONFIG", "OPENCLIP_WEIGHTS"]
 
@@ -45,7 +46,7 @@ MODEL_KIND = "clip"  # the manifest's parallel.model for CLIP archives
 
 
 @dataclass
-class ClipModel:
+class ClipModel(PlannedModel):
     """A CLIP checkpoint in some layout, with the plan relating its stored tensors to the canonical (HF) ones.
 
     ``plan`` maps each shard (tp_rank, 0) to its stored tensors as tiles of the canonical tensors
@@ -74,15 +75,9 @@ class ClipModel:
     def __post_init__(self) -> None:
         self._grids = {(shard, t.info.name): t.grid for shard, tensors in self.plan.items() for t in tensors if t.grid}
 
-    def inverse(self) -> list[TiledTensor]:
-        """Each canonical tensor as tiles of ``(shard, stored name)``."""
-        return invert(self.plan, self.canonical)
-
     def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
         """The source and entry of ``(shard, stored name)``, seen in the grid its tiles address (a reshaped class token)."""
-        shard, name = ref
-        source = self.shards[shard]
-        entry = source.stored(name)
+        source, entry = super().lookup(ref)
         grid = self._grids.get(ref)
         if grid is not None and tuple(entry.info.shape) != grid:
             entry = replace(entry, info=replace(entry.info, shape=grid))
@@ -92,17 +87,6 @@ class ClipModel:
         """The stored tensor of an mcore ``role`` on rank ``tp_rank``, as a torch tensor (archives only)."""
         return self.shards[(tp_rank, 0)].read(name_of(MCORE, tower, role, layer))
 
-    def close(self) -> None:
-        for source in self.shards.values():
-            source.close()
-        for closer in self._closers:
-            closer.close()
-
-    def __enter__(self) -> "ClipModel":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # -- what a path is ------------------------------------------------------------------------------
@@ -171,10 +155,10 @@ def open_clip_model(path: str | os.PathLike, *, arch: str | None = None, trust_p
 
 # -- HF and OpenCLIP: one shard whose tensors are the canonical ones ----------------------------------
 def _identity(label: str, container: str, dims: ClipDims, source: FileTensorSource, hf_config: dict, *,
-              stored_as: dict[str, str] | None = None, tolerate=lambda name: False) -> ClipModel:
+              stored_as: dict[str, str] | None = None, tolerate=lambda name: False, hint: str = "") -> ClipModel:
     """A model whose single shard holds the canonical tensors by name; every one checked against ``dims``.
 
-    ``stored_as`` names, for messages, what each canonical tensor is called in the file.
+    ``stored_as`` names, for messages, what each canonical tensor is called in the file; ``hint`` ends them.
     """
     expected = canonical_infos(dims, "float32")
     stored_as = stored_as or {}
@@ -185,7 +169,7 @@ def _identity(label: str, container: str, dims: ClipDims, source: FileTensorSour
             raise LayoutError(f"{label}: has no tensor {shown}, which a CLIP of this configuration needs")
         actual = source.info(name).shape
         if tuple(actual) != info.shape:
-            raise LayoutError(f"{label}: {shown} has shape {list(actual)}; the configuration predicts {list(info.shape)}")
+            raise LayoutError(f"{label}: {shown} has shape {list(actual)}; the configuration predicts {list(info.shape)}{hint}")
     extra = [n for n in source.keys() if n not in expected and not tolerate(n)]
     if extra:
         raise LayoutError(f"{label}: holds {len(extra)} tensor(s) a CLIP of this configuration does not have, e.g. {stored_as.get(extra[0], extra[0])}")
@@ -255,7 +239,7 @@ def _open_openclip(path: Path, arch: str | None, trust_pickle: bool) -> ClipMode
         raise
     label = str(path)
     try:
-        model = _identity(label, "openclip", dims, source, hf_config_from_dims(dims), stored_as=stored_as)
+        model = _identity(label, "openclip", dims, source, hf_config_from_dims(dims), stored_as=stored_as, hint=f" (check --arch {arch})" if arch else "")
     except BaseException:
         source.close()
         raise
@@ -302,41 +286,20 @@ def _open_mcore(shards: Shards) -> ClipModel:
         dims = ClipDims.from_dict(parallel["dims"], f"{label}: shardwise.json")
         hf_config = hf_config or parallel.get("config")
     else:
-        vocab = (hf_config or {}).get("text_config", {}).get("vocab_size") if hf_config else None
+        vocab = ((hf_config or {}).get("text_config") or {}).get("vocab_size")
         if vocab is None:
             vocab = padded
             warnings.append(f"{label}: records no vocabulary size; the word embedding keeps its {padded} padded rows")
         dims = dims_from_nemo_config(nemo, f"{label}: model_config.yaml", vocab=vocab)
-    hf_config = hf_config or hf_config_from_dims(dims)
-    canonical = canonical_infos(dims, "float32")
+    if hf_config is None:
+        warnings.append(f"{label}: carries no HF config.json; one is built from its model_config.yaml")
+        hf_config = hf_config_from_dims(dims)
     stored = {shard: {n: source.info(n) for n in source.keys()} for shard, source in shards.sources.items()}
-    plan = clip_shard_plan(dims, canonical, tp, padded)
-    dtypes = {}
+    canonical, plan = plan_with_stored_dtypes(lambda c: clip_shard_plan(dims, c, tp, padded), canonical_infos(dims, "float32"), stored)
     for shard, tensors in plan.items():
-        for tensor in tensors:
-            actual = stored[shard].get(tensor.info.name)
-            for src in tensor.sources():
-                if actual is not None:
-                    dtypes.setdefault(src, actual.dtype)
-    canonical = {n: replace(i, dtype=dtypes.get(n, i.dtype)) for n, i in canonical.items()}
-    plan = clip_shard_plan(dims, canonical, tp, padded)
-    for shard, tensors in plan.items():
-        _check_shard(shards.files[shard], tensors, stored[shard])
+        check_shard(shards.files[shard], tensors, stored[shard], model="a Megatron-core CLIP", hint="check the archive's model_config.yaml")
     return ClipModel(
         label, shards.container, dims, tp, padded, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
         archive=shards.archive, encoding=encoding_of(label, shards.sources), warnings=warnings, _closers=list(shards.closers),
     )
 
-
-def _check_shard(file: str, expected: list[TiledTensor], stored: dict[str, TensorInfo]) -> None:
-    names = set()
-    for tensor in expected:
-        names.add(tensor.info.name)
-        actual = stored.get(tensor.info.name)
-        if actual is None:
-            raise LayoutError(f"{file}: has no tensor {tensor.info.name}, which a CLIP of its model_config.yaml needs at this TP")
-        if tuple(actual.shape) != tensor.info.shape:
-            raise LayoutError(f"{file}: {tensor.info.name} has shape {list(actual.shape)}; the configuration predicts {list(tensor.info.shape)}")
-    extra = [n for n in stored if n not in names and not n.endswith("._extra_state")]  # Transformer Engine's FP8 state
-    if extra:
-        raise LayoutError(f"{file}: holds {len(extra)} tensor(s) a Megatron-core CLIP does not have, e.g. {extra[0]}")

@@ -19,6 +19,7 @@ script does). Everything runs in float32 on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -75,9 +76,11 @@ def clip_infer(
     >>> clip_infer("clip.nemo", "cat.jpg", ["a dog", "a cat"]).ranked()[0]  # doctest: +SKIP
     ('a cat', 0.99...)
     """
-    texts = [t for t in texts if t is not None]
+    texts = list(texts or [])
     if not texts:
         raise OptionError("give at least one text to score: --texts 'a dog' 'a cat'")
+    if not Path(archive).exists():
+        raise FormatError(f"{archive}: no such file or folder")
     if clip_source_kind(archive) != "mcore":
         raise FormatError(f"{archive}: is not a CLIP archive (a .nemo or unpacked folder whose model_config.yaml has vision and text sections)")
     import torch
@@ -96,31 +99,24 @@ def clip_infer(
     return ClipScores(os.fspath(archive), os.fspath(image), list(texts), [float(p) for p in probabilities], scale, fixed_scale, model.tp)
 
 
-class _tokenizer_folder:
-    """``with _tokenizer_folder(model, given) as folder``: ``given``, or the archive's tokenizer artifact (extracted)."""
-
-    def __init__(self, model: ClipModel, given: str | os.PathLike | None) -> None:
-        self.model, self.given, self._tmp = model, given, None
-
-    def __enter__(self) -> Path:
-        if self.given is not None:
-            return Path(self.given)
-        label = self.model.path
-        reference = config_value(self.model.nemo_config or {}, "tokenizer.type")
-        if not (isinstance(reference, str) and reference.startswith(NEMO_PREFIX)):
-            named = f" (it names {reference!r}, which shardwise does not download)" if isinstance(reference, str) else ""
-            raise FormatError(f"{label}: carries no tokenizer{named}; pass --tokenizer FOLDER with the model's tokenizer files, "
-                              f"or convert from a folder that has them (tokenizer.json, or vocab.json and merges.txt)")
-        member = reference[len(NEMO_PREFIX):]
-        if self.model.archive is None:  # an unpacked archive: the artifact is a folder next to model_config.yaml
-            return Path(label) / member
-        self._tmp = tempfile.TemporaryDirectory(prefix="shardwise-tokenizer-")
-        self.model.archive.extract([member], Path(self._tmp.name))
-        return Path(self._tmp.name) / member
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+@contextlib.contextmanager
+def _tokenizer_folder(model: ClipModel, given: str | os.PathLike | None):
+    """``given``, or the archive's tokenizer artifact (extracted to a temporary folder while the block runs)."""
+    if given is not None:
+        yield Path(given)
+        return
+    reference = config_value(model.nemo_config or {}, "tokenizer.type")
+    if not (isinstance(reference, str) and reference.startswith(NEMO_PREFIX)):
+        named = f" (it names {reference!r}, which shardwise does not download)" if isinstance(reference, str) else ""
+        raise FormatError(f"{model.path}: carries no tokenizer{named}; pass --tokenizer FOLDER with the model's tokenizer files, "
+                          f"or convert from a folder that has them (tokenizer.json, or vocab.json and merges.txt)")
+    member = reference[len(NEMO_PREFIX):]
+    if model.archive is None:  # an unpacked archive: the artifact is a folder next to model_config.yaml
+        yield Path(model.path) / member
+        return
+    with tempfile.TemporaryDirectory(prefix="shardwise-tokenizer-") as tmp:
+        model.archive.extract([member], Path(tmp))
+        yield Path(tmp) / member
 
 
 class ClipForward:
