@@ -276,3 +276,14 @@ def test_layouts_a_clip_cannot_take_are_refused_before_anything_is_written(hf, t
     _one_line_error(cli("convert", hf, tmp_path / "x.nemo", "--arch", "ViT-Q-99"), "ViT-Q-99", "ViT-B-32")
     _one_line_error(cli("reshard", hf, tmp_path / "x.nemo", "--tp", "2"), "reshard works on CLIP archives")
     assert listing(tmp_path) == before
+
+
+def test_openclip_configs_that_change_the_forward_are_refused(hf, tmp_path, cli):
+    folder = openclip_folder(tmp_path / "openclip", hf)
+    document = json.loads((folder / "open_clip_config.json").read_text())
+    for section, key, value in (("vision_cfg", "ls_init_value", 1e-5), ("vision_cfg", "attentional_pool", True), ("text_cfg", "hf_model_name", "roberta-base")):
+        changed = json.loads(json.dumps(document))
+        changed["model_cfg"][section][key] = value
+        (folder / "open_clip_config.json").write_text(json.dumps(changed))
+        _one_line_error(cli("convert", folder, tmp_path / "x.nemo"), f"{section}.{key}")
+    assert not (tmp_path / "x.nemo").exists()

@@ -28,7 +28,7 @@ from ..errors import FormatError
 from ..tensors import TensorInfo
 
 __all__ = [
-    "Tower", "ClipDims", "TOWERS", "LAYER_PARAMS", "TOWER_ROLES", "HF", "MCORE", "OPENCLIP",
+    "Tower", "ClipDims", "ClipStyle", "TOWERS", "LAYER_PARAMS", "TOWER_ROLES", "HF", "MCORE", "OPENCLIP",
     "name_of", "canonical_infos", "check_dims", "OPENAI_MEAN", "OPENAI_STD", "ACTIVATIONS",
 ]
 
@@ -50,7 +50,7 @@ def _params(prefix: str, parts: dict[str, str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Style:
+class ClipStyle:
     """One naming style: ``layers[tower]`` maps layer roles to templates (``{i}`` the layer),
     ``tower[(tower, role)]`` the other tensors (tower ``""`` for the logit scale)."""
 
@@ -61,7 +61,7 @@ class Style:
 
 _HF_PARTS = {"ln1": "layer_norm1", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
              "o": "self_attn.out_proj", "ln2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-HF = Style(
+HF = ClipStyle(
     "hf",
     {t: _params(f"{t}_model.encoder.layers.{{i}}.", _HF_PARTS) for t in TOWERS},
     {
@@ -87,7 +87,7 @@ _MCORE_LAYER = {
     "fc1.weight": "mlp.linear_fc1.weight", "fc1.bias": "mlp.linear_fc1.bias",
     "fc2.weight": "mlp.linear_fc2.weight", "fc2.bias": "mlp.linear_fc2.bias",
 }
-MCORE = Style(
+MCORE = ClipStyle(
     "mcore",
     {t: {role: f"model.{t}_encoder.decoder.layers.{{i}}.{stem}" for role, stem in _MCORE_LAYER.items()} for t in TOWERS},
     {
@@ -131,7 +131,7 @@ OPENCLIP = (OPENCLIP_LAYERS, OPENCLIP_TOWER)
 OPENCLIP_NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
-def name_of(style: Style, tower: str, role: str, layer: int | None = None) -> str:
+def name_of(style: ClipStyle, tower: str, role: str, layer: int | None = None) -> str:
     """The name ``role`` of ``tower`` has in ``style`` (``layer`` for layer roles)."""
     if layer is not None:
         return style.layers[tower][role].format(i=layer)
