@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/reshard_bench.py
 	$(PY) benchmarks/save_bench.py
 	$(PY) benchmarks/dcp_bench.py
+	$(PY) benchmarks/clip_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis
