@@ -28,6 +28,7 @@ from pathlib import Path
 from ..archive.artifacts import NEMO_PREFIX, config_value
 from ..errors import FormatError, OptionError
 from ..reshard.clip_model import ClipModel, clip_source_kind, open_clip_model
+from ..storage import accepts_urls
 from .clip_inputs import encode_texts, load_image, load_tokenizer
 
 __all__ = ["ClipScores", "clip_infer", "ClipForward"]
@@ -58,6 +59,7 @@ class ClipScores:
         }
 
 
+@accepts_urls(inputs=("archive", "image", "tokenizer"))
 def clip_infer(
     archive: str | os.PathLike,
     image: str | os.PathLike,
