@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/save_bench.py
 	$(PY) benchmarks/dcp_bench.py
 	$(PY) benchmarks/torch_dist_bench.py
+	$(PY) benchmarks/clip_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

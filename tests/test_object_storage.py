@@ -326,3 +326,16 @@ def test_lightning_saves_to_s3_resumes_from_it_and_removes_old_checkpoints(tmp_p
         other.fs.pipe_file(other.path, b"keep me")
         plugin().save_checkpoint({"x": torch.ones(1)}, f"{bucket}/data")
     assert _objects(f"{bucket}/data") == {"file.txt": 7}
+
+
+def test_clip_infer_reads_an_archive_and_an_image_from_s3(tmp_path, bucket):
+    from clip_builders import TEXTS, make_image, reference_probs, tiny_clip
+    from shardwise.verify.clip_infer import clip_infer
+
+    hf = tiny_clip(tmp_path / "clip")
+    image = make_image(tmp_path / "image.png")
+    assert cli(["convert", str(hf), f"{bucket}/clip.nemo", "--tp", "2", "-q"]) == 0
+    Remote(f"{bucket}/image.png").fs.put_file(str(image), Remote(f"{bucket}/image.png").path)
+    scores = clip_infer(f"{bucket}/clip.nemo", f"{bucket}/image.png", TEXTS)
+    assert scores.archive == f"{bucket}/clip.nemo" and scores.image == f"{bucket}/image.png" and scores.tp == 2
+    assert max(abs(a - b) for a, b in zip(scores.probabilities, reference_probs(hf, image, TEXTS), strict=True)) <= 1e-5

@@ -6,6 +6,7 @@ The public API (everything else is implementation):
 - :func:`convert` between formats, bit-exact unless a dtype is asked for
 - :func:`diff` two checkpoints tensor by tensor -> :class:`DiffReport`
 - :func:`inspect` a checkpoint -> plain dict (what ``shardwise inspect --json`` prints)
+- :func:`clip_infer`: zero-shot probabilities of texts for an image from a CLIP archive -> :class:`ClipScores`
 - :func:`hf_model_path`: the folder of a Hugging Face Hub model, from the huggingface_hub cache
 - :func:`save_to` / :func:`restore_from` a model with its config and artifacts as one
   NeMo-compatible archive; :class:`ArchiveMixin` adds both to an ``nn.Module`` subclass
@@ -37,12 +38,12 @@ from .hub import hf_model_path
 from .report import inspect_path as inspect
 from .tensors import StoredTensor, TensorInfo, TensorSource
 from .training import finalize_checkpoint, load_checkpoint, save_checkpoint
-from .verify import DiffReport, Mismatch, diff
+from .verify import ClipScores, DiffReport, Mismatch, clip_infer, diff
 
 __all__ = [
     "__version__",
     "open", "convert", "diff", "inspect", "hf_model_path", "save_to", "restore_from", "ArchiveMixin", "RestoredArchive",
     "Checkpoint", "ConvertResult", "DiffReport", "Mismatch", "TensorInfo", "TensorSource", "StoredTensor",
     "ShardwiseError", "FormatError", "UnsafeCheckpointError", "OutputExistsError", "IntegrityError",
-    "LayoutError", "OptionError", "HubError", "save_checkpoint", "load_checkpoint", "finalize_checkpoint",
+    "LayoutError", "OptionError", "HubError", "save_checkpoint", "load_checkpoint", "finalize_checkpoint", "clip_infer", "ClipScores",
 ]

@@ -131,6 +131,7 @@ def convert(
     qkv_linear: bool = QkvLinear,
     fuse_qkv: bool = FuseQkv,
     kv_multiplier: Optional[int] = KvMultiplier,
+    arch: Optional[str] = typer.Option(None, "--arch", help="OpenCLIP architecture of a bare OpenCLIP state dict (ViT-B-32, ViT-L-14, ...); converts it as a CLIP."),
     hf_model_name: Optional[str] = HfModelName,
     revision: Optional[str] = Revision,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists (atomically)."),
@@ -144,7 +145,7 @@ def convert(
     result = run(
         src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, config=config, weights_format=weights_format,
         hparams_file=hparams_file, checkpoint_name=checkpoint_name, style=style, tp=tp, pp=pp, qkv_linear=qkv_linear or None,
-        fuse_qkv=fuse_qkv or None, kv_multiplier=kv_multiplier, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
+        fuse_qkv=fuse_qkv or None, kv_multiplier=kv_multiplier, arch=arch, overwrite=overwrite, trust_pickle=trust_pickle, progress=_progress(quiet),
     )
     _report(result)
 
@@ -160,7 +161,7 @@ def _report(result) -> None:
 
 @app.command()
 def reshard(
-    src: Path = typer.Argument(..., help="A sharded checkpoint: nxdt folder, archive or nemo-dir."),
+    src: Path = typer.Argument(..., help="A sharded checkpoint: nxdt folder, archive or nemo-dir (Llama family, or CLIP archives: TP only)."),
     dst: Path = typer.Argument(..., help="Where to write the same format and style at the new layout."),
     tp: Optional[int] = TP,
     pp: Optional[int] = PP,
@@ -250,6 +251,28 @@ def verify(
             f"{report.style} TP={report.tp} PP={report.pp}, {report.tp * report.pp} processes, {report.seconds:.1f} s"
         )
     raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command("clip-infer")
+def clip_infer(
+    archive: Path = typer.Argument(..., help="A Megatron-core CLIP archive (.nemo, any TP) or its unpacked folder."),
+    more_texts: Optional[list[str]] = typer.Argument(None, hidden=True),
+    image: Path = typer.Option(..., "--image", help="The image to classify (any format Pillow reads)."),
+    texts: Optional[list[str]] = typer.Option(None, "--texts", help="The candidate texts: --texts 'a dog' 'a cat' ... (or --texts repeated)."),
+    fixed_scale: bool = typer.Option(False, "--fixed-scale", help="Multiply cosines by 100, as NeMo's megatron_clip_infer.py does, not by the model's exp(logit_scale)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A folder of HF tokenizer files, for archives that carry none."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
+    trust_pickle: bool = TrustPickle,
+) -> None:
+    """Zero-shot CLIP: each text's probability for the image, computed from the archive's own Megatron-core tensors, highest first."""
+    from .verify.clip_infer import clip_infer as run
+
+    scores = run(archive, image, [*(texts or []), *(more_texts or [])], fixed_scale=fixed_scale, tokenizer=tokenizer, trust_pickle=trust_pickle)
+    if as_json:
+        typer.echo(json.dumps(scores.as_dict(), indent=2))
+        return
+    for text, probability in scores.ranked():
+        typer.echo(f"{probability:.4f}  {text}")
 
 
 @app.command()

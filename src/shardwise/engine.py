@@ -199,6 +199,7 @@ def convert(
     qkv_linear: bool | None = None,
     fuse_qkv: bool | None = None,
     kv_multiplier: int | None = None,
+    arch: str | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
@@ -216,7 +217,9 @@ def convert(
 
     Llama-family models also convert between parallel layouts (``to`` = ``nxdt``, ``nemo-dir``,
     ``archive`` or ``hf``; ``style``, ``tp``, ``pp``, ``qkv_linear``, ``fuse_qkv``,
-    ``kv_multiplier``): see :func:`shardwise.reshard.convert.convert_layout`.
+    ``kv_multiplier``): see :func:`shardwise.reshard.convert.convert_layout`. CLIP models (HF
+    ``CLIPModel`` folders, OpenCLIP folders, or an OpenCLIP state dict with ``arch``) convert to
+    Megatron-core CLIP archives at ``tp`` and back: see :func:`shardwise.reshard.clip_convert.convert_clip`.
 
     >>> shardwise.convert("model.safetensors", "model.pt")  # doctest: +SKIP
     """
@@ -227,6 +230,16 @@ def convert(
     from .reshard.convert import convert_layout, layout_route
 
     layout_to = to or _suffix_format(dst)
+    from .reshard.clip_convert import clip_route, convert_clip
+
+    if clip_route(src, layout_to, arch=arch, layout_options=any(layout_options[k] not in (None, False) for k in ("style", "tp", "pp"))):
+        unused = {"--max-shard-size": max_shard_size, "--config": config, "--hparams-file": hparams_file, "--checkpoint-name": checkpoint_name,
+                  "--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier}
+        for name, value in unused.items():
+            if value not in (None, False):
+                raise OptionError(f"{name} does not apply to CLIP conversions")
+        return convert_clip(src, dst, to=layout_to, tp=tp, pp=pp, style=style, arch=arch, dtype=dtype, weights_format=weights_format,
+                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
     if layout_to == "dcp":
         for name, value in (("--weights-format", weights_format), ("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name), ("--max-shard-size", max_shard_size), ("--config", config)):
             if value is not None:

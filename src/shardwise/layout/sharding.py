@@ -25,7 +25,8 @@ from ..errors import LayoutError
 from ..models.llama import CANONICAL, LAYER_ROLES, STYLES, LlamaDims, Style
 from ..tensors import TensorInfo
 from .parallel import check_divides, local_heads, padded_vocab, split_layers
-from .tiles import Tile, TiledTensor, coalesce, whole
+from .build import Piece, side_by_side, stacked_rows, vocab_pieces
+from .tiles import TiledTensor, whole
 
 __all__ = ["ShardedLayout", "shard_plan", "canonical_infos", "stored_name"]
 
@@ -134,31 +135,16 @@ class _Builder:
         except KeyError:
             raise LayoutError(f"the model has no tensor {name}") from None
 
-    def rows(self, name: str, pieces: list[tuple[TensorInfo | None, int, int]], cols: int, dtype: str | None = None) -> None:
+    def rows(self, name: str, pieces: list[Piece], cols: int, dtype: str | None = None) -> None:
         """Stack row ranges (source or None for zeros, first row, row count) into one tensor of ``cols`` columns."""
-        tiles, row, dtype = [], 0, _one_dtype(name, [p[0] for p in pieces], dtype)
-        for info, first, count in pieces:
-            tiles.append(Tile(row, 0, count, cols, info.name, first, 0) if info else Tile(row, 0, count, cols, None))
-            row += count
-        self.out.append(TiledTensor(TensorInfo(name, (row, cols), dtype), tuple(coalesce(tiles))))
+        self.out.append(stacked_rows(name, pieces, cols, dtype))
 
     def columns(self, name: str, info: TensorInfo, pieces: list[tuple[int, int]]) -> None:
         """Columns ranges (first column, count) of ``info``, side by side."""
-        tiles, col = [], 0
-        for first, count in pieces:
-            tiles.append(Tile(0, col, info.shape[0], count, info.name, 0, first))
-            col += count
-        self.out.append(TiledTensor(TensorInfo(name, (info.shape[0], col), info.dtype), tuple(coalesce(tiles))))
+        self.out.append(side_by_side(name, info, pieces))
 
     def replicate(self, name: str, info: TensorInfo) -> None:
         self.out.append(whole(TensorInfo(name, info.shape, info.dtype), info.name))
-
-
-def _one_dtype(name: str, infos: list[TensorInfo | None], default: str | None) -> str:
-    dtypes = {i.dtype for i in infos if i is not None} or {default}
-    if len(dtypes) != 1:
-        raise LayoutError(f"{name}: would fuse tensors of different dtypes ({', '.join(sorted(dtypes))}); convert them to one dtype first (--dtype)")
-    return dtypes.pop()
 
 
 def shard_plan(dims: LlamaDims, canonical: dict[str, TensorInfo], layout: ShardedLayout) -> dict[Shard, list[TiledTensor]]:
@@ -202,18 +188,7 @@ def _vocab_rows(dims: LlamaDims, canonical: dict[str, TensorInfo], layout: Shard
     else:
         check_divides("vocabulary rows", vocab, layout.tp, "tensor parallel size", hint=f"the {layout.style} style does not pad the vocabulary")
         padded = vocab
-    per_rank = padded // layout.tp
-
-    def rows(info: TensorInfo, tp_rank: int) -> list[tuple[TensorInfo | None, int, int]]:
-        start, stop = tp_rank * per_rank, (tp_rank + 1) * per_rank
-        pieces = []
-        if start < vocab:
-            pieces.append((info, start, min(stop, vocab) - start))
-        if stop > vocab:
-            pieces.append((None, max(start, vocab), stop - max(start, vocab)))
-        return pieces
-
-    return rows
+    return lambda info, tp_rank: vocab_pieces(info, vocab, padded, layout.tp, tp_rank)
 
 
 def _layer(b: _Builder, layer: int, index: int, q_heads: list[int], kv_heads: list[int], arrangement: str, tp_rank: int) -> None:

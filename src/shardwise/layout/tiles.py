@@ -55,14 +55,21 @@ class Tile:
 
 @dataclass(frozen=True)
 class TiledTensor:
-    """One output tensor and the tiles that fill it."""
+    """One output tensor and the tiles that fill it.
+
+    ``grid`` (rows, cols) is the matrix the tiles address when it is not the tensor's own
+    first-dimension-by-the-rest view: a stored tensor that is a reshape of its source with the same
+    bytes (NeMo's CLIP class token is ``(1, 1, width)``, HF's ``(width,)``) is tiled as its source's
+    matrix. Readers of such a stored tensor see it in that grid too (see ``ClipModel.lookup``).
+    """
 
     info: TensorInfo
     tiles: tuple[Tile, ...]
+    grid: tuple[int, int] | None = None
 
     @property
     def matrix(self) -> tuple[int, int]:
-        return matrix_shape(self.info.shape)
+        return self.grid or matrix_shape(self.info.shape)
 
     def sources(self) -> set:
         return {t.src for t in self.tiles if t.src is not None}
@@ -163,7 +170,7 @@ def read_through(tensor: TiledTensor, tiles_of: Callable[[Hashable], "tuple[Tile
                     t.row + r0 - t.src_row, t.col + c0 - t.src_col, r1 - r0, c1 - c0,
                     s.src, s.src_row + r0 - s.row, s.src_col + c0 - s.col,
                 ))
-    return TiledTensor(tensor.info, tuple(coalesce(tiles)))
+    return TiledTensor(tensor.info, tuple(coalesce(tiles)), tensor.grid)
 
 
 def coalesce(tiles: Iterable[Tile]) -> list[Tile]:

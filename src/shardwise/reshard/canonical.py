@@ -16,7 +16,11 @@ __all__ = ["CanonicalSource", "open_canonical", "open_layout_checkpoint"]
 
 
 class CanonicalSource(TiledSource):
-    """The canonical tensors of ``model`` (see module docstring). Closing it closes the model."""
+    """The canonical tensors of ``model`` (see module docstring). Closing it closes the model.
+
+    ``model`` is a :class:`ShardedModel` or a CLIP ``ClipModel``: anything with ``inverse()``,
+    ``lookup(ref)`` and ``close()``.
+    """
 
     def __init__(self, model: ShardedModel) -> None:
         super().__init__()
@@ -45,8 +49,11 @@ class _View:
 def open_layout_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None = None, trust_pickle: bool = False) -> "_View | None":
     """The canonical view of a sharded or Megatron-style checkpoint (see :func:`open_canonical`), or
     None for checkpoints that compare tensor by tensor as they are; the shards are found once."""
+    from .clip_model import clip_source_kind, open_clip_model
     from .convert import layout_route
 
+    if clip_source_kind(path) in ("mcore", "openclip"):  # CLIP archives and OpenCLIP folders compare under HF names
+        return _View(CanonicalSource(open_clip_model(path, trust_pickle=trust_pickle)))
     route = layout_route(path, "hf", {}, trust_pickle=trust_pickle)
     return None if route is None else open_canonical(route, config=config, trust_pickle=trust_pickle)
 

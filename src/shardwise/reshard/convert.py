@@ -29,11 +29,11 @@ from ..progress import NO_PROGRESS, Progress
 from ..units import parse_size
 from .containers import CONTAINERS, Shards, find_shards
 from .model import ShardedModel, open_model
-from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config
+from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config, nemo_precision
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 from ..storage import accepts_urls
 
-__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine"]
+__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine", "archive_artifacts", "hf_companions"]
 
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
 
@@ -165,8 +165,18 @@ def convert_layout(
     ``expect_layers`` and ``expect`` (layout fields such as ``tp``, ``qkv``, or ``encoding``) are
     checked against the source before anything is written. ``weights_format`` is how the output
     stores tensors: ``torch`` or ``xser`` for nxdt (and for ``full_state_file``), ``torch`` or
-    ``safetensors`` for archives; resharding keeps the source's unless it is given.
+    ``safetensors`` for archives; resharding keeps the source's unless it is given. A CLIP ``src``
+    is handed to :func:`~.clip_convert.convert_clip` (archives and HF folders, TP only).
     """
+    from .clip_convert import clip_route, convert_clip
+
+    if not isinstance(src, Shards) and full_state_file is None and clip_route(src, to, layout_options=True):
+        for name, value in (("--qkv-linear", qkv_linear), ("--fuse-qkv", fuse_qkv), ("--kv-size-multiplier", kv_multiplier), ("--config", config),
+                            ("--max-shard-size", max_shard_size)):
+            if value not in (None, False):
+                raise OptionError(f"{name} does not apply to CLIP checkpoints")
+        return convert_clip(src, dst, to=to, tp=tp, pp=pp, style=style, dtype=dtype, weights_format=weights_format, keep_layout=keep_layout,
+                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
     started = time.perf_counter()
     dst = Path(dst)
     cast = parse_cast_dtype(dtype).name if dtype else None
@@ -201,7 +211,7 @@ def convert_layout(
             _no_layout_options(tp, pp, style, qkv_linear, fuse_qkv, kv_multiplier)
             tensors = source.inverse()
             complete = full_state_file is None  # NxD's checkpoint.pt + config.json stays as NxD writes it
-            files = write_hf(dst, tensors, streamer, add_files=lambda stage: _hf_companions(source, stage, hf_config, warnings, cast, complete),
+            files = write_hf(dst, tensors, streamer, add_files=lambda stage: hf_companions(source, stage, hf_config, warnings, cast, complete),
                              overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file,
                              xser=encoding == "xser")
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
@@ -242,18 +252,22 @@ def _no_layout_options(*values) -> None:
 
 
 def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite, warnings) -> list[str]:
-    precision = {"bfloat16": "bf16", "float16": 16, "float32": 32}.get(streamer.out_dtype(next(iter(source.canonical.values())).dtype), 32)
+    precision = nemo_precision(streamer.out_dtype(next(iter(source.canonical.values())).dtype))
     config = nemo_llama_config(source.dims, hf_config, tp=layout.tp, pp=layout.pp, vocab_multiple=layout.vocab_multiple or 1, precision=precision)
     with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
-        artifacts = _artifacts(source, Path(tmp), hf_config, config)
+        artifacts = archive_artifacts(source, Path(tmp), hf_config, config)
         return write_nemo(
             dst, plan, streamer, config=config, artifacts=artifacts, tp=layout.tp, pp=layout.pp, parallel=parallel,
             weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite,
         )
 
 
-def _artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -> list[PlannedArtifact]:
-    """The source's config.json, tokenizer and other files as archive artifacts, named in ``config``."""
+def archive_artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -> list[PlannedArtifact]:
+    """The source's config.json, tokenizer and other files as archive artifacts, named in ``config``.
+
+    ``source`` is a :class:`ShardedModel` or anything with its ``path``, ``container``,
+    ``checkpoint``, ``archive`` and ``generation_config`` (a CLIP ``ClipModel``).
+    """
     from ..archive.artifacts import set_config_value
     from ..archive.convert import HF_CONFIG_KEY, HF_EXTRA_KEY
 
@@ -325,7 +339,7 @@ def _generation_config(source: ShardedModel) -> dict | None:
         return read_json_object(found, "generation config") if found is not None else None
 
 
-def _hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: list[str], cast: str | None, complete: bool) -> list[str]:
+def hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: list[str], cast: str | None, complete: bool) -> list[str]:
     """config.json and the tokenizer/extra files next to HF weights; returns the names written.
 
     ``complete`` also makes the folder what save_pretrained writes (see

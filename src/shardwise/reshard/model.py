@@ -12,18 +12,17 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Hashable
 
 from ..errors import FormatError, LayoutError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.hf import read_config
 from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_of
-from ..layout.stream import TiledSource
-from ..layout.tiles import TiledTensor, invert, read_through
+from ..layout.tiles import TiledTensor
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
-from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from ..tensors import FileTensorSource, TensorInfo
 from .containers import Shards, encoding_of, find_shards, read_model_config
 from .nemo_config import dims_from_nemo_config
+from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
 __all__ = ["ShardedModel", "open_model", "open_shards", "detect_style"]
 
@@ -32,7 +31,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
-class ShardedModel:
+class ShardedModel(PlannedModel):
     """A Llama-family checkpoint in some layout, with the plan that relates it to the canonical model.
 
     ``plan`` maps each shard to its stored tensors as tiles of the canonical (HF) tensors;
@@ -58,42 +57,6 @@ class ShardedModel:
     encoding: str = "torch"  # how the shards store tensors: torch, safetensors or xser
     _closers: list = field(default_factory=list)
 
-    def inverse(self) -> list[TiledTensor]:
-        """Each canonical tensor as tiles of ``(shard, stored name)``; where a shard's tensors are
-        themselves tiled (a :class:`~shardwise.layout.stream.TiledSource`: DCP chunks, stacked
-        layers), as tiles of ``(shard, that source's ref)``, so nothing is assembled in between."""
-        inverse = invert(self.plan, self.canonical)
-        tiled = {shard for shard, source in self.shards.items() if isinstance(source, TiledSource)}
-        if not tiled:
-            return inverse
-
-        def tiles_of(ref: tuple[Shard, str]):
-            shard, name = ref
-            if shard not in tiled:
-                return None
-            return tuple(replace(t, src=None if t.src is None else (shard, t.src)) for t in self.shards[shard].tiled(name).tiles)
-
-        return [read_through(tensor, tiles_of) for tensor in inverse]
-
-    def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
-        """The source and stored tensor of a ref of :meth:`inverse` (or ``(shard, stored name)``)."""
-        shard, name = ref
-        source = self.shards[shard]
-        if isinstance(source, TiledSource) and not isinstance(name, str):
-            return source.lookup(name)
-        return source, source.stored(name)
-
-    def close(self) -> None:
-        for source in self.shards.values():
-            source.close()
-        for closer in self._closers:
-            closer.close()
-
-    def __enter__(self) -> "ShardedModel":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def detect_style(names: list[str]) -> tuple[str, str, str]:
@@ -304,36 +267,11 @@ def _finish(label, container, layout, dims, hf_config, sources, files, warnings,
     has_lm_head = lm_name in last and not (dims.tied and (layout.pp > 1 or layout.style == "hf"))
     inv_freq = style.keeps_inv_freq and any(n.endswith("inv_freq") for n in stored[(0, 0)])
     canonical = canonical_infos(dims, "float32", lm_head=has_lm_head, inv_freq=inv_freq)
-    plan = shard_plan(dims, canonical, layout)
-    dtypes: dict[str, str] = {}
+    canonical, plan = plan_with_stored_dtypes(lambda c: shard_plan(dims, c, layout), canonical, stored)
     for shard, tensors in plan.items():
-        for tensor in tensors:
-            actual = stored[shard].get(tensor.info.name)
-            for src in tensor.sources():
-                if actual is not None:
-                    dtypes.setdefault(src, actual.dtype)
-    canonical = {n: replace(i, dtype=dtypes.get(n, i.dtype)) for n, i in canonical.items()}
-    plan = shard_plan(dims, canonical, layout)
-    for shard, tensors in plan.items():
-        _check_shard(files[shard], tensors, stored[shard], tolerate)
+        check_shard(files[shard], tensors, stored[shard], model="a Llama model in this layout", hint="check --config and the TP/Q-K-V options", tolerate=tolerate)
     return ShardedModel(
         label, container, layout, dims, hf_config, dict(sources), plan, canonical, dict(files), nemo_config,
         archive=archive, warnings=warnings, encoding=encoding, _closers=list(closers),
     )
 
-
-def _check_shard(file: str, expected: list[TiledTensor], stored: dict[str, TensorInfo], tolerate) -> None:
-    names = set()
-    for tensor in expected:
-        names.add(tensor.info.name)
-        actual = stored.get(tensor.info.name)
-        if actual is None:
-            raise LayoutError(f"{file}: has no tensor {tensor.info.name}, which this layout needs; the layout is not what the files and options suggest")
-        if actual.shape != tensor.info.shape:
-            raise LayoutError(
-                f"{file}: {tensor.info.name} has shape {list(actual.shape)}, the layout predicts {list(tensor.info.shape)} "
-                f"(check --config and the TP/Q-K-V options)"
-            )
-    extra = [n for n in stored if n not in names and n not in tolerate and not n.endswith("._extra_state")]
-    if extra:
-        raise LayoutError(f"{file}: holds {len(extra)} tensor(s) a Llama model in this layout does not have, e.g. {extra[0]}")

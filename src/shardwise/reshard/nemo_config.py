@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..models.llama import LlamaDims
 
-__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple", "rope_settings"]
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple", "rope_settings", "nemo_precision"]
 
 
 def default_vocab_multiple(vocab: int) -> int:
@@ -18,6 +18,11 @@ def default_vocab_multiple(vocab: int) -> int:
     while vocab % multiple:
         multiple //= 2
     return multiple
+
+
+def nemo_precision(dtype: str):
+    """NeMo's ``precision`` for weights of ``dtype``: ``bf16``, 16 or 32 (anything else counts as 32)."""
+    return {"bfloat16": "bf16", "float16": 16, "float32": 32}.get(dtype, 32)
 
 
 def rope_settings(hf_config: dict) -> dict:

@@ -1,0 +1,132 @@
+"""Converting CLIP checkpoints, streaming: HF or OpenCLIP into Megatron-core CLIP archives at any TP,
+archives back to HF folders, and archives to archives at another TP (``reshard``).
+
+The source is opened as a :class:`~.clip_model.ClipModel`; the target's tiles
+(:func:`~shardwise.layout.clip_sharding.clip_shard_plan`) are composed with the source's inverse,
+so each target tensor is copied from the source's stored rectangles directly (per-head Q/K/V
+fusion, vocabulary padding, OpenCLIP's transposed projections included): no full model in memory,
+one tensor's chunks at a time. Outputs are written by the same writers as the Llama family's
+(archive tar, unpacked folder, HF folder), atomically, with ``shardwise.json`` last.
+
+The archive carries the source's HF config.json (derived from the OpenCLIP or NeMo config when the
+source has none), its tokenizer files (``tokenizer: {library: huggingface, type: nemo:<hash>_tokenizer}``;
+NeMo's own CLIP configs name a Hub repository instead) and its other companion files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from ..dtypes import parse_cast_dtype
+from ..engine import ConvertResult
+from ..errors import OptionError
+from ..formats.hf_conventions import config_for_dtype
+from ..layout.clip_sharding import check_clip_tp, clip_shard_plan
+from ..layout.parallel import padded_vocab
+from ..layout.stream import TileStreamer
+from ..layout.tiles import compose
+from ..models.clip_configs import nemo_clip_config
+from ..progress import NO_PROGRESS, Progress
+from .clip_model import MODEL_KIND, ClipModel, clip_source_kind, open_clip_model
+from .convert import archive_artifacts, hf_companions
+from .nemo_config import default_vocab_multiple, nemo_precision
+from .write import write_hf, write_nemo
+
+__all__ = ["convert_clip", "clip_route", "CLIP_OUTPUTS"]
+
+CLIP_OUTPUTS = ("archive", "nemo-dir", "hf")
+
+
+def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = None, layout_options: bool = False) -> bool:
+    """Whether converting ``src`` into ``to`` is a CLIP conversion (:func:`convert_clip`).
+
+    It is for an OpenCLIP source (or ``arch`` given) or a Megatron-core CLIP archive going to an
+    archive, nemo-dir or HF folder, and for an HF CLIP folder going to an archive or nemo-dir;
+    layout options (``--tp``, ``--pp``, ``--style``) make any CLIP source one. Anything else (an
+    HF CLIP copied as safetensors, say) is a plain tensor copy.
+    """
+    kind = clip_source_kind(src, arch)
+    if kind is None:
+        return False
+    outputs = CLIP_OUTPUTS if kind != "hf" else ("archive", "nemo-dir")
+    return arch is not None or layout_options or to in outputs
+
+
+def convert_clip(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    tp: int | None = None,
+    pp: int | None = None,
+    style: str | None = None,
+    arch: str | None = None,
+    dtype: str | None = None,
+    weights_format: str | None = None,
+    keep_layout: bool = False,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> ConvertResult:
+    """Convert the CLIP at ``src`` into ``to`` (``archive``, ``nemo-dir`` or ``hf``) at ``dst``.
+
+    ``tp`` is the output's tensor-parallel size (archives; default 1, or the source's with
+    ``keep_layout``, which is ``shardwise reshard``: same container and encoding, new TP). ``arch``
+    names the OpenCLIP architecture of a bare state dict (``ViT-B-32`` ...). Bit-exact unless
+    ``dtype`` casts; ``weights_format`` is ``torch`` (``model_weights.ckpt``) or ``safetensors``
+    for archives. Raises LayoutError when the heads or MLP do not split over ``tp`` (or ``pp`` is
+    not 1), OptionError for options that do not apply, FormatError for unreadable sources; nothing
+    is written then.
+
+    >>> convert_clip("clip-vit-base-patch32/", "clip.nemo", to="archive", tp=2)  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    dst = Path(dst)
+    cast = parse_cast_dtype(dtype).name if dtype else None
+    if style not in (None, "mcore"):
+        raise OptionError(f"--style {style}: CLIP archives are Megatron-core (mcore) archives")
+    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle) as model:
+        if keep_layout and model.container not in ("archive", "nemo-dir"):
+            raise OptionError(f"{src}: is an unsharded {model.container} CLIP; reshard works on CLIP archives, use convert --to archive --tp N")
+        to = to or (model.container if keep_layout else None)
+        if to not in CLIP_OUTPUTS:
+            given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
+            raise OptionError(f"{given}: a CLIP converts to {', '.join(CLIP_OUTPUTS)}")
+        hf_config = config_for_dtype(model.hf_config, cast) if cast else model.hf_config
+        streamer = TileStreamer(model.lookup, progress, cast)
+        warnings = list(model.warnings)
+        if to == "hf":
+            if tp not in (None, 1) or pp not in (None, 1) or weights_format not in (None, "safetensors"):
+                raise OptionError("--tp, --pp and --weights-format do not apply to --to hf (HF folders are unsharded safetensors)")
+            tensors = model.inverse()
+            files = write_hf(dst, tensors, streamer, overwrite=overwrite,
+                             add_files=lambda stage: hf_companions(model, stage, hf_config, warnings, cast, True))
+            count, total = len(tensors), sum(t.info.nbytes for t in tensors)
+        else:
+            tp = tp or (model.tp if keep_layout else 1)
+            check_clip_tp(model.dims, tp, pp or 1)
+            encoding = weights_format or (model.encoding if keep_layout and model.encoding in ("torch", "safetensors") else "torch")
+            files, count, total = _write_archive(model, dst, to, tp, streamer, hf_config, encoding, overwrite)
+    return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
+
+
+def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool):
+    """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes)."""
+    multiple = (model.nemo_config or {}).get("make_vocab_size_divisible_by") or default_vocab_multiple(model.dims.vocab)
+    padded = padded_vocab(model.dims.vocab, multiple, tp)
+    plan = compose(clip_shard_plan(model.dims, model.canonical, tp, padded), model.inverse())
+    precision = nemo_precision(streamer.out_dtype(next(iter(model.canonical.values())).dtype))
+    config = nemo_clip_config(model.dims, tp=tp, vocab_multiple=multiple, precision=precision)
+    parallel = {
+        "container": to, "encoding": encoding, "model": MODEL_KIND,
+        "layout": {"style": "mcore", "tp": tp, "pp": 1, "vocab_multiple": multiple, "padded_vocab": padded},
+        "dims": model.dims.as_dict(), "config": hf_config,
+    }
+    with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
+        artifacts = archive_artifacts(model, Path(tmp), hf_config, config)
+        files = write_nemo(dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=1, parallel=parallel,
+                           weights_format=encoding, unpacked=(to == "nemo-dir"), overwrite=overwrite)
+    return files, sum(len(t) for t in plan.values()), sum(t.info.nbytes for tensors in plan.values() for t in tensors)
