@@ -244,10 +244,10 @@ def _storage(info: Any, files: DcpFiles, sizes: dict[str, int]) -> tuple[str, in
     if name not in sizes:
         region = files.region(name)
         if region is None:
-            raise _Bad(f"storage file {files.path(name)} is missing")
+            raise _Bad(f"storage file {name} is missing")
         sizes[name] = region.size
     if offset + length > sizes[name]:
-        raise _Bad(f"{files.path(name)} is truncated: a chunk needs bytes up to {offset + length} but the file has {sizes[name]}")
+        raise _Bad(f"{name} is truncated: a chunk needs bytes up to {offset + length} but the file has {sizes[name]}")
     return name, offset, length
 
 
