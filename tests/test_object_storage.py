@@ -46,6 +46,9 @@ def s3_server():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a client made before (without these credentials) must not be reused
     try:
         deadline = time.monotonic() + 30
         while True:
