@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dcp_bench.py
 	$(PY) benchmarks/torch_dist_bench.py
 	$(PY) benchmarks/clip_bench.py
+	$(PY) benchmarks/s3_bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

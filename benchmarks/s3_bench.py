@@ -30,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--workdir", type=Path, default=Path("bench-s3"))
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "shardwise-bench-s3", help="kept between runs: the source is built once")
     args = p.parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
