@@ -266,14 +266,19 @@ shardwise.save_checkpoint(sys.argv[1], "killed", model={"w": torch.ones(4)}, opt
 def test_a_save_killed_mid_upload_leaves_the_last_good_checkpoint_and_is_cleaned_up(tmp_path, bucket):
     root = f"{bucket}/run"
     shardwise.save_checkpoint(root, "good", model={"w": torch.zeros(4)})
-    killed = subprocess.run([sys.executable, "-c", _KILLED_SAVE, root], capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -9, killed.stderr
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, root], stderr=subprocess.PIPE, text=True)
+    assert killed.wait(120) == -9, killed.stderr.read()
+    import tempfile
+
+    scratch = list(Path(tempfile.gettempdir()).glob(f"shardwise-save-{killed.pid}-*"))
+    assert len(scratch) == 1  # the killed process left its scratch copy behind
     assert "killed/checkpoint" in _objects(root) and "killed/done" not in _objects(root)  # half a tag, never complete
     loaded: dict = {}
     shardwise.load_checkpoint(root, model=loaded)
     assert torch.equal(loaded["w"], torch.zeros(4))  # the killed save is passed over
     shardwise.save_checkpoint(root, "next", model={"w": torch.full((4,), 2.0)}, num_kept_ckpts=1)
     assert sorted({rel.split("/")[0] for rel in _objects(root)}) == ["next"]  # retention removed both older tags
+    assert not scratch[0].exists()  # the next save swept it
 
 
 def test_a_failed_save_deletes_what_it_uploaded(bucket, monkeypatch):
@@ -342,3 +347,85 @@ def test_clip_infer_reads_an_archive_and_an_image_from_s3(tmp_path, bucket):
     scores = clip_infer(f"{bucket}/clip.nemo", f"{bucket}/image.png", TEXTS)
     assert scores.archive == f"{bucket}/clip.nemo" and scores.image == f"{bucket}/image.png" and scores.tp == 2
     assert max(abs(a - b) for a, b in zip(scores.probabilities, reference_probs(hf, image, TEXTS), strict=True)) <= 1e-5
+
+
+def test_overwrite_never_swaps_a_folder_for_a_file_and_an_interrupted_one_leaves_no_mixed_model(tmp_path, bucket, monkeypatch, capsys):
+    a, b = tiny_llama(tmp_path / "a", seed=1), tiny_llama(tmp_path / "b", seed=2)
+    keep = Remote(f"{bucket}/data/important.txt")
+    keep.fs.pipe_file(keep.path, b"keep me")
+    assert cli(["convert", str(a / "model.safetensors"), f"{bucket}/data", "--to", "safetensors", "--overwrite", "-q"]) == 2
+    assert "exists and is a folder" in capsys.readouterr().err and _objects(f"{bucket}/data") == {"important.txt": 7}
+    url = f"{bucket}/nd"
+    assert cli(["convert", str(a), url, "--to", "nemo-dir", "--tp", "2", "-q"]) == 0
+    real = transfer.upload
+
+    def fail_on_rank_1(local, fs, rpath, *args, **kwargs):
+        if "mp_rank_01" in rpath:
+            raise OSError(5, "connection reset")
+        return real(local, fs, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(transfer, "upload", fail_on_rank_1)
+    assert cli(["convert", str(b), url, "--to", "nemo-dir", "--tp", "2", "--overwrite", "-q"]) == 2
+    left = _objects(url)
+    assert not any(name.startswith("mp_rank_01") for name in left)  # nothing of the old output is left beside the new
+    assert not {"model_config.yaml", "shardwise.json"} & set(left)  # and what is there does not read as a model
+    monkeypatch.undo()
+    assert cli(["convert", url, str(tmp_path / "out"), "--to", "hf", "-q"]) == 2
+
+
+def test_a_complete_remote_tag_is_not_saved_over_and_an_incomplete_one_is(bucket):
+    root = f"{bucket}/run"
+    shardwise.save_checkpoint(root, "latest", model={"w": torch.zeros(2)})
+    with pytest.raises(shardwise.OutputExistsError, match="save under a new tag, or remove it first"):
+        shardwise.save_checkpoint(root, "latest", model={"w": torch.ones(2)})
+    loaded: dict = {}
+    shardwise.load_checkpoint(root, model=loaded)
+    assert torch.equal(loaded["w"], torch.zeros(2))
+    done = Remote(f"{root}/latest/done")
+    done.fs.rm(done.path)  # as a save killed before its end leaves it
+    shardwise.save_checkpoint(root, "latest", model={"w": torch.ones(2)})
+    shardwise.load_checkpoint(root, model=loaded)
+    assert torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_folder_marker_keys_file_urls_and_lazy_reads_after_open(tmp_path, bucket):
+    hf = tiny_llama(tmp_path / "hf")
+    url = f"{bucket}/hf"
+    assert cli(["convert", str(hf), url, "--to", "hf", "--max-shard-size", "20KB", "-q"]) == 0
+    marker = Remote(f"{url}/")
+    marker.fs.call_s3("put_object", Bucket=bucket[5:], Key="hf/", Body=b"")  # what consoles create for a "folder"
+    tensors = shardwise.open(url).tensors  # the checkpoint object itself is dropped at once
+    import gc
+
+    gc.collect()
+    with shardwise.open(hf) as original:
+        assert all(torch.equal(tensors.read(k), original.tensors.read(k)) for k in original.tensors.keys())
+    out = tmp_path / "via-file-url.safetensors"
+    shardwise.convert(f"file://{hf / 'model.safetensors'}", f"file://{out}")
+    assert out.is_file() and shardwise.diff(out, hf / "model.safetensors").equal
+
+
+def test_a_refused_completion_aborts_the_multipart_upload(tmp_path, bucket, monkeypatch):
+    part = 5 * 2**20
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(3 * part))
+    remote = Remote(f"{bucket}/big.bin")
+    import s3fs
+
+    def refuse(self):
+        raise OSError(5, "completion refused")
+
+    monkeypatch.setattr(s3fs.core.S3File, "commit", refuse)
+    with pytest.raises(OSError, match="completion refused"):
+        transfer.upload(local, remote.fs, remote.path, part_size=part)
+    assert not remote.fs.exists(remote.path) and _multipart_uploads(bucket) == []
+
+
+def test_a_lightning_save_cut_before_its_manifest_is_replaced_by_the_next(tmp_path, bucket):
+    from shardwise.lightning import ShardwiseCheckpointIO
+
+    left = Remote(f"{bucket}/ckpts/last.ckpt/checkpoint.safetensors")
+    left.fs.pipe_file(left.path, b"half a payload")
+    plugin = ShardwiseCheckpointIO()
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, f"{bucket}/ckpts/last.ckpt")
+    assert torch.equal(plugin.load_checkpoint(f"{bucket}/ckpts/last.ckpt")["state_dict"]["w"], torch.ones(2))

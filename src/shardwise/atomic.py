@@ -42,11 +42,11 @@ def remove_stale_stages(folder: Path) -> None:
     """Remove the staging entries in ``folder`` whose writing process no longer exists (killed mid-write)."""
     for child in folder.iterdir():
         m = _STAGE.fullmatch(child.name)
-        if m and not _process_exists(int(m["pid"])):
+        if m and not process_exists(int(m["pid"])):
             _remove(child)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
-from ..storage.urls import url_text
+from ..storage.urls import file_url_path, url_text
 from ..training import background
 from ..training.api import finalize_checkpoint
 from ..training.assign import SnapshotBuffers, replace_tensors
@@ -42,7 +42,7 @@ def _checkpoint_io_bases() -> tuple[type, ...]:
 
 def _where(path: Any) -> Path | str:
     """A checkpoint path as a local Path, or as a URL string (``s3://...``, see :mod:`.remote`)."""
-    return url_text(path) or Path(os.fspath(path))
+    return url_text(path) or Path(file_url_path(path) or os.fspath(path))
 
 
 def _identity(where: Path | str) -> str:

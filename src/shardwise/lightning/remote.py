@@ -5,7 +5,8 @@ The same rules as for local paths (:mod:`.paths`), through :mod:`shardwise.stora
 - save: the folder is written into local scratch, then published (streamed multipart uploads, its
   ``shardwise.json`` last, see :func:`shardwise.storage.mirror.published`). What may be replaced
   is what may be replaced locally: nothing, a single object (a ``.ckpt``), a Lightning checkpoint
-  folder shardwise wrote, or a DCP folder; any other folder is an OutputExistsError;
+  folder shardwise wrote (or the payload a save cut off before its manifest left), or a DCP
+  folder; any other folder is an OutputExistsError;
 - load: the checkpoint is fetched to scratch and loaded as a local one; errors name the URL;
 - remove: the objects of a checkpoint (``shardwise.json`` first, so the folder never reads as a
   whole checkpoint once removal began), or the single object; a missing URL is fine.
@@ -22,7 +23,7 @@ from ..storage.entry import renamed_error
 from ..storage.mirror import fetch, published
 from ..storage.transfer import listing, remove_objects
 from ..storage.urls import Remote
-from .folder import FORMAT, write_folder
+from .folder import FORMAT, PAYLOAD, PICKLED, write_folder
 from .paths import load
 
 __all__ = ["check_replaceable_url", "save_url", "load_url", "remove_url"]
@@ -40,6 +41,8 @@ def _kind(remote: Remote) -> tuple[str, dict]:
         return _OBJECT, files
     if DCP_METADATA in files:
         return _CHECKPOINT, files
+    if MANIFEST not in files and set(files) <= {PAYLOAD, PICKLED}:
+        return _CHECKPOINT, files  # what a save cut off before its manifest left: replaceable, removable
     if MANIFEST in files:
         try:
             document = json.loads(remote.fs.cat_file(f"{remote.path}/{MANIFEST}"))
@@ -59,7 +62,7 @@ def check_replaceable_url(url: str) -> None:
 def save_url(snapshot: Any, url: str) -> None:
     """Write a snapshot (:func:`.folder.snapshot_checkpoint`) as a checkpoint folder at ``url``."""
     check_replaceable_url(url)
-    with published(url, overwrite=True) as local:
+    with published(url, overwrite=True, any_kind=True) as local:  # a single-file .ckpt becomes a folder
         write_folder(snapshot, local)
 
 

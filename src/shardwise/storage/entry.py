@@ -15,16 +15,18 @@ garbage-collected.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
+import os
 import weakref
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ShardwiseError
 from .mirror import fetch, published
-from .urls import url_text
+from .urls import file_url_path, url_text
 
 __all__ = ["accepts_urls", "renamed_error"]
 
@@ -38,9 +40,13 @@ def accepts_urls(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
+            for name in (*inputs, *outputs):  # file:// URLs are local paths
+                local = file_url_path(bound.arguments.get(name))
+                if local is not None:
+                    bound.arguments[name] = local
             urls = {name: url_text(bound.arguments.get(name)) for name in (*inputs, *outputs)}
             if not any(urls.values()):
-                return fn(*args, **kwargs)
+                return fn(*bound.args, **bound.kwargs)
             bound.apply_defaults()
             names: dict[str, str] = {}  # scratch path -> URL
             scratches = []
@@ -68,8 +74,9 @@ def accepts_urls(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
                 raise
             result = _relabel(result, names)
             if keep_inputs and scratches and result is not None:
+                owner = getattr(result, "tensors", result)  # what reads the files outlives the object that holds it
                 for scratch in scratches:
-                    weakref.finalize(result, scratch.remove)
+                    weakref.finalize(owner, scratch.remove)
             else:
                 for scratch in scratches:
                     scratch.remove()
@@ -91,14 +98,19 @@ def _swap(text: str, names: dict[str, str]) -> str:
 
 
 def renamed_error(e: BaseException, names: dict[str, str]) -> BaseException:
-    """``e`` with scratch paths in its message replaced by their URLs (the same class; OSError keeps errno)."""
-    if isinstance(e, OSError) and e.errno is not None:
-        filename = _swap(str(e.filename), names) if e.filename is not None else None
-        return type(e)(e.errno, _swap(e.strerror or str(e), names), filename) if filename else type(e)(e.errno, _swap(e.strerror or str(e), names))
-    message = _swap(str(e), names)
+    """``e`` with scratch paths replaced by their URLs in its message and file names (a copy of the
+    same class; ``e`` itself when it cannot be copied)."""
     try:
-        return type(e)(message)
-    except TypeError:  # an exception class with another signature: keep it as it is
+        renamed = copy.copy(e)
+        renamed.args = tuple(_swap(a, names) if isinstance(a, str) else a for a in e.args)
+        if isinstance(e, OSError):
+            for attribute in ("strerror", "filename", "filename2"):
+                value = getattr(e, attribute, None)
+                if isinstance(value, (str, os.PathLike)):
+                    setattr(renamed, attribute, _swap(os.fspath(value), names))
+        renamed.__traceback__ = e.__traceback__
+        return renamed
+    except Exception:  # noqa: BLE001 - an exception class that cannot be copied: report it as it is
         return e
 
 

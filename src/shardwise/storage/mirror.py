@@ -8,38 +8,64 @@
   (whole or absent, see :mod:`.transfer`). A folder's objects go up in an order that makes the
   output complete or absent to every reader: the data first, then the files that make a folder a
   model (``config.json``, weight indexes), then the manifest ``shardwise.json``, then ``done``.
-  A folder replaced with ``overwrite`` first loses its manifest and markers, so it reads as
-  incomplete (never as a mix of old and new) until the new manifest lands; objects the new
-  output does not have are deleted last. On failure nothing is uploaded. Object stores cannot
-  rename, so unlike a local output, the old folder is not kept whole while the new one uploads.
+  A folder replaced with ``overwrite`` is deleted first (its completing files before the rest),
+  so an interrupted replacement leaves part of the new output without its completing files,
+  never a mix of old and new. A folder is not replaced by a file nor a file by a folder. On
+  failure nothing is uploaded. Object stores cannot rename, so unlike a local output, the old
+  output is gone once its replacement starts uploading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ..errors import OutputExistsError
+from ..atomic import process_exists
+from ..errors import FormatError, OutputExistsError
 from .transfer import download_all, listing, remove_objects, upload_all
 from .urls import Remote
 
 __all__ = ["Scratch", "fetch", "published", "publish_order"]
 
-# Objects uploaded after all others, in this order: a folder counts as a model once they are there.
-_COMPLETES = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "shardwise.json", "done")
+# Objects uploaded after all others, in this order: the files that make a folder a model to its
+# readers (HF configs and indexes, NeMo's config, DCP and torch_dist metadata), then the manifest.
+_COMPLETES = (
+    "config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "model_config.yaml",
+    "common.pt", "metadata.json", ".metadata", "shardwise.json", "done",
+)
+_SCRATCH = re.compile(r"shardwise-(?:fetch|publish|save|load)-(?P<pid>\d+)-.+")
 
 
 class Scratch:
-    """A local scratch folder removed by :meth:`remove` (idempotent)."""
+    """A local scratch folder under ``TMPDIR`` removed by :meth:`remove` (idempotent).
+
+    Its name carries the process id: creating one first removes the scratch folders of processes
+    that no longer exist (killed mid-save, say), as local saves clear their dead staging folders.
+    """
 
     def __init__(self, prefix: str):
-        self.path = Path(tempfile.mkdtemp(prefix=f"shardwise-{prefix}-"))
+        root = Path(tempfile.gettempdir())
+        _sweep(root)
+        self.path = Path(tempfile.mkdtemp(prefix=f"shardwise-{prefix}-{os.getpid()}-", dir=root))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _sweep(root: Path) -> None:
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return
+    for child in children:
+        m = _SCRATCH.fullmatch(child.name)
+        if m and child.is_dir() and not process_exists(int(m["pid"])):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _basename(remote: Remote) -> str:
@@ -75,10 +101,11 @@ def publish_order(names: list[str]) -> list[list[str]]:
 
 
 @contextlib.contextmanager
-def published(url: str, *, overwrite: bool) -> Iterator[Path]:
+def published(url: str, *, overwrite: bool, any_kind: bool = False) -> Iterator[Path]:
     """Yield a local path to write the output for ``url`` into; upload it on success (see module docstring).
 
-    An existing output raises OutputExistsError before anything runs unless ``overwrite``.
+    An existing output raises OutputExistsError before anything runs unless ``overwrite``; even
+    then a folder is not replaced by a file nor a file by a folder (as locally), unless ``any_kind``.
     """
     remote = Remote(url)
     existing = _existing(remote)
@@ -88,6 +115,11 @@ def published(url: str, *, overwrite: bool) -> Iterator[Path]:
     local = scratch.path / _basename(remote)
     try:
         yield local
+        if not local.exists():
+            raise FormatError(f"{url}: nothing was written to publish")
+        if existing is not None and not any_kind and (list(existing) == [""]) != local.is_file():
+            have, want = ("a file", "folder") if list(existing) == [""] else ("a folder", "file")
+            raise OutputExistsError(f"{url}: exists and is {have}; --overwrite only replaces it with a {want} of the same kind")
         _publish(local, remote, existing or {})
     finally:
         scratch.remove()
@@ -96,12 +128,8 @@ def published(url: str, *, overwrite: bool) -> Iterator[Path]:
 def _existing(remote: Remote) -> dict[str, dict] | None:
     try:
         return listing(remote)[1]
-    except Exception as e:  # noqa: BLE001 - FormatError for "nothing there"; anything else is a real error
-        from ..errors import FormatError
-
-        if isinstance(e, FormatError):
-            return None
-        raise
+    except FormatError:  # nothing there
+        return None
 
 
 def _publish(local: Path, remote: Remote, existing: dict[str, dict]) -> None:
@@ -114,7 +142,9 @@ def _publish(local: Path, remote: Remote, existing: dict[str, dict]) -> None:
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     if existing and not old_folder:  # a file replaced by a folder
         remove_objects(fs, [base])
-    remove_objects(fs, [f"{base}/{n}" for n in _COMPLETES if n in old_folder])  # the old output reads as incomplete from here
+    # The old folder goes first, its completing files before the rest: an interrupted overwrite
+    # must never leave old and new data side by side under files that make them read as one model.
+    remove_objects(fs, [f"{base}/{n}" for n in _COMPLETES if n in old_folder])
+    remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder - set(_COMPLETES))])
     for batch in publish_order(names):
         upload_all([(local / n, f"{base}/{n}") for n in batch], fs)
-    remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder - set(names))])

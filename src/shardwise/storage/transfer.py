@@ -37,16 +37,21 @@ def upload(local: Path, fs, rpath: str, part_size: int = PART_SIZE) -> None:
                 if not data:
                     break
                 dst.write(data)
+            dst.close()  # the last part and the completion: a failure here must abort the upload too
         except BaseException:
             _abandon(dst)
             raise
-        dst.close()
 
 
 def _abandon(f) -> None:
-    """Give up a file being written: S3 aborts its multipart upload; nothing is committed."""
+    """Give up a file being written: S3 aborts its multipart upload; nothing is committed.
+
+    Errors while aborting are dropped: the error that made the upload fail is the one to report.
+    """
     try:
         f.discard()  # s3fs: abort the multipart upload and drop the buffer
+    except Exception:  # noqa: BLE001
+        pass
     finally:
         f.closed = True  # close() would commit what was buffered
 
@@ -58,9 +63,7 @@ def upload_all(pairs: Iterable[tuple[Path, str]], fs, part_size: int = PART_SIZE
         for local, rpath in pairs:
             upload(local, fs, rpath, part_size)
         return
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardwise-upload") as pool:
-        for future in [pool.submit(upload, local, fs, rpath, part_size) for local, rpath in pairs]:
-            future.result()
+    _in_pool("shardwise-upload", [(upload, (local, fs, rpath, part_size)) for local, rpath in pairs])
 
 
 def download(fs, rpath: str, local: Path, part_size: int = READ_SIZE) -> None:
@@ -82,9 +85,20 @@ def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = READ_SI
         for rpath, local in pairs:
             download(fs, rpath, local, part_size)
         return
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="shardwise-download") as pool:
-        for future in [pool.submit(download, fs, rpath, local, part_size) for rpath, local in pairs]:
+    _in_pool("shardwise-download", [(download, (fs, rpath, local, part_size)) for rpath, local in pairs])
+
+
+def _in_pool(name: str, calls: list) -> None:
+    """Run ``calls`` ((function, args) pairs) a few at a time; at the first failure the queued ones are
+    cancelled, the running ones finish, and the failure is raised."""
+    pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix=name)
+    try:
+        for future in [pool.submit(fn, *args) for fn, args in calls]:
             future.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
@@ -97,13 +111,20 @@ def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
     fs.invalidate_cache()  # other processes write here too: never answer from a stale listing
     try:
         info = fs.info(remote.path)
+        if info.get("type") != "directory":
+            return "file", {"": info}
+        found = fs.find(remote.path, detail=True)
     except FileNotFoundError:
         raise FormatError(f"{remote.url}: no such file or folder") from None
-    if info.get("type") != "directory":
-        return "file", {"": info}
+    except OSError:
+        raise
+    except Exception as e:  # the client's own errors (no credentials, endpoint unreachable): one line naming the URL
+        raise OSError(f"{remote.url}: {type(e).__name__}: {e}") from e
     base = remote.path.rstrip("/") + "/"
-    found = fs.find(remote.path, detail=True)
-    files = {name[len(base):]: entry for name, entry in found.items() if name.startswith(base) and entry.get("type") != "directory"}
+    files = {
+        name[len(base):]: entry for name, entry in found.items()
+        if name.startswith(base) and entry.get("type") != "directory" and not name.endswith("/")  # "dir/" marker keys
+    }
     return "folder", files
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import OptionError
 
-__all__ = ["is_url", "url_text", "filesystem", "join", "Remote"]
+__all__ = ["is_url", "url_text", "file_url_path", "filesystem", "join", "Remote"]
 
 _SCHEME = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 _FOLDED = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]{1,})\:/(?!/)")  # what Path("s3://b/k") prints: s3:/b/k
@@ -33,6 +33,16 @@ def url_text(value: Any) -> str | None:
     folded = _FOLDED.match(text)
     if folded and not isinstance(value, str) and _known_scheme(folded["scheme"].lower()):
         return f"{folded['scheme']}://{text[folded.end():]}"
+    return None
+
+
+def file_url_path(value: Any) -> str | None:
+    """The local path a ``file://`` URL names (``file:///tmp/x`` -> ``/tmp/x``), else None."""
+    if isinstance(value, str) and value.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(value)
+        return unquote(parsed.path) if parsed.netloc in ("", "localhost") else None
     return None
 
 

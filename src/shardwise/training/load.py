@@ -25,6 +25,7 @@ from .files import check_against, check_file, file_crc32, torch_load
 from .group import Group
 from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
 from .tags import Tag, list_tags
+from ..storage.mirror import Scratch
 from ..storage.urls import url_text
 
 __all__ = ["load_states", "saved_layout", "read_file"]
@@ -186,13 +187,15 @@ def load_states(
     layout = saved_layout(chosen)
     same_grid = (layout["tp"], layout["pp"]) == (coords.tp_size, coords.pp_size)
     wanted = remote.files_for_rank(chosen.listing, layout, coords, model=model is not None, optimizer=optimizer is not None, same_grid=same_grid)
-    local, scratch = remote.fetch_for_rank(chosen, wanted)
+    scratch = Scratch("load")
+    local = scratch.path / chosen.name
     try:
-        return _load_tag(local, layout, coords, model, optimizer, scheduler, strict, verify, trust_pickle, model_config)
+        local_tag = remote.fetch_for_rank(chosen, wanted, local)
+        return _load_tag(local_tag, layout, coords, model, optimizer, scheduler, strict, verify, trust_pickle, model_config)
     except (ShardwiseError, OSError) as e:  # name the remote files, not their scratch copies
         from ..storage.entry import renamed_error
 
-        raise renamed_error(e, {str(local.path): str(chosen.path)}) from None
+        raise renamed_error(e, {str(local): str(chosen.path)}) from None
     finally:
         scratch.remove()
 

@@ -3,8 +3,9 @@ layout, written without renames.
 
 Object stores cannot rename a folder into place, so a tag is made complete-or-absent by order:
 
-1. ``begin`` (leader): a tag being saved again is removed first (its ``done`` before anything
-   else, see :func:`remove_tag`), then the ``checkpoint`` marker and a manifest that lists no
+1. ``begin`` (leader): saving over a complete tag is refused (a failed save would lose it: there
+   is no rename to replace it atomically); an incomplete tag of that name is removed (its
+   ``done`` before anything else, see :func:`remove_tag`), then the ``checkpoint`` marker and a manifest that lists no
    files yet but gives the tag its place in the save order (see :func:`begin_tag`);
 2. every rank writes its files into a local scratch folder exactly as a local save does, uploads
    each (streamed, multipart, see :mod:`shardwise.storage.transfer`) and deletes the local copy.
@@ -28,8 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from ..distributed import ParallelCoords
-from ..errors import FormatError
-from ..storage.mirror import Scratch
+from ..errors import FormatError, OutputExistsError
 from ..storage.transfer import download_all, listing, remove_objects, upload_all
 from ..storage.urls import Remote
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
@@ -107,7 +107,12 @@ def begin_tag(root: RemoteRoot, name: str, existing: list[Tag], announcement: di
     """
     for tag in existing:
         if tag.name == name:
-            remove_tag(tag)
+            if tag.complete:
+                raise OutputExistsError(
+                    f"{root.url}/{name}: a complete checkpoint of this name exists; object storage cannot replace it atomically "
+                    f"(it would be gone if this save failed): save under a new tag, or remove it first"
+                )
+            remove_tag(tag)  # an incomplete one: what a killed save left
     marker, manifest = root.remote(name, MARKER), root.remote(name, MANIFEST)
     marker.fs.pipe_file(marker.path, b"1")
     manifest.fs.pipe_file(manifest.path, (json.dumps(announcement, indent=1) + "\n").encode())
@@ -170,15 +175,9 @@ def files_for_rank(names: Iterable[str], layout: dict, coords: ParallelCoords, *
     return chosen
 
 
-def fetch_for_rank(tag: Tag, wanted: list[str]) -> tuple[Tag, Scratch]:
-    """Download ``wanted`` files of the remote ``tag`` into scratch; (the tag seen at its local copy, the scratch)."""
+def fetch_for_rank(tag: Tag, wanted: list[str], local: Path) -> Tag:
+    """Download ``wanted`` files of the remote ``tag`` into the new folder ``local``; the tag seen there."""
     remote = Remote(str(tag.path))
-    scratch = Scratch("load")
-    local = scratch.path / tag.name
-    try:
-        local.mkdir()
-        download_all([(f"{remote.path}/{n}", local / n) for n in wanted], remote.fs)
-    except BaseException:
-        scratch.remove()
-        raise
-    return replace(tag, path=local), scratch
+    local.mkdir()
+    download_all([(f"{remote.path}/{n}", local / n) for n in wanted], remote.fs)
+    return replace(tag, path=local)
