@@ -287,3 +287,35 @@ def test_openclip_configs_that_change_the_forward_are_refused(hf, tmp_path, cli)
         (folder / "open_clip_config.json").write_text(json.dumps(changed))
         _one_line_error(cli("convert", folder, tmp_path / "x.nemo"), f"{section}.{key}")
     assert not (tmp_path / "x.nemo").exists()
+
+
+def test_malformed_configs_are_one_line_errors_naming_the_file(hf, tmp_path, cli):
+    folder = openclip_folder(tmp_path / "openclip", hf)
+    document = json.loads((folder / "open_clip_config.json").read_text())
+    for section, value in (("vision_cfg", "x"), ("vision_cfg", {**document["model_cfg"]["vision_cfg"], "head_width": 0})):
+        changed = json.loads(json.dumps(document))
+        changed["model_cfg"][section] = value
+        (folder / "open_clip_config.json").write_text(json.dumps(changed))
+        _one_line_error(cli("convert", folder, tmp_path / "x.nemo"), "open_clip_config.json")
+    broken = tmp_path / "hf-broken"
+    shutil.copytree(hf, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "text_config": [1]}))
+    _one_line_error(cli("convert", broken, tmp_path / "x.nemo"), "text_config")
+    assert not (tmp_path / "x.nemo").exists()
+
+
+def test_the_archive_precision_is_the_dtype_of_most_weights(hf, tmp_path, cli):
+    """Half-precision exports keep logit_scale (the first tensor) in fp32; the archive is still 16-bit."""
+    import transformers
+
+    model = transformers.CLIPModel.from_pretrained(hf).to(torch.bfloat16)
+    model.logit_scale.data = model.logit_scale.data.float()
+    model.save_pretrained(tmp_path / "mixed")
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        if (hf / name).exists():
+            shutil.copy(hf / name, tmp_path / "mixed" / name)
+    assert cli("convert", tmp_path / "mixed", tmp_path / "mixed.nemo", "--quiet").code == 0
+    with tarfile.open(tmp_path / "mixed.nemo") as tar:
+        config = yaml.safe_load(tar.extractfile("./model_config.yaml"))
+    assert config["precision"] == "bf16"

@@ -43,8 +43,18 @@ def _malformed(label: str):
         yield
     except ShardwiseError:
         raise
-    except (TypeError, ValueError, AttributeError) as e:
-        raise FormatError(f"{label}: malformed CLIP config ({e})") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, KeyError) as e:
+        raise FormatError(f"{label}: malformed CLIP config ({type(e).__name__}: {e})") from None
+
+
+def _section(config: dict, key: str, label: str) -> dict:
+    """``config[key]``, a mapping (empty when absent); FormatError naming ``label`` for anything else."""
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError(f"{label}: {key} is a {type(value).__name__}, not a mapping")
+    return value
 
 
 # -- HuggingFace ---------------------------------------------------------------------------------
@@ -52,8 +62,9 @@ def dims_from_hf_config(config: dict, label: str, preprocessor: dict | None = No
     """Dimensions from an HF ``CLIPModel`` config.json (and its preprocessor_config.json, if any)."""
     if config.get("model_type") != "clip":
         raise FormatError(f"{label}: model_type is {config.get('model_type')!r}, not a CLIPModel config ('clip')")
-    text = {**_HF_TEXT, **(config.get("text_config") or {})}
-    vision = {**_HF_VISION, **(config.get("vision_config") or {})}
+    with _malformed(label):
+        text = {**_HF_TEXT, **_section(config, "text_config", label)}
+        vision = {**_HF_VISION, **_section(config, "vision_config", label)}
 
     def tower(c: dict) -> Tower:
         return Tower(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["intermediate_size"], c["hidden_act"], float(c["layer_norm_eps"]))
@@ -232,7 +243,7 @@ def dims_from_openclip(model_cfg: dict, preprocess_cfg: dict | None, label: str,
     """
     if not isinstance(model_cfg, dict):
         raise FormatError(f"{label}: model_cfg is not a mapping")
-    vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
+    vision, text = _section(model_cfg, "vision_cfg", label), _section(model_cfg, "text_cfg", label)
     for section, values in (("model_cfg", model_cfg), ("vision_cfg", vision), ("text_cfg", text)):
         for key, allowed in _PLAIN[section].items():
             if values.get(key) not in allowed:

@@ -113,12 +113,20 @@ def convert_clip(
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
 
 
+def _main_dtype(model: ClipModel):
+    """The dtype holding most of the model's bytes: half-precision exports keep logit_scale and norms in fp32."""
+    totals: dict = {}
+    for info in model.canonical.values():
+        totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
+    return max(totals, key=totals.get)
+
+
 def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool):
     """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes)."""
     multiple = (model.nemo_config or {}).get("make_vocab_size_divisible_by") or default_vocab_multiple(model.dims.vocab)
     padded = padded_vocab(model.dims.vocab, multiple, tp)
     plan = compose(clip_shard_plan(model.dims, model.canonical, tp, padded), model.inverse())
-    precision = nemo_precision(streamer.out_dtype(next(iter(model.canonical.values())).dtype))
+    precision = nemo_precision(streamer.out_dtype(_main_dtype(model)))
     config = nemo_clip_config(model.dims, tp=tp, vocab_multiple=multiple, precision=precision)
     parallel = {
         "container": to, "encoding": encoding, "model": MODEL_KIND,
