@@ -319,3 +319,31 @@ def test_the_archive_precision_is_the_dtype_of_most_weights(hf, tmp_path, cli):
     with tarfile.open(tmp_path / "mixed.nemo") as tar:
         config = yaml.safe_load(tar.extractfile("./model_config.yaml"))
     assert config["precision"] == "bf16"
+
+
+def test_a_clip_archive_with_torch_dist_weights_converts_and_infers(hf, image, reference, tmp_path, cli):
+    """NeMo's torch_dist form of the same archive: model_weights/ holds a DCP with each tower's layers stacked."""
+    import re
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    assert cli("convert", hf, tmp_path / "tp1", "--to", "nemo-dir", "--quiet").code == 0
+    state = torch.load(tmp_path / "tp1/model_weights.ckpt", weights_only=True)
+    stacks: dict = {}
+    flat = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.*\.layers\.)(\d+)\.(.*)", key)
+        if m:
+            stacks.setdefault(m[1] + m[3], {})[int(m[2])] = value
+        else:
+            flat[key] = value
+    flat.update({key: torch.stack([layers[i] for i in sorted(layers)]) for key, layers in stacks.items()})
+    folder = tmp_path / "td"
+    shutil.copytree(tmp_path / "tp1", folder, ignore=shutil.ignore_patterns("model_weights.ckpt", "shardwise.json"))
+    dcp.save(flat, checkpoint_id=str(folder / "model_weights"), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
+    (folder / "model_weights/metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    assert cli("convert", folder, tmp_path / "back", "--to", "hf", "--quiet").code == 0
+    assert diff(hf, tmp_path / "back").equal
+    assert cli("convert", folder, tmp_path / "tp2.nemo", "--tp", "2", "--quiet").code == 0
+    assert _max_diff(clip_infer(tmp_path / "tp2.nemo", image, TEXTS).probabilities, reference) <= 1e-5

@@ -39,9 +39,11 @@ class PlannedModel:
         if not tiled:
             return inverse
 
+        regridded = {(shard, t.info.name) for shard, tensors in self.plan.items() for t in tensors if t.grid}
+
         def tiles_of(ref: tuple[Hashable, str]):
             shard, name = ref
-            if shard not in tiled:
+            if shard not in tiled or ref in regridded:  # tiles in another grid (a reshaped class token): read it as stored
                 return None
             return tuple(replace(t, src=None if t.src is None else (shard, t.src)) for t in self.shards[shard].tiled(name).tiles)
 
