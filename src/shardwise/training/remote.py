@@ -7,8 +7,8 @@ Object stores cannot rename a folder into place, so a tag is made complete-or-ab
    is no rename to replace it atomically); an incomplete tag of that name is removed (its
    ``done`` before anything else, see :func:`remove_tag`), then the ``checkpoint`` marker and a manifest that lists no
    files yet but gives the tag its place in the save order (see :func:`begin_tag`);
-2. every rank writes its files into a local scratch folder exactly as a local save does, uploads
-   each (streamed, multipart, see :mod:`shardwise.storage.transfer`) and deletes the local copy.
+2. every rank writes its files into its own local scratch folder exactly as a local save does,
+   uploads each (streamed, multipart, see :mod:`shardwise.storage.transfer`) and removes the scratch.
    DP ranks never share a file here: an object cannot be written by several processes at once;
 3. ``commit`` (leader, once every rank succeeded): the full manifest, then ``done``. A tag counts as
    complete only when ``done`` is there and every file its manifest lists has the listed size,
@@ -119,12 +119,9 @@ def begin_tag(root: RemoteRoot, name: str, existing: list[Tag], announcement: di
 
 
 def upload_files(root: RemoteRoot, tag: str, stage: Path, names: Iterable[str]) -> None:
-    """Step 2 for one rank: upload these files of the local ``stage`` under the tag, deleting each local copy after."""
-    names = sorted(set(names))
+    """Step 2 for one rank: upload these files of its local ``stage`` under the tag."""
     target = root.remote(tag)
-    upload_all([(stage / n, f"{target.path}/{n}") for n in names], target.fs)
-    for n in names:
-        (stage / n).unlink(missing_ok=True)
+    upload_all([(stage / n, f"{target.path}/{n}") for n in sorted(set(names))], target.fs)
 
 
 def commit_tag(root: RemoteRoot, tag: str, document: dict) -> None:

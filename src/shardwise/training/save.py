@@ -11,8 +11,8 @@
 A crash anywhere leaves at most a hidden staging folder, which the next save removes: the tags
 already in place are never touched before the new one is complete.
 
-On object storage (a URL as the root) the staging folder is local scratch, each rank uploads its
-files in step 2 and the leader uploads the manifest and ``done`` in step 3: see :mod:`.remote`.
+On object storage (a URL as the root) each rank writes into its own local scratch folder and
+uploads its files in step 2 and the leader uploads the manifest and ``done`` in step 3: see :mod:`.remote`.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ class SavePlan:
     root: Path
     tag: str
     sequence: int
-    stage: Path
+    stage: Path | None
     encoding: str
     layout: dict
     num_kept_ckpts: int | None
     model_config: dict | None = None
-    remote: Any = None  # a RemoteRoot when ``root`` is a URL (see :mod:`.remote`); ``stage`` is then local scratch
+    remote: Any = None  # a RemoteRoot when ``root`` is a URL (see :mod:`.remote`); ``stage`` is then None: each rank writes into its own scratch
 
     @property
     def where(self) -> str:
@@ -78,14 +78,8 @@ def begin(group: Group, root: Path | str, tag: str | None, encoding: str, layout
         sequence = next_sequence(tags)
         name = tag or f"checkpoint_{sequence}"
         _check_tag(name)
-        stage = Scratch("save").path / name
-        stage.mkdir()
-        try:
-            remote_tags.begin_tag(where, name, tags, manifest_document(name, sequence, encoding, layout, []))
-        except BaseException:
-            shutil.rmtree(stage.parent, ignore_errors=True)
-            raise
-        return SavePlan(root, name, sequence, stage, encoding, layout, num_kept_ckpts, model_config, where)
+        remote_tags.begin_tag(where, name, tags, manifest_document(name, sequence, encoding, layout, []))
+        return SavePlan(root, name, sequence, None, encoding, layout, num_kept_ckpts, model_config, where)
 
     def decide() -> SavePlan:
         root.mkdir(parents=True, exist_ok=True)
@@ -107,20 +101,28 @@ def begin(group: Group, root: Path | str, tag: str | None, encoding: str, layout
 
 def write_files(plan: SavePlan, writes: list[FileWrite]) -> list[dict]:
     """Step 2, this rank: write its states (or its parts of them) into the staging folder; entries with byte ranges."""
+    if plan.remote is None:
+        return _write_into(plan, plan.stage, writes)
+    scratch = Scratch("save")  # this rank's own, on its own node: written, uploaded, removed
+    try:
+        stage = scratch.path / plan.tag
+        stage.mkdir()
+        entries = _write_into(plan, stage, writes)
+        remote_tags.upload_files(plan.remote, plan.tag, stage, [e["name"] for e in entries])
+        return entries
+    finally:
+        scratch.remove()
+
+
+def _write_into(plan: SavePlan, stage: Path, writes: list[FileWrite]) -> list[dict]:
     def one(write: FileWrite) -> list[dict]:
         encoding = plan.encoding if write.name.startswith(("model/", "optim/")) else "pt"  # scheduler, user content: as NxD
-        return write_part(encoding, write.obj, plan.stage, write.name, write.part, write.parts)
+        return write_part(encoding, write.obj, stage, write.name, write.part, write.parts)
 
-    if plan.remote is not None:
-        plan.stage.mkdir(parents=True, exist_ok=True)  # on another node than the leader's
     if len(writes) < 2:
-        entries = [entry for write in writes for entry in one(write)]
-    else:
-        with ThreadPoolExecutor(2, thread_name_prefix="shardwise-write") as pool:  # checksums and copies of two files at once
-            entries = [entry for entries in pool.map(one, writes) for entry in entries]
-    if plan.remote is not None:
-        remote_tags.upload_files(plan.remote, plan.tag, plan.stage, [e["name"] for e in entries])
-    return entries
+        return [entry for write in writes for entry in one(write)]
+    with ThreadPoolExecutor(2, thread_name_prefix="shardwise-write") as pool:  # checksums and copies of two files at once
+        return [entry for entries in pool.map(one, writes) for entry in entries]
 
 
 def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) -> None:
@@ -149,11 +151,7 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
             raise
         _apply_retention(plan)
 
-    try:
-        group.leader_decides(commit)
-    finally:
-        if plan.remote is not None:
-            shutil.rmtree(plan.stage.parent, ignore_errors=True)  # this rank's scratch (its files are uploaded or failed)
+    group.leader_decides(commit)
     if isinstance(outcome, BaseException):
         raise outcome
     if failure is not None:
