@@ -337,7 +337,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"shardwise: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("shardwise: interrupted; no partial output was left behind", file=sys.stderr)
+        print("shardwise: interrupted; no partial output was left behind (an s3:// output being replaced is gone or incomplete)", file=sys.stderr)
         return 130
     except typer.Exit as e:
         return e.exit_code
