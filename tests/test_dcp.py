@@ -101,13 +101,16 @@ def _saved_with_paths(folder: Path, state: dict, paths: dict) -> Path:
 def test_read_state_builds_lists_from_integer_path_components_and_refuses_contradictions(tmp_path):
     ones, twos, threes = torch.ones(2), torch.full((2,), 2.0), torch.full((3,), 3.0)
     gap = _saved_with_paths(tmp_path / "gap", {"a": {"0": ones, "2": twos}, "b": threes}, {"a.0": ("a", 0), "a.2": ("a", 2)})
-    built = read_state(gap)  # item 1 was an empty dict, which torch does not save: None, as torch's own loader gives
+    built = read_state(gap)  # item 1 was an empty dict, which torch does not save: None in its place
     assert list(built) == ["a", "b"] and built["a"][1] is None and torch.equal(built["a"][2], twos) and torch.equal(built["b"], threes)
+    sparse = _saved_with_paths(tmp_path / "sparse", {"a": {"0": ones, "9": twos}}, {"a.0": ("a", 0), "a.9": ("a", 9)})
+    built = read_state(sparse)  # more gaps than entries: a list of empty optimizer states, say
+    assert len(built["a"]) == 10 and built["a"][1:9] == [None] * 8 and torch.equal(built["a"][9], twos)
 
     cases = {
         "spelling": ({"a": {"x": ones}}, {"a.x": ("a", "y")}, "not a key path that spells it"),
         "kinds": ({"a": {"0": ones, "1": twos}}, {"a.1": ("a", 1)}, "needs a to be another kind of container"),
-        "index": ({"a": {"0": ones, "9": twos}}, {"a.0": ("a", 0), "a.9": ("a", 9)}, "is list item 9, but the checkpoint holds only 2 entries"),
+        "index": ({"a": {"1000000000": {"x": ones}}}, {"a.1000000000.x": ("a", 10**9, "x")}, "names list item 1000000000"),  # mid-path: 8 GB to allocate
     }
     for name, (state, paths, message) in cases.items():
         folder = _saved_with_paths(tmp_path / name, state, paths)

@@ -570,3 +570,31 @@ def test_a_damaged_dcp_is_a_format_error_naming_the_file(tmp_path, two_rank_chec
         f.write(b"\0" * 64)
     with pytest.raises(FormatError, match=rf"^{overwritten / obj.file}\[{obj.offset}:{obj.offset + obj.length}\] \(object 'optimizer_0.param_groups.0.lr'\): not a readable torch file"):
         plugin.load_checkpoint(overwritten)
+
+
+def test_more_damage_is_a_format_error_naming_the_file(tmp_path, two_rank_checkpoints):
+    """Found by flipping bytes: a damaged member of a chunk's zip, a metadata pickle asking for 1 PiB,
+    and a Lightning folder without its meta.pt (an interrupted save) are format errors, not tracebacks."""
+    import struct
+
+    from shardwise.formats.dcp import read_metadata
+
+    plugin = ShardwiseCheckpointIO()
+    damaged = _copy(two_rank_checkpoints[0], tmp_path / "byteorder")
+    chunk = read_metadata(damaged).tensors["state_dict.net.0.weight"].chunks[0]
+    with open(damaged / chunk.file, "r+b") as f:
+        f.seek(chunk.offset)
+        data = f.read(chunk.length)
+        at = data.index(b"little")  # the byteorder record: its CRC no longer matches
+        f.seek(chunk.offset + at)
+        f.write(b"LITTLE")
+    with pytest.raises(FormatError, match=rf"^{damaged / chunk.file}\[.*byteorder record cannot be read"):
+        plugin.load_checkpoint(damaged)
+    huge = _copy(two_rank_checkpoints[0], tmp_path / "huge")
+    (huge / ".metadata").write_bytes(b"\x80\x05\x8e" + struct.pack("<Q", 1 << 50))
+    with pytest.raises(FormatError, match=rf"^{huge / '.metadata'}: "):
+        plugin.load_checkpoint(huge)
+    no_meta = _copy(two_rank_checkpoints[0], tmp_path / "no_meta")
+    (no_meta / "meta.pt").unlink()
+    with pytest.raises(FormatError, match=rf"^{no_meta / 'meta.pt'}: missing"):
+        plugin.load_checkpoint(no_meta)

@@ -351,6 +351,8 @@ def read_metadata(where: "str | os.PathLike | DcpFiles", *, trust: bool = False)
         raise FormatError(f"{path}: not a readable DCP checkpoint: {e}") from None
     except RecursionError:
         raise FormatError(f"{path}: the metadata pickle nests too deeply to read safely") from None
+    except MemoryError:
+        raise FormatError(f"{path}: the metadata pickle asks for more memory than any DCP metadata needs (corrupted?)") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise FormatError(f"{path}: not a readable DCP metadata pickle (truncated or corrupted?): {e}") from None
 
@@ -537,9 +539,9 @@ def read_state(folder: "str | os.PathLike | DcpFiles", *, trust: bool = False, a
     keys, integer ones list indices, as in torch's ``unflatten_state_dict``; without planner data
     each fqn is a top-level key. What torch's flattening drops stays dropped: empty dicts are not
     saved at all, dict keys come back as strings, ``OrderedDict`` as ``dict``; a list slot that held
-    only empty dicts comes back None, as torch's own loader gives it. FormatError (naming
-    ``.metadata``) for paths that contradict each other, a chunk that does not hold what the
-    metadata says, or a truncated file.
+    only empty dicts comes back None (torch 2.13's ``dcp_to_torch_save`` fails on such a list).
+    FormatError (naming ``.metadata``) for paths that contradict each other or name a list item
+    beyond 2**24, a chunk that does not hold what the metadata says, or a truncated file.
     """
     from ..training.files import torch_load
 
@@ -551,10 +553,13 @@ def read_state(folder: "str | os.PathLike | DcpFiles", *, trust: bool = False, a
             region = Region(file.path, file.start + chunk.offset, chunk.length, f"{path}[{chunk.offset}:{chunk.offset + chunk.length}] (object '{fqn}')")
             objects[fqn] = torch_load(region, trust, allowed=allowed)
         paths = metadata.paths if metadata.paths is not None else {fqn: (fqn,) for fqn in [*metadata.tensors, *metadata.objects]}
-        nest = _Nest(metadata.folder / METADATA, len(paths))
+        nest = _Nest(metadata.folder / METADATA)
         for fqn, path in paths.items():
             nest.put(fqn, path, objects.pop(fqn) if fqn in objects else source.read(fqn))
         return nest.result()
+
+
+_MAX_LIST_INDEX = 2**24  # list items (gaps from empty dicts DCP drops included): far beyond any optimizer's parameter count
 
 
 class _Nest:
@@ -563,12 +568,15 @@ class _Nest:
     even when it is a dict (an older torch saved dicts without tensors as one byte object).
     Contradictory paths are a FormatError naming ``where``."""
 
-    def __init__(self, where: Path, entries: int) -> None:
-        self.where, self.entries = where, entries
+    def __init__(self, where: Path) -> None:
+        self.where = where
         self.root: dict = {}
         self.is_list: dict[int, bool] = {id(self.root): False}  # the containers made here, by id
 
     def put(self, fqn: str, path: tuple, value: Any) -> None:
+        for key in path:  # at every level: building a list allocates up to its largest index
+            if type(key) is int and not 0 <= key < _MAX_LIST_INDEX:
+                raise FormatError(f"{self.where}: key {fqn!r} names list item {key}; no checkpoint shardwise reads has lists that long")
         node = self.root
         for depth, (key, next_key) in enumerate(zip(path, path[1:])):
             if key not in node:
@@ -581,8 +589,6 @@ class _Nest:
         key = path[-1]
         if key in node:
             raise FormatError(f"{self.where}: key {fqn!r} is saved twice, or under a key other entries are saved below")
-        if type(key) is int and key > self.entries:  # gaps come only from items that were empty dicts; an index beyond every entry would only allocate
-            raise FormatError(f"{self.where}: key {fqn!r} is list item {key}, but the checkpoint holds only {self.entries} entries")
         node[key] = value
 
     def result(self) -> dict:

@@ -42,7 +42,10 @@ _MAX_VIEW_EXPANSION = 2**30  # broadcast (stride 0) views may repeat their stora
 _ALIGNMENT = 64
 
 
-_UNPICKLE_FAILURES = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error)
+_UNPICKLE_FAILURES = (
+    pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError, struct.error,
+    zipfile.BadZipFile, NotImplementedError,  # a damaged member: bad CRC or header, an unknown compression or zip version
+)
 
 
 def looks_like_torch(head: bytes) -> bool:
@@ -131,7 +134,11 @@ def _read_zip(region: Region, trust: bool) -> TorchPickle:
             raise FormatError(f"{path}: zip archive without data.pkl; not a torch checkpoint")
         prefix = pkl[: -len("data.pkl")]
         order = members.get(prefix + "byteorder")
-        if order is not None and archive.read(order).strip() not in (b"", b"little"):
+        try:
+            byteorder = archive.read(order).strip() if order is not None else b""
+        except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as e:
+            raise FormatError(f"{path}: file is truncated or corrupted: its byteorder record cannot be read ({e})") from None
+        if byteorder not in (b"", b"little"):
             raise FormatError(f"{path}: big-endian torch checkpoints are not supported")
 
         def locate(key: str) -> tuple[int, int]:

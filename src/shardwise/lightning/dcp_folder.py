@@ -49,6 +49,11 @@ def read_dcp_checkpoint(path: Path, *, trust_pickle: bool) -> dict:
         raise FormatError(f"{meta_path}: holds a {type(meta).__name__}, not the dict Lightning writes beside a sharded checkpoint")
     state = read_state(path, trust=trust_pickle, allowed=inert_classes())
     if meta is None:
+        if _looks_sharded_by_lightning(state):
+            raise FormatError(
+                f"{meta_path}: missing; the folder holds Lightning's sharded model and optimizer states but not the rest of "
+                f"the checkpoint (epoch, loops, callbacks), which Lightning writes there last (an interrupted save?)"
+            )
         checkpoint = state
     else:
         checkpoint = meta
@@ -60,6 +65,13 @@ def read_dcp_checkpoint(path: Path, *, trust_pickle: bool) -> dict:
     if isinstance(optimizers, list):
         checkpoint["optimizer_states"] = [_keyed_by_position(each) for each in optimizers]
     return checkpoint
+
+
+def _looks_sharded_by_lightning(state: dict) -> bool:
+    """Lightning's sharded layout (``model`` or ``state_dict`` plus ``optimizer_N``, no loop state): what
+    a folder holds without the ``meta.pt`` that carries the rest."""
+    has_optimizer_n = any(_OPTIMIZER_KEY.fullmatch(str(key)) for key in state)
+    return bool(state) and "pytorch-lightning_version" not in state and "epoch" not in state and (has_optimizer_n or set(state) <= {"model", "state_dict"})
 
 
 def _as_checkpoint_keys(state: dict, where: Path) -> dict:
