@@ -429,3 +429,23 @@ def test_a_lightning_save_cut_before_its_manifest_is_replaced_by_the_next(tmp_pa
     plugin = ShardwiseCheckpointIO()
     plugin.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, f"{bucket}/ckpts/last.ckpt")
     assert torch.equal(plugin.load_checkpoint(f"{bucket}/ckpts/last.ckpt")["state_dict"]["w"], torch.ones(2))
+
+
+def test_inspect_of_a_url_fetches_safetensors_headers_only(tmp_path, bucket, monkeypatch, capsys):
+    hf = tiny_llama(tmp_path / "hf", layers=4)
+    url = f"{bucket}/hf"
+    assert cli(["convert", str(hf), url, "--to", "hf", "--max-shard-size", "60KB", "-q"]) == 0
+    fetched = []
+    real = transfer.download
+    monkeypatch.setattr(transfer, "download", lambda fs, rpath, *a, **k: (fetched.append(rpath), real(fs, rpath, *a, **k))[1])
+    capsys.readouterr()
+    assert cli(["inspect", url, "--json", "--all"]) == 0
+    remote_report = json.loads(capsys.readouterr().out)
+    assert fetched and not any(name.endswith(".safetensors") for name in fetched)  # configs and the index, whole
+    assert cli(["convert", url, str(tmp_path / "local"), "--to", "hf", "-q"]) == 0  # the same folder, whole, locally
+    capsys.readouterr()
+    assert cli(["inspect", str(tmp_path / "local"), "--json", "--all"]) == 0
+    local_report = json.loads(capsys.readouterr().out)
+    for report in (remote_report, local_report):
+        report.pop("path"), report.pop("files")
+    assert remote_report == local_report and remote_report["num_tensors"] == 39

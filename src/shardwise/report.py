@@ -49,7 +49,7 @@ def _archive_summary(archive) -> dict:
     }
 
 
-@accepts_urls(inputs=("path", "config"))
+@accepts_urls(inputs=("path", "config"), headers_only=True)
 def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config: str | os.PathLike | None = None) -> dict:
     """Open ``path`` lazily and describe it (see :func:`describe`).
 

@@ -31,8 +31,12 @@ from .urls import file_url_path, url_text
 __all__ = ["accepts_urls", "renamed_error"]
 
 
-def accepts_urls(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (), keep_inputs: bool = False) -> Callable:
-    """Decorate a function so that the parameters ``inputs`` and ``outputs`` accept URLs (see module docstring)."""
+def accepts_urls(
+    *, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (), keep_inputs: bool = False, headers_only: bool = False,
+) -> Callable:
+    """Decorate a function so that the parameters ``inputs`` and ``outputs`` accept URLs (see module
+    docstring). ``headers_only``: the function reads safetensors headers, never tensor data, so
+    remote safetensors files are fetched as their headers (see :func:`.mirror.fetch`)."""
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -54,7 +58,7 @@ def accepts_urls(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
                 with contextlib.ExitStack() as stack:
                     for name in inputs:
                         if urls[name]:
-                            local, scratch = fetch(urls[name])
+                            local, scratch = fetch(urls[name], headers_only=headers_only)
                             scratches.append(scratch)
                             names[str(local)] = urls[name]
                             bound.arguments[name] = _like(bound.arguments[name], local)

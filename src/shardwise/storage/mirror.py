@@ -30,7 +30,7 @@ from ..errors import FormatError, OutputExistsError
 from .transfer import download_all, listing, remove_objects, upload_all
 from .urls import Remote
 
-__all__ = ["Scratch", "fetch", "published", "publish_order"]
+__all__ = ["Scratch", "fetch", "fetch_safetensors_header", "published", "publish_order"]
 
 # Objects uploaded after all others, in this order: the files that make a folder a model to its
 # readers (HF configs and indexes, NeMo's config, DCP and torch_dist metadata), then the manifest.
@@ -72,26 +72,46 @@ def _basename(remote: Remote) -> str:
     return PurePosixPath(remote.path.rstrip("/")).name or "root"
 
 
-def fetch(url: str) -> tuple[Path, Scratch]:
+def fetch(url: str, *, headers_only: bool = False) -> tuple[Path, Scratch]:
     """Download ``url`` (a file or a folder) into a new scratch folder; (its local path, the scratch).
 
-    FormatError naming the URL when nothing is there; an error while fetching removes the scratch.
+    ``headers_only`` (for readers of headers, such as ``inspect``): a ``.safetensors`` file is
+    fetched as its header alone, in a sparse local file of the full size whose data section reads
+    as zeros; everything else is fetched whole. FormatError naming the URL when nothing is there;
+    an error while fetching removes the scratch.
     """
     remote = Remote(url)
     kind, files = listing(remote)
     scratch = Scratch("fetch")
     local = scratch.path / _basename(remote)
+    base = remote.path.rstrip("/")
+    pairs = [(remote.path, local, files[""])] if kind == "file" else [(f"{base}/{rel}", local / rel, files[rel]) for rel in sorted(files)]
     try:
-        if kind == "file":
-            download_all([(remote.path, local)], remote.fs)
-        else:
+        if kind == "folder":
             local.mkdir()
-            base = remote.path.rstrip("/")
-            download_all([(f"{base}/{rel}", local / rel) for rel in sorted(files)], remote.fs)
+        whole = []
+        for rpath, path, info in pairs:
+            if headers_only and rpath.endswith(".safetensors"):
+                fetch_safetensors_header(remote.fs, rpath, path, int(info["size"]))
+            else:
+                whole.append((rpath, path))
+        download_all(whole, remote.fs)
     except BaseException:
         scratch.remove()
         raise
     return local, scratch
+
+
+def fetch_safetensors_header(fs, rpath: str, local: Path, size: int) -> None:
+    """Write ``local`` as a sparse copy of the remote safetensors file: its length prefix and JSON
+    header fetched by two ranged reads, the rest a hole of the right size (never read by header readers)."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    head = fs.cat_file(rpath, start=0, end=min(8, size))
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    header = fs.cat_file(rpath, start=8, end=min(size, 8 + n)) if 0 < n <= size - 8 else b""
+    with open(local, "wb") as f:
+        f.write(head + header)
+        f.truncate(size)  # a malformed length is left for the reader to report, from the bytes it sees
 
 
 def publish_order(names: list[str]) -> list[list[str]]:
