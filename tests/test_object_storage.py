@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import s3fs  # the test extra installs it: without s3fs this file fails, it is never skipped
+
 import shardwise
 from shardwise.cli import run as cli
 from shardwise.storage import transfer
@@ -24,7 +26,6 @@ from shardwise.storage.urls import Remote
 from conftest import tiny_llama
 from test_training_distributed import _continuations, run_ranks
 
-pytest.importorskip("s3fs", reason="the s3 extra is part of the test install")  # installed by make test; never skipped there
 
 
 def _free_port() -> int:
@@ -46,8 +47,6 @@ def s3_server():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import s3fs
-
     s3fs.S3FileSystem.clear_instance_cache()  # a client made before (without these credentials) must not be reused
     try:
         deadline = time.monotonic() + 30
@@ -410,7 +409,6 @@ def test_a_refused_completion_aborts_the_multipart_upload(tmp_path, bucket, monk
     local = tmp_path / "big.bin"
     local.write_bytes(os.urandom(3 * part))
     remote = Remote(f"{bucket}/big.bin")
-    import s3fs
 
     def refuse(self):
         raise OSError(5, "completion refused")
