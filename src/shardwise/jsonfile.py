@@ -1,4 +1,4 @@
-"""Reading a small JSON document that must be an object (configs, indexes, manifests)."""
+"""Small JSON documents (configs, indexes, manifests): reading one that must be an object, and the text manifests are written as."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import FormatError
 
-__all__ = ["read_json_object"]
+__all__ = ["read_json_object", "document_bytes"]
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -19,3 +19,8 @@ def read_json_object(path: Path, what: str) -> dict:
     if not isinstance(document, dict):
         raise FormatError(f"{path}: {what} is not a JSON object")
     return document
+
+
+def document_bytes(document: dict) -> bytes:
+    """A manifest as written: JSON indented by one, a final newline, UTF-8."""
+    return (json.dumps(document, indent=1) + "\n").encode("utf-8")

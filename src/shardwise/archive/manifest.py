@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from ..errors import FormatError, IntegrityError
+from ..jsonfile import document_bytes
 from .layout import MANIFEST_NAME
 from .tar_index import TarIndex
 from .tar_writer import WrittenMember
@@ -39,7 +40,7 @@ def manifest_bytes(members: list[WrittenMember], layout: dict, extra: dict | Non
         **(extra or {}),
         "members": [{"name": m.name, "size": m.size, "offset": m.offset, "crc32": f"{m.crc32:08x}"} for m in members],
     }
-    return (json.dumps(document, indent=1) + "\n").encode("utf-8")
+    return document_bytes(document)
 
 
 def read_manifest(index: TarIndex) -> dict | None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ..atomic import atomic_output, remove_stale_stages, write_text_durably
 from ..errors import FormatError, UnsafeCheckpointError
-from ..jsonfile import read_json_object
+from ..jsonfile import document_bytes, read_json_object
 from ..structure import encode_structure
 from ..training.encodings import STRUCTURE_KEY, fold_entries, read_structured_safetensors, whole_entry, write_tensor_file
 from ..training.files import check_file, torch_load, write_durably
@@ -96,7 +96,7 @@ def write_folder(snap: Snapshot, path: Path) -> None:
         entries = [write_tensor_file(stage / PAYLOAD, PAYLOAD, snap.tensors, {STRUCTURE_KEY: snap.structure})]
         if snap.pickled is not None:
             entries.append(whole_entry(PICKLED, *write_durably(stage / PICKLED, snap.pickled)))
-        write_text_durably(stage / MANIFEST, json.dumps(_manifest(fold_entries(entries), snap.pickled_index), indent=1) + "\n")
+        write_text_durably(stage / MANIFEST, document_bytes(_manifest(fold_entries(entries), snap.pickled_index)))
 
 
 def _manifest(files: list[dict], pickled: list[dict]) -> dict:

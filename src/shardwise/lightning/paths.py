@@ -31,6 +31,7 @@ from .values import inert_classes
 __all__ = ["SHARDWISE", "DCP", "TORCH", "MISSING", "OTHER", "kind_of", "load", "remove", "check_replaceable"]
 
 SHARDWISE, DCP, TORCH, MISSING, OTHER = "shardwise", "dcp", "torch", "missing", "other"
+NOT_A_CHECKPOINT = "a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder)"
 
 
 def kind_of(path: Path) -> str:
@@ -81,7 +82,7 @@ def check_replaceable(path: Path) -> None:
     folder is kept: deleting it could lose data a wrong path pointed at."""
     if path.is_symlink() or not path.is_dir() or _is_checkpoint_folder(path) or not any(path.iterdir()):
         return
-    raise OutputExistsError(f"{path}: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder); not replaced by a checkpoint")
+    raise OutputExistsError(f"{path}: {NOT_A_CHECKPOINT}; not replaced by a checkpoint")
 
 
 def _is_checkpoint_folder(path: Path) -> bool:
@@ -104,7 +105,7 @@ def remove(path: Path) -> None:
     if not path.exists():
         return
     if not _is_checkpoint_folder(path):
-        raise FormatError(f"{path}: not removed: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder)")
+        raise FormatError(f"{path}: not removed: {NOT_A_CHECKPOINT}")
     hidden = staging_name(path)
     os.rename(path, hidden)
     fsync_dir(path.parent)

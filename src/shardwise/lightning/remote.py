@@ -24,11 +24,11 @@ from ..storage.mirror import fetch, published
 from ..storage.transfer import listing, remove_objects
 from ..storage.urls import Remote
 from .folder import FORMAT, PAYLOAD, PICKLED, write_folder
-from .paths import load
+from ..training.layout import MANIFEST
+from .paths import NOT_A_CHECKPOINT, load
 
 __all__ = ["check_replaceable_url", "save_url", "load_url", "remove_url"]
 
-MANIFEST = "shardwise.json"
 _MISSING, _OBJECT, _CHECKPOINT, _OTHER = "missing", "object", "checkpoint", "other"
 
 
@@ -56,12 +56,12 @@ def _kind(remote: Remote) -> tuple[str, dict]:
 def check_replaceable_url(url: str) -> None:
     """OutputExistsError unless a save may replace what is at ``url`` (see module docstring)."""
     if _kind(Remote(url))[0] == _OTHER:
-        raise OutputExistsError(f"{url}: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder); not replaced by a checkpoint")
+        raise OutputExistsError(f"{url}: {NOT_A_CHECKPOINT}; not replaced by a checkpoint")
 
 
 def save_url(snapshot: Any, url: str) -> None:
-    """Write a snapshot (:func:`.folder.snapshot_checkpoint`) as a checkpoint folder at ``url``."""
-    check_replaceable_url(url)
+    """Write a snapshot (:func:`.folder.snapshot_checkpoint`) as a checkpoint folder at ``url``; the caller
+    has checked that it may replace what is there (:func:`check_replaceable_url`), as for local folders."""
     with published(url, overwrite=True, any_kind=True) as local:  # a single-file .ckpt becomes a folder
         write_folder(snapshot, local)
 
@@ -87,7 +87,7 @@ def remove_url(url: str) -> None:
         remove_objects(remote.fs, [remote.path])
         return
     if kind == _OTHER:
-        raise FormatError(f"{url}: not removed: a folder that is not a checkpoint (neither a Lightning checkpoint shardwise wrote nor a DCP folder)")
+        raise FormatError(f"{url}: not removed: {NOT_A_CHECKPOINT}")
     first = [n for n in (MANIFEST, DCP_METADATA) if n in files]
     remove_objects(remote.fs, [f"{remote.path}/{n}" for n in first])
     remove_objects(remote.fs, [f"{remote.path}/{n}" for n in sorted(files) if n not in first])

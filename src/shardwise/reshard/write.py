@@ -6,7 +6,6 @@ source shards; outputs are staged and committed atomically, with ``shardwise.jso
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +18,7 @@ from ..atomic import atomic_output
 from ..background import write_streaming
 from ..engine import write_index, write_tensor_file
 from ..formats.xser import xser_files
+from ..jsonfile import document_bytes
 from ..layout.stream import TileStreamer
 from ..layout.tiles import TiledTensor
 from ..plan import plan_output
@@ -92,7 +92,7 @@ def write_nxdt(
                 "parallel": parallel,
                 "members": [{"name": m.name, "size": m.size, "crc32": f"{m.crc32:08x}"} for m in writer.members],
             }
-            writer.add_bytes(MANIFEST_NAME, (json.dumps(document, indent=1) + "\n").encode("utf-8"))
+            writer.add_bytes(MANIFEST_NAME, document_bytes(document))
             writer.close()
     finally:
         streamer.progress.finish()

@@ -58,11 +58,6 @@ def _abandon(f) -> None:
 
 def upload_all(pairs: Iterable[tuple[Path, str]], fs, part_size: int = PART_SIZE) -> None:
     """Upload each (local file, remote path), a few at a time; the first failure is raised after the others stop."""
-    pairs = list(pairs)
-    if len(pairs) < 2:
-        for local, rpath in pairs:
-            upload(local, fs, rpath, part_size)
-        return
     _in_pool("shardwise-upload", [(upload, (local, fs, rpath, part_size)) for local, rpath in pairs])
 
 
@@ -81,16 +76,16 @@ def download_all(pairs: Iterable[tuple[str, Path]], fs, part_size: int = READ_SI
     pairs = list(pairs)
     for _, local in pairs:
         local.parent.mkdir(parents=True, exist_ok=True)
-    if len(pairs) < 2:
-        for rpath, local in pairs:
-            download(fs, rpath, local, part_size)
-        return
     _in_pool("shardwise-download", [(download, (fs, rpath, local, part_size)) for rpath, local in pairs])
 
 
 def _in_pool(name: str, calls: list) -> None:
     """Run ``calls`` ((function, args) pairs) a few at a time; at the first failure the queued ones are
-    cancelled, the running ones finish, and the failure is raised."""
+    cancelled, the running ones finish, and the failure is raised. One call runs on this thread."""
+    if len(calls) < 2:
+        for fn, args in calls:
+            fn(*args)
+        return
     pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix=name)
     try:
         for future in [pool.submit(fn, *args) for fn, args in calls]:

@@ -269,12 +269,12 @@ def read_structured_safetensors(path: Path, mapped: bool, other: Callable | None
 def _read_xser(folder: Path, name: str, load: Callable[[str], Any]) -> Any:
     import torch
 
-    from ..formats.xser import tensor_folder
+    from ..formats.xser import REFERENCE_CLASS, tensor_folder
 
     class TensorReference:  # stands for torch_xla's class: weights_only admits it by its full name
         pass
 
-    TensorReference.__module__, TensorReference.__qualname__ = "torch_xla.utils.serialization", "TensorReference"
+    TensorReference.__module__, _, TensorReference.__qualname__ = REFERENCE_CLASS.rpartition(".")
     with torch.serialization.safe_globals([TensorReference]):
         references = load(name)
     tensors_dir = f"{Path(name).parent}/{tensor_folder(Path(name).name).name}"

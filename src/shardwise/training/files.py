@@ -115,9 +115,7 @@ def check_file(path: Path, entry: dict, verify: bool = True) -> None:
     """IntegrityError naming ``path`` unless it exists with the manifest ``entry``'s size (and CRC-32, when ``verify``)."""
     if not path.is_file():
         raise IntegrityError(f"{path}: missing (the checkpoint's manifest lists it)")
-    check_against(path, entry, path.stat().st_size, None)
-    if verify:
-        check_against(path, entry, entry["size"], file_crc32(path))
+    check_against(path, entry, path.stat().st_size, file_crc32(path) if verify else None)
 
 
 _TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")

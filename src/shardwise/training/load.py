@@ -162,9 +162,9 @@ def _check_for_resharding(tag: Tag, layout: dict, verify: bool) -> None:
             f"resharding on load reads encodings 'pt' and 'xser'"
         )
     if verify and tag.manifest is not None:
-        for entry in tag.manifest.get("files", []):
-            if str(entry.get("name", "")).startswith("model/"):
-                check_file(tag.path / entry["name"], entry)
+        for name, entry in tag.entries.items():
+            if name.startswith("model/"):
+                check_file(tag.path / name, entry)
 
 
 def load_states(

@@ -30,6 +30,7 @@ from typing import Iterable
 
 from ..distributed import ParallelCoords
 from ..errors import FormatError, OutputExistsError
+from ..jsonfile import document_bytes
 from ..storage.transfer import download_all, listing, remove_objects, upload_all
 from ..storage.urls import Remote
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
@@ -115,7 +116,7 @@ def begin_tag(root: RemoteRoot, name: str, existing: list[Tag], announcement: di
             remove_tag(tag)  # an incomplete one: what a killed save left
     marker, manifest = root.remote(name, MARKER), root.remote(name, MANIFEST)
     marker.fs.pipe_file(marker.path, b"1")
-    manifest.fs.pipe_file(manifest.path, (json.dumps(announcement, indent=1) + "\n").encode())
+    manifest.fs.pipe_file(manifest.path, document_bytes(announcement))
 
 
 def upload_files(root: RemoteRoot, tag: str, stage: Path, names: Iterable[str]) -> None:
@@ -127,7 +128,7 @@ def upload_files(root: RemoteRoot, tag: str, stage: Path, names: Iterable[str]) 
 def commit_tag(root: RemoteRoot, tag: str, document: dict) -> None:
     """Step 3: the manifest, then ``done`` (the tag is complete from that moment)."""
     manifest, done = root.remote(tag, MANIFEST), root.remote(tag, DONE)
-    manifest.fs.pipe_file(manifest.path, (json.dumps(document, indent=1) + "\n").encode())
+    manifest.fs.pipe_file(manifest.path, document_bytes(document))
     done.fs.pipe_file(done.path, b"1")
 
 

@@ -17,7 +17,6 @@ uploads its files in step 2 and the leader uploads the manifest and ``done`` in 
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from typing import Any
 
 from ..atomic import commit_stage, discard_stage, fsync_dir, remove_stale_stages, staging_name, write_text_durably
 from ..errors import IntegrityError, OptionError
+from ..jsonfile import document_bytes
 from ..storage.mirror import Scratch
 from ..storage.urls import url_text
 from . import remote as remote_tags
@@ -141,7 +141,7 @@ def finish(group: Group, plan: SavePlan, outcome: list[dict] | BaseException) ->
             for folder in sorted({(plan.stage / f["name"]).parent for f in files}):
                 fsync_dir(folder)
             document = _manifest(plan, files)
-            write_text_durably(plan.stage / MANIFEST, json.dumps(document, indent=1) + "\n")
+            write_text_durably(plan.stage / MANIFEST, document_bytes(document))
             write_text_durably(plan.stage / DONE, "1")
             commit_stage(plan.stage, plan.root / plan.tag, overwrite=True)
         except BaseException as e:

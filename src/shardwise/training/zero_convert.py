@@ -21,7 +21,6 @@ ZeroConvertResult(path=PosixPath('ckpts_dp8/step_100'), ...)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -32,7 +31,7 @@ from ..archive.layout import grid_of
 from ..atomic import atomic_output, durable_close, fsync_dir, write_text_durably
 from ..checksum import crc32
 from ..errors import FormatError, LayoutError, OptionError
-from ..jsonfile import read_json_object
+from ..jsonfile import document_bytes, read_json_object
 from ..units import CHUNK_BYTES
 from .files import check_against, check_file, save_object, torch_load
 from .layout import DONE, MANIFEST, MARKER, checked_file_entries, full_optim_file, manifest_document, manifest_entries, optim_file, parse_rank_file
@@ -121,7 +120,7 @@ def zero_convert(
         )
         for key, value in old.items():  # what this conversion does not change (model_config, ...)
             document.setdefault(key, value)
-        write_text_durably(stage / MANIFEST, json.dumps(document, indent=1) + "\n")
+        write_text_durably(stage / MANIFEST, document_bytes(document))
         if (src / DONE).is_file():
             write_text_durably(stage / DONE, "1")
     return ZeroConvertResult(
