@@ -31,6 +31,17 @@ __all__ = ["Archive", "read_yaml_config", "write_members"]
 _MAX_CONFIG = 64 << 20
 
 
+def model_section(config: dict) -> dict:
+    """The config a model is built from: a top-level ``model:`` mapping unwrapped, as NeMo does."""
+    inner = config.get("model")
+    return inner if isinstance(inner, dict) else config
+
+
+def read_model_config(path: Path) -> dict:
+    """A NeMo ``model_config.yaml`` file as the model's config (:func:`model_section`)."""
+    return model_section(read_yaml_config(Path(path).read_bytes(), str(path)))
+
+
 def read_yaml_config(raw: bytes, label: str) -> dict:
     """A YAML config (safe loader: no Python objects are built) that must be a mapping."""
     try:
@@ -79,8 +90,7 @@ class Archive:
     @property
     def model_config(self) -> dict:
         """The config a model is built from: NeMo unwraps a top-level ``model:`` mapping."""
-        inner = self.config.get("model")
-        return inner if isinstance(inner, dict) else self.config
+        return model_section(self.config)
 
     def members(self) -> list[dict]:
         return [{"name": m.name, "kind": m.kind, "size": m.size} for m in self.index.members.values() if m.name]

@@ -222,16 +222,15 @@ def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
 
 def _open_nemo_dir(folder: Path, trust_pickle: bool) -> Checkpoint:
     """An unpacked archive whose weights are a ``model_weights/`` torch_dist checkpoint, as :func:`_open_archive` opens it packed."""
-    from ..archive.reader import read_yaml_config
+    from ..archive.reader import read_model_config
 
     ckpt = _open_dcp(folder / _NEMO_WEIGHTS, trust_pickle, TorchDistSource)
     try:
-        config = read_yaml_config((folder / _NEMO_CONFIG).read_bytes(), str(folder / _NEMO_CONFIG))
+        config = read_model_config(folder / _NEMO_CONFIG)
     except BaseException:
         ckpt.close()
         raise
-    return replace(ckpt, path=str(folder), format="nemo-dir", config=config.get("model") if isinstance(config.get("model"), dict) else config,
-                   companion_files=[], tokenizer_files=[])
+    return replace(ckpt, path=str(folder), format="nemo-dir", config=config, companion_files=[], tokenizer_files=[])
 
 
 def _open_dcp(folder: Path, trust_pickle: bool, kind: type) -> Checkpoint:

@@ -49,10 +49,7 @@ _MAX_BACKEND_BYTES = 1 << 20
 
 def looks_like_torch_dist(files: "str | os.PathLike | DcpFiles") -> bool:
     """Whether ``files`` hold a Megatron ``metadata.json`` (any backend: a zarr one is then refused by name)."""
-    region = as_files(files).region(BACKEND_FILE)
-    if region is None or region.size > _MAX_BACKEND_BYTES:
-        return False
-    try:
+    try:  # _read_json refuses a missing or oversized file as FormatError
         return "sharded_backend" in _read_json(as_files(files))
     except FormatError:
         return False

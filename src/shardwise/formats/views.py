@@ -5,13 +5,11 @@ the same file, an offset and element strides. So a view is read (and streamed, a
 the ordinary file-source code, without a copy and without this module knowing any format:
 
 - ``("rows", k, n)``: the k-th of n equal row blocks (OpenCLIP's ``in_proj_weight`` = [Q; K; V]);
-- ``"T"``: the transpose of a 2-D tensor (strides swapped; read whole when used);
-- ``("shape", shape)``: the same contiguous bytes with another shape.
+- ``"T"``: the transpose of a 2-D tensor (strides swapped; read whole when used).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from ..errors import FormatError
@@ -37,11 +35,6 @@ def view_of(entry: StoredTensor, view, name: str) -> StoredTensor:
         rows = info.shape[0] // n
         offset = entry.offset + k * rows * strides[0] * info.itemsize
         return StoredTensor.make(TensorInfo(name, (rows, *info.shape[1:]), info.dtype), entry.path, offset, strides)
-    if view[0] == "shape":
-        shape = tuple(view[1])
-        if not entry.contiguous or math.prod(shape) != info.numel:
-            raise FormatError(f"{entry.path}: tensor '{info.name}' of shape {list(info.shape)} cannot be seen as {list(shape)}")
-        return StoredTensor(TensorInfo(name, shape, info.dtype), entry.path, entry.offset)
     raise ValueError(f"unknown view {view!r}")
 
 

@@ -107,10 +107,9 @@ def clip_source_kind(path: str | os.PathLike, arch: str | None = None) -> str | 
             if (path / OPENCLIP_CONFIG).is_file():
                 return "openclip"
             if (path / "model_config.yaml").is_file():
-                from ..archive.reader import read_yaml_config
+                from ..archive.reader import read_model_config
 
-                config = read_yaml_config((path / "model_config.yaml").read_bytes(), str(path))
-                return "mcore" if is_clip_nemo_config(config.get("model") if isinstance(config.get("model"), dict) else config) else None
+                return "mcore" if is_clip_nemo_config(read_model_config(path / "model_config.yaml")) else None
             return None
         if path.is_file():
             from ..formats import _is_archive

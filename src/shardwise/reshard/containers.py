@@ -216,8 +216,7 @@ def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
 
 
 def read_model_config(path: Path) -> dict:
-    """A NeMo ``model_config.yaml`` as the model's config (a top-level ``model:`` mapping unwrapped, as NeMo does)."""
-    from ..archive.reader import read_yaml_config
+    """A NeMo ``model_config.yaml`` as the model's config (see :func:`shardwise.archive.reader.read_model_config`)."""
+    from ..archive.reader import read_model_config as read
 
-    config = read_yaml_config(path.read_bytes(), str(path))
-    return config["model"] if isinstance(config.get("model"), dict) else config
+    return read(path)
