@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -159,11 +160,77 @@ def test_background_writer_keeps_order_and_content_with_alternating_buffers(tmp_
             buf[:] = bytes([i]) * len(buf)  # refilled only after the other buffer's write was handed off
             writer.write(buf)
             expected += buf
-            writer.write(b"small")  # synchronous, still in order
+            writer.write(b"small")  # queued, still in order
             expected += b"small"
         assert writer.tell() == len(expected)
         writer.close()
     assert path.read_bytes() == bytes(expected)
+
+
+def test_a_small_chunk_from_the_other_buffer_still_releases_the_write_in_flight(tmp_path):
+    """Two alternating buffers, the second holding a chunk under the threshold: refilling the first
+    must wait for its background write, or the file gets the refilled bytes."""
+    import threading
+
+    from shardwise.background import BackgroundWriter
+
+    release = threading.Event()
+    written = bytearray()
+
+    class Slow(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            release.wait(0.2)  # the background write is still copying when the caller moves on
+            written.extend(b)
+            return len(b)
+
+    buffers = [bytearray(2 << 20), bytearray(2 << 20)]
+    writer = BackgroundWriter(Slow())
+    expected = bytearray()
+    for i in range(4):
+        buffers[0][:] = bytes([i]) * len(buffers[0])
+        writer.write(buffers[0])  # large: in the background
+        expected += buffers[0]
+        buffers[1][:16] = bytes([100 + i]) * 16
+        writer.write(memoryview(buffers[1])[:16])  # small: queued, after waiting for buffers[0]
+        expected += buffers[1][:16]
+    writer.close()
+    assert bytes(written) == bytes(expected)
+
+
+def test_headers_between_tensors_do_not_wait_for_the_write_in_flight():
+    """write_copy (a zip or tar header) returns while a large write is still running; tell() counts it."""
+    import threading
+
+    from shardwise.archive.tar_writer import MemberSink
+    from shardwise.background import BackgroundWriter
+
+    release = threading.Event()
+    written = bytearray()
+
+    class Blocked(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            release.wait(10)
+            written.extend(b)
+            return len(b)
+
+    writer = BackgroundWriter(Blocked())
+    sink = MemberSink(writer, 0)
+    first = bytes(range(256)) * (8 << 10)  # 2 MiB
+    sink.write(first)
+    sink.write_copy(b"HEADER")
+    assert not release.is_set() and not written  # returned with the first write still blocked
+    assert writer.tell() == sink.tell() == len(first) + 6
+    release.set()
+    sink.write(b"tail")
+    writer.close()
+    assert bytes(written) == first + b"HEADER" + b"tail"
+    assert sink.crc == zlib.crc32(bytes(written))
 
 
 def test_background_write_errors_surface_at_the_next_call(tmp_path):
@@ -226,3 +293,78 @@ def test_durable_close_closes_even_when_fsync_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output"):
         durable_close(f)
     assert f.closed
+
+
+def _slow_stream(payload: bytes, pieces: int, delay: float, log: list | None = None):
+    import time
+
+    def produce(sink):
+        for _ in range(pieces):
+            time.sleep(delay)
+            sink.write(payload)
+            if log is not None:
+                log.append(payload[:1])
+
+    return produce
+
+
+def test_files_written_at_once_come_back_in_the_order_given(tmp_path):
+    """Two lanes, the first file the slowest: members (and the manifest built from them) keep the given order."""
+    from shardwise.archive.folder_writer import FolderWriter
+
+    writer = FolderWriter(tmp_path)
+    streams = [(f"model/f{i}.bin", _slow_stream(bytes([i]) * 1000, 5, 0.02 if i == 0 else 0.001)) for i in range(5)]
+    written = writer.add_streams(streams, lanes=2)
+    writer.close()
+    assert [m.name for m in written] == [m.name for m in writer.members] == [f"model/f{i}.bin" for i in range(5)]
+    for i, member in enumerate(written):
+        data = (tmp_path / member.name).read_bytes()
+        assert data == bytes([i]) * 5000 and (member.size, member.crc32) == (5000, zlib.crc32(data))
+
+
+def test_a_failing_file_stops_the_one_beside_it_and_starts_no_other(tmp_path):
+    from shardwise.archive.folder_writer import FolderWriter
+    from shardwise.errors import FormatError
+
+    def broken(sink):
+        import time
+
+        sink.write(b"x" * 10)
+        time.sleep(0.1)  # the file beside it is well under way
+        raise FormatError("source.safetensors: file is truncated")
+
+    beside: list = []
+    started: list = []
+
+    def never(sink):
+        started.append(True)
+
+    writer = FolderWriter(tmp_path)
+    streams = [("a.bin", _slow_stream(b"a" * 100, 200, 0.01, beside)), ("b.bin", broken), ("c.bin", never), ("d.bin", never)]
+    with pytest.raises(FormatError, match="truncated"):
+        writer.add_streams(streams, lanes=2)
+    assert 0 < len(beside) < 200  # stopped at a write, long before its 200 pieces (2 s)
+    assert not started
+
+
+def test_conversion_output_is_the_same_with_one_lane_or_two(tmp_path, monkeypatch):
+    """nxdt and nemo-dir outputs written file by file and two files at once are byte-identical, manifests included."""
+    import hashlib
+
+    import shardwise.reshard.write as write_module
+    from conftest import tiny_llama
+    from shardwise.background import BackgroundWriter
+    from shardwise.layout import stream
+    from shardwise.reshard.convert import convert_layout
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)  # many chunks per file, all through the background writers
+    monkeypatch.setitem(BackgroundWriter.__init__.__kwdefaults__, "threshold", 512)
+    src = tiny_llama(tmp_path / "hf", hidden=64, intermediate=128, layers=3)
+    digests = []
+    for lanes in (1, 2):
+        monkeypatch.setattr(write_module, "FILE_LANES", lanes)
+        out = tmp_path / f"lanes{lanes}"
+        convert_layout(src, out / "nx", to="nxdt", tp=2, pp=2)
+        convert_layout(src, out / "nd", to="nemo-dir", tp=2, pp=2)
+        digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert digests[0] == digests[1] and len(digests[0]) > 8

@@ -88,3 +88,26 @@ def test_central_directory_says_unix_host_to_match_unix_attributes():
     with zipfile.ZipFile(buf) as archive:
         info = archive.getinfo("a")
         assert info.create_system == 3 and info.external_attr >> 16 == 0o600
+
+
+def test_members_are_written_front_to_back_and_crcs_patched_only_at_close(tmp_path):
+    """No seek between members (each would stall a background writer at every tensor); the CRCs
+    patched by close() are the ones zipfile checks."""
+    seeks = []
+
+    class Counting(io.FileIO):
+        def seek(self, *args):
+            seeks.append(args)
+            return super().seek(*args)
+
+    path = tmp_path / "x.zip"
+    with Counting(path, "w+") as f:
+        z = StoredZipWriter(f)
+        for i in range(5):
+            z.write_member(f"a/data/{i}", 1000 + i, lambda sink, i=i: sink.write(bytes([i]) * (1000 + i)))
+        assert seeks == []
+        z.close()
+    assert len(seeks) == 6  # five CRC fields, then back to the end
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert [archive.read(f"a/data/{i}") for i in range(5)] == [bytes([i]) * (1000 + i) for i in range(5)]

@@ -281,7 +281,8 @@ class FileTensorSource:
 
     def mapped_bytes(self, entry: StoredTensor, start: int = 0, length: int | None = None) -> memoryview:
         """Bytes ``start:start+length`` of ``entry``'s stored span (all of it by default) as a read-only
-        view of the file's pages, populated now (one batched fault-in, no copy).
+        view of the file's pages (no copy; pages are faulted in as they are read: ``MAP_POPULATE``
+        cost about 1.4 s more per 2 GiB written from maps of 16 MiB on this VM).
 
         The mapping lives as long as the view (or any slice of it) does; dropping the last reference
         unmaps it. Mapped pages count in resident memory while mapped, so callers map what they are
@@ -301,7 +302,7 @@ class FileTensorSource:
             if length == 0:
                 return memoryview(b"")
             aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            flags = mmap.MAP_SHARED
             try:
                 mapping = mmap.mmap(fd, end - aligned, flags=flags, prot=mmap.PROT_READ, offset=aligned)
             except OSError:  # a filesystem that cannot map (some FUSE mounts): read the bytes instead

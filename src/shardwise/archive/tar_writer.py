@@ -15,6 +15,7 @@ import time
 from typing import BinaryIO, Callable
 
 from ..atomic import write_all
+from ..background import write_small
 from ..errors import FormatError
 from ..checksum import crc32, crc32_combine, crc32_patched
 
@@ -52,6 +53,18 @@ class MemberSink:
 
     def write(self, data) -> int:
         return self.write_checksummed(data, None)
+
+    def write_copy(self, data) -> int:
+        """Append small bytes the caller built itself (a header), through the file's ``write_copy``
+        where it has one (see :func:`~shardwise.background.write_small`)."""
+        view = memoryview(data).cast("B")
+        if self._position != self._end:
+            return self.write(view)
+        self.crc = crc32(view, self.crc)
+        self._end += len(view)
+        write_small(self._f, view)
+        self._position += len(view)
+        return len(view)
 
     def write_checksummed(self, data, piece_crc: int | None) -> int:
         """``write(data)`` when the caller already knows ``crc32(data)`` (``piece_crc``): appended

@@ -100,6 +100,7 @@ def write_archive(
     progress: Progress = NO_PROGRESS,
     unpacked: bool = False,
     manifest_extra: dict | None = None,
+    lanes: int = 1,
 ) -> list[WrittenMember]:
     """Write the archive ``dst`` atomically; returns the regular members written (with CRC-32s).
 
@@ -107,6 +108,9 @@ def write_archive(
     streamed chunk by chunk, so memory stays bounded by the engine's buffers. ``unpacked``
     writes the same members into a folder (NeMo's extracted form) instead of a tar.
     ``manifest_extra`` adds top-level entries (such as ``parallel``) to ``shardwise.json``.
+    ``lanes`` > 1 writes that many rank files of an unpacked archive at once
+    (:meth:`~shardwise.archive.folder_writer.FolderWriter.add_streams`): every shard's
+    ``write_tensor`` must then be safe to call from several threads.
     """
     if weights_format not in WEIGHTS_MEMBER:
         raise OptionError(f"weights format {weights_format!r}: choose torch (model_weights.ckpt, NeMo's default) or safetensors")
@@ -122,14 +126,19 @@ def write_archive(
         writer.add_bytes(CONFIG_NAME, config_bytes)
         for artifact in artifacts:
             _add_artifact(writer, artifact)
+        streams = []
         for shard in sorted(shards, key=lambda s: (s.pp_rank, s.tp_rank)):
             folder = rank_folder(shard.tp_rank, shard.pp_rank, tp, pp)
             if folder:
                 writer.add_dir(folder)
-            writer.add_stream(
-                members[(shard.tp_rank, shard.pp_rank)],
-                lambda member, shard=shard: write_tensor_file(member, weights_format, "model_weights", list(shard.infos), shard.write_tensor, {"format": "pt"}),
-            )
+            stream = (members[(shard.tp_rank, shard.pp_rank)], lambda member, shard=shard: write_tensor_file(
+                member, weights_format, "model_weights", list(shard.infos), shard.write_tensor, {"format": "pt"}))
+            if unpacked:
+                streams.append(stream)  # folders first, then the files, several at once
+            else:
+                writer.add_stream(*stream)  # a tar holds each folder's entry right before its file
+        if streams:
+            writer.add_streams(streams, lanes=lanes)
         writer.add_bytes(MANIFEST_NAME, manifest_bytes(writer.members, layout.as_dict(), manifest_extra))
         writer.close()
         written.extend(writer.members)

@@ -8,8 +8,9 @@ writer does, so that ``torch.load(mmap=True)`` maps tensors in place.
 
 Format: APPNOTE.TXT (PKWARE) 4.3: local header + data per member, then the central directory and
 the end records, with zip64 fields where a size, an offset or the member count needs them.
-Members are written one at a time; sizes are declared up front and the CRC is patched into the
-local header after the data (the file must be seekable).
+Members are written one at a time; sizes are declared up front and the CRCs are patched into
+the local headers by :meth:`StoredZipWriter.close`, all at once (the file must be seekable): a
+seek back after every member would stall a background writer at every tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from ..atomic import write_all
+from ..background import write_small
 from ..checksum import crc32, crc32_combine
 from ..errors import FormatError
 
@@ -101,7 +103,7 @@ class StoredZipWriter:
         pad = -(self._offset + _LOCAL.size + len(raw_name) + len(extra) + 4) % self._alignment
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
         header_offset = self._offset
-        write_all(self._f, _LOCAL.pack(
+        write_small(self._f, _LOCAL.pack(
             0x04034B50, 45 if zip64 else 20, flags, 0, 0, _DOS_DATE, 0,
             _U32 if zip64 else size, _U32 if zip64 else size, len(raw_name), len(extra),
         ) + raw_name + extra)
@@ -109,16 +111,17 @@ class StoredZipWriter:
         produce(sink)
         if sink.count != size:
             raise FormatError(f"zip member {name!r} received {sink.count} bytes, {size} were declared")
-        end = header_offset + _LOCAL.size + len(raw_name) + len(extra) + size
-        self._f.seek(header_offset + 14)  # the CRC field of the local header
-        write_all(self._f, struct.pack("<I", sink.crc))
-        self._f.seek(end)
-        self._offset = end
+        self._offset = header_offset + _LOCAL.size + len(raw_name) + len(extra) + size
         self._members.append(_Member(raw_name, size, sink.crc, header_offset, flags))
 
     def close(self) -> None:
-        """Write the central directory and end records (zip64 ones where needed)."""
+        """Patch every member's CRC into its local header, then write the central directory and end
+        records (zip64 ones where needed)."""
         start = self._offset
+        for m in self._members:
+            self._f.seek(m.header_offset + 14)  # the CRC field of the local header
+            write_all(self._f, struct.pack("<I", m.crc))
+        self._f.seek(start)
         directory = bytearray()
         for m in self._members:
             big_size = self._force_zip64 or m.size >= _U32

@@ -1,7 +1,8 @@
 """Executing tiles: write a tiled tensor's bytes to a file, touching only the source rows it needs.
 
-Sources are read through read-only maps of their files' pages, populated in one batch per map
-(no copy into this process), and mapped a chunk at a time: never a whole tensor. The output is
+Sources are read through read-only maps of their files' pages (no copy into this process; pages
+are faulted in as they are read, which measured faster than populating each map up front), and
+mapped a chunk at a time: never a whole tensor. The output is
 written top to bottom in bands of rows that the same tiles cover.
 
 - A band that is one run of whole source rows (a row split, a KV head, a vocabulary slice) is
@@ -50,6 +51,10 @@ class TileStreamer:
         self._buffers = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
         self._turn = 0
         self._whole: tuple[Hashable, object] | None = None  # a strided source read whole, kept for one tensor
+
+    def twin(self) -> "TileStreamer":
+        """A new streamer with the same lookup, progress and cast and its own buffers (for another thread)."""
+        return TileStreamer(self.lookup, self.progress, self.cast)
 
     def out_dtype(self, dtype: str) -> str:
         """The dtype ``dtype`` is written as under this streamer's cast."""

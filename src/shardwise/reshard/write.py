@@ -6,11 +6,12 @@ source shards; outputs are staged and committed atomically, with ``shardwise.jso
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..archive.folder_writer import FolderWriter
+from ..archive.folder_writer import FILE_LANES, FolderWriter
 from ..archive.layout import MANIFEST_NAME
 from ..archive.manifest import MANIFEST_FORMAT, MANIFEST_VERSION
 from ..archive.writer import ArchiveShard, write_archive
@@ -35,13 +36,28 @@ def out_infos(tensors: list[TiledTensor], streamer: TileStreamer) -> list[Tensor
     return [TensorInfo(t.info.name, t.info.shape, streamer.out_dtype(t.info.dtype)) for t in tensors]
 
 
-def _writer_for(tensors: list[TiledTensor], streamer: TileStreamer):
+def _writer_for(tensors: list[TiledTensor], streamer: "TileStreamer | _StreamerPerThread"):
     by_name = {t.info.name: t for t in tensors}
+    current = streamer.current if isinstance(streamer, _StreamerPerThread) else lambda: streamer
 
     def write(info: TensorInfo, out: BinaryIO) -> None:
-        streamer.write(by_name[info.name], out)
+        current().write(by_name[info.name], out)
 
     return write
+
+
+class _StreamerPerThread:
+    """One twin of ``streamer`` per thread (its buffers are not shared), for files written concurrently."""
+
+    def __init__(self, streamer: TileStreamer) -> None:
+        self._template = streamer
+        self._local = threading.local()
+
+    def current(self) -> TileStreamer:
+        mine = getattr(self._local, "streamer", None)
+        if mine is None:
+            mine = self._local.streamer = self._template.twin()
+        return mine
 
 
 def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: str, generation_config: dict | None = None) -> dict:
@@ -79,14 +95,16 @@ def write_nxdt(
         with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
             writer = FolderWriter(stage)
             writer.add_dir("model")
+            per_thread = _StreamerPerThread(streamer)
+            files = []
             for (tp_rank, pp_rank), tensors in sorted(plan.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 name = nxdt_file_name(tp_rank, pp_rank)
-                infos, write = out_infos(tensors, streamer), _writer_for(tensors, streamer)
+                infos, write = out_infos(tensors, streamer), _writer_for(tensors, per_thread)
                 if encoding == "xser":
-                    for planned in xser_files(f"model/{name}", infos, write):
-                        writer.add_stream(planned.relpath, planned.produce)
+                    files += [(planned.relpath, planned.produce) for planned in xser_files(f"model/{name}", infos, write)]
                 else:
-                    writer.add_stream(f"model/{name}", lambda sink, infos=infos, write=write, name=name: write_tensor_file(sink, "torch", name[:-3], infos, write, {}))
+                    files.append((f"model/{name}", lambda sink, infos=infos, write=write, name=name: write_tensor_file(sink, "torch", name[:-3], infos, write, {})))
+            writer.add_streams(files, lanes=FILE_LANES)
             document = {
                 "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "created_by": f"shardwise {__version__}",
                 "parallel": parallel,
@@ -104,10 +122,11 @@ def write_nemo(
     parallel: dict, weights_format: str, unpacked: bool, overwrite: bool,
 ) -> list[str]:
     """An archive (or, ``unpacked``, a nemo-dir folder) with NeMo's rank folders and a manifest carrying ``parallel``."""
-    shards = [ArchiveShard(t, p, tuple(out_infos(tensors, streamer)), _writer_for(tensors, streamer)) for (t, p), tensors in plan.items()]
+    per_thread = _StreamerPerThread(streamer)
+    shards = [ArchiveShard(t, p, tuple(out_infos(tensors, streamer)), _writer_for(tensors, per_thread)) for (t, p), tensors in plan.items()]
     written = write_archive(
         dst, config=config, shards=shards, tp=tp, pp=pp, weights_format=weights_format, artifacts=artifacts,
-        overwrite=overwrite, progress=streamer.progress, unpacked=unpacked, manifest_extra={"parallel": parallel},
+        overwrite=overwrite, progress=streamer.progress, unpacked=unpacked, manifest_extra={"parallel": parallel}, lanes=FILE_LANES,
     )
     return [m.name for m in written]
 
