@@ -368,3 +368,78 @@ def test_conversion_output_is_the_same_with_one_lane_or_two(tmp_path, monkeypatc
         convert_layout(src, out / "nd", to="nemo-dir", tp=2, pp=2)
         digests.append({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()})
     assert digests[0] == digests[1] and len(digests[0]) > 8
+
+
+def test_an_interrupt_while_files_are_handed_out_stops_those_already_started(tmp_path, monkeypatch):
+    """A Ctrl-C between two submissions must not leave the queued files to be written in full."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shardwise.archive.folder_writer import FolderWriter
+
+    real_submit = ThreadPoolExecutor.submit
+    calls = []
+
+    def interrupted_at_the_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", interrupted_at_the_third)
+    pieces: list = []
+    writer = FolderWriter(tmp_path)
+    streams = [(f"f{i}.bin", _slow_stream(b"x" * 10, 100, 0.01, pieces)) for i in range(4)]
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        writer.add_streams(streams, lanes=2)
+    assert time.monotonic() - started < 0.8 and len(pieces) < 100  # 2 files x 100 writes of 10 ms if not stopped
+
+
+def test_a_writer_stays_usable_after_a_failed_batch(tmp_path):
+    from shardwise.archive.folder_writer import FolderWriter
+
+    def broken(sink):
+        raise OSError(28, "No space left on device")
+
+    writer = FolderWriter(tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        writer.add_streams([("a.bin", broken), ("b.bin", _slow_stream(b"b", 3, 0.01))], lanes=2)
+    writer.add_bytes("manifest.json", b"{}")
+    writer.add_streams([("c.bin", _slow_stream(b"c", 3, 0)), ("d.bin", _slow_stream(b"d", 3, 0))], lanes=2)
+    assert (tmp_path / "manifest.json").read_bytes() == b"{}" and (tmp_path / "d.bin").read_bytes() == b"ddd"
+
+
+def test_progress_is_advanced_one_call_at_a_time_when_files_are_written_at_once(tmp_path, monkeypatch):
+    """A user's progress object need not be thread-safe: the two writing threads' advance() calls are serialised."""
+    import threading
+    import time
+
+    from conftest import tiny_llama
+    from shardwise.layout import stream
+    from shardwise.reshard.convert import convert_layout
+
+    class Careless:
+        def __init__(self):
+            self.done, self.inside, self.overlaps, self.threads = 0, False, 0, set()
+
+        def start(self, total, description):
+            self.total = total
+
+        def advance(self, n):
+            self.overlaps += self.inside
+            self.inside = True
+            self.threads.add(threading.current_thread().name)
+            time.sleep(0.0005)
+            self.done += n
+            self.inside = False
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)
+    src = tiny_llama(tmp_path / "hf", hidden=64, intermediate=128, layers=3)
+    progress = Careless()
+    convert_layout(src, tmp_path / "nx", to="nxdt", tp=2, pp=2, progress=progress)
+    assert progress.overlaps == 0 and progress.done == progress.total
+    assert len(progress.threads) == 2  # really written two files at a time

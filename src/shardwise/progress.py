@@ -8,12 +8,16 @@ total, throughput and time left on stderr only when stderr is a terminal and ``-
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Protocol, TextIO
 
-__all__ = ["Progress", "NO_PROGRESS", "terminal_progress"]
+__all__ = ["Progress", "NO_PROGRESS", "terminal_progress", "SerialProgress"]
 
 
 class Progress(Protocol):
+    """``start`` and ``finish`` are called on the caller's thread. ``advance`` may be called from
+    shardwise's own threads (files written two at a time), never two calls at once."""
+
     def start(self, total_bytes: int, description: str) -> None: ...
 
     def advance(self, nbytes: int) -> None: ...
@@ -33,6 +37,24 @@ class _Silent:
 
 
 NO_PROGRESS: Progress = _Silent()
+
+
+class SerialProgress:
+    """``progress`` with ``advance`` calls from several threads serialised (one at a time)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def start(self, total_bytes: int, description: str) -> None:
+        self._progress.start(total_bytes, description)
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self._progress.advance(nbytes)
+
+    def finish(self) -> None:
+        self._progress.finish()
 
 
 class _RichBar:

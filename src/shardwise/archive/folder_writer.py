@@ -24,7 +24,14 @@ from .tar_writer import MemberSink, MemberWriter, WrittenMember
 
 __all__ = ["FolderWriter", "FILE_LANES"]
 
-FILE_LANES = max(1, min(4, os.cpu_count() or 1))  # files add_streams writes at once: one per core, at most four
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on (containers, taskset)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+FILE_LANES = max(1, min(4, _usable_cpus()))  # files add_streams writes at once: one per usable core, at most four
 
 
 class FolderWriter(MemberWriter):
@@ -41,7 +48,6 @@ class FolderWriter(MemberWriter):
         self._names: set[str] = set()
         self._unsynced: list[Path] = []
         self._lock = threading.Lock()
-        self._cancelled = threading.Event()
 
     def _path(self, name: str) -> Path:
         with self._lock:
@@ -55,12 +61,15 @@ class FolderWriter(MemberWriter):
 
     def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
         """Create file ``name`` whose bytes ``produce(sink)`` writes; returns its size and CRC-32."""
+        return self._add(name, produce, None)
+
+    def _add(self, name: str, produce: Callable[[MemberSink], None], cancelled: threading.Event | None) -> WrittenMember:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         sinks: list[MemberSink] = []
 
         def fill(background) -> None:
-            sinks.append(_CancellableSink(background, 0, self._cancelled))
+            sinks.append(MemberSink(background, 0) if cancelled is None else _CancellableSink(background, 0, cancelled))
             produce(sinks[0])
 
         write_streaming(path, fill, mode="w+b", sync=False)  # fsynced together by close()
@@ -83,15 +92,18 @@ class FolderWriter(MemberWriter):
         if lanes <= 1 or len(streams) <= 1:
             return [self.add_stream(name, produce) for name, produce in streams]
         before = len(self.members)
+        cancelled = threading.Event()  # this call's: a later call on the writer starts afresh
+        futures = []
         with ThreadPoolExecutor(lanes, thread_name_prefix="shardwise-file") as pool:
-            futures = [pool.submit(self._add_in_lane, name, produce) for name, produce in streams]
             try:
+                for name, produce in streams:
+                    futures.append(pool.submit(self._add_in_lane, name, produce, cancelled))
                 for future in as_completed(futures):
                     if future.exception() is not None:
                         break
             finally:
-                if any(f.done() and f.exception() is not None for f in futures) or not all(f.done() for f in futures):
-                    self._cancelled.set()  # a file failed, or the wait was interrupted
+                if len(futures) < len(streams) or not all(f.done() for f in futures) or any(f.exception() is not None for f in futures):
+                    cancelled.set()  # a file failed, or the caller was interrupted
                     for future in futures:
                         future.cancel()
         # leaving the block waited for the files in progress, which stopped at their next write
@@ -102,13 +114,13 @@ class FolderWriter(MemberWriter):
         self.members[before:] = written
         return written
 
-    def _add_in_lane(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
-        if self._cancelled.is_set():
+    def _add_in_lane(self, name: str, produce: Callable[[MemberSink], None], cancelled: threading.Event) -> WrittenMember:
+        if cancelled.is_set():
             raise _WritingCancelled(f"{name}: not started: another file being written failed")
         try:
-            return self.add_stream(name, produce)
+            return self._add(name, produce, cancelled)
         except BaseException:
-            self._cancelled.set()  # before this lane takes the next file
+            cancelled.set()  # before this lane takes the next file
             raise
 
     def close(self) -> None:
@@ -136,7 +148,14 @@ class _CancellableSink(MemberSink):
         super().__init__(f, start)
         self._cancelled = cancelled
 
-    def write_checksummed(self, data, piece_crc: int | None) -> int:
+    def _check(self) -> None:
         if self._cancelled.is_set():
             raise _WritingCancelled("stopped: another file being written failed")
+
+    def write_checksummed(self, data, piece_crc: int | None) -> int:
+        self._check()
         return super().write_checksummed(data, piece_crc)
+
+    def write_copy(self, data) -> int:
+        self._check()
+        return super().write_copy(data)

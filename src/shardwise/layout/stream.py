@@ -52,9 +52,10 @@ class TileStreamer:
         self._turn = 0
         self._whole: tuple[Hashable, object] | None = None  # a strided source read whole, kept for one tensor
 
-    def twin(self) -> "TileStreamer":
-        """A new streamer with the same lookup, progress and cast and its own buffers (for another thread)."""
-        return TileStreamer(self.lookup, self.progress, self.cast)
+    def twin(self, progress: Progress | None = None) -> "TileStreamer":
+        """A new streamer with the same lookup and cast and its own buffers (for another thread),
+        reporting to ``progress`` (default: this one's)."""
+        return TileStreamer(self.lookup, self.progress if progress is None else progress, self.cast)
 
     def out_dtype(self, dtype: str) -> str:
         """The dtype ``dtype`` is written as under this streamer's cast."""
@@ -65,8 +66,9 @@ class TileStreamer:
     def write(self, tensor: TiledTensor, sink: BinaryIO) -> None:
         """Write ``tensor`` (row-major, in its output dtype) to ``sink``.
 
-        ``sink.write`` may keep a view of the data it is given until its next call (a background
-        writer): views of mapped pages keep their mapping alive, and the gather buffers alternate.
+        ``sink.write`` may keep a view of the data it is given until its next ``write`` or waiting
+        call (a background writer): views of mapped pages keep their mapping alive, and the gather
+        buffers alternate, every chunk going through ``write``.
         """
         rows, cols = tensor.matrix
         dtype = tensor.info.dtype

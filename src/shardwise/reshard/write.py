@@ -23,6 +23,7 @@ from ..jsonfile import document_bytes
 from ..layout.stream import TileStreamer
 from ..layout.tiles import TiledTensor
 from ..plan import plan_output
+from ..progress import SerialProgress
 from ..tensors import TensorInfo
 from .containers import nxdt_file_name
 
@@ -47,16 +48,21 @@ def _writer_for(tensors: list[TiledTensor], streamer: "TileStreamer | _StreamerP
 
 
 class _StreamerPerThread:
-    """One twin of ``streamer`` per thread (its buffers are not shared), for files written concurrently."""
+    """``streamer`` on the thread that made this, a twin of it (own buffers) on any other thread:
+    for files written concurrently. The twins report to a progress object calls are serialised to."""
 
     def __init__(self, streamer: TileStreamer) -> None:
         self._template = streamer
+        self._owner = threading.get_ident()
         self._local = threading.local()
+        self._progress = SerialProgress(streamer.progress)
 
     def current(self) -> TileStreamer:
+        if threading.get_ident() == self._owner:
+            return self._template
         mine = getattr(self._local, "streamer", None)
         if mine is None:
-            mine = self._local.streamer = self._template.twin()
+            mine = self._local.streamer = self._template.twin(self._progress)
         return mine
 
 
