@@ -75,6 +75,40 @@ def test_gzip_archives_from_old_nemo_versions_are_read(tmp_path):
     assert shardwise.inspect(path)["archive"]["compressed"] is True
 
 
+def test_a_command_decompresses_a_gzip_archive_once_and_removes_the_copy(cli, tmp_path, monkeypatch):
+    """Detection and conversion both open the archive; inside one command they share one decompressed copy."""
+    import gzip
+    import tempfile
+
+    from conftest import tiny_llama
+    from shardwise.archive import tar_index
+
+    src = tiny_llama(tmp_path / "hf")
+    plain = tmp_path / "a.nemo"
+    assert cli("convert", src, plain, "--to", "archive", "--tp", "2", "-q").code == 0
+    packed = tmp_path / "a_gz.nemo"
+    with tarfile.open(plain) as tar, tarfile.open(packed, "w:gz") as out:
+        for member in tar:
+            out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    opened = []
+    real_open = gzip.open
+    monkeypatch.setattr(tar_index.gzip, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for args in (("convert", packed, tmp_path / "back", "--to", "hf", "-q"), ("inspect", packed, "--json"), ("diff", src, packed, "-q")):
+        opened.clear()
+        result = cli(*args)
+        assert result.code == 0, result
+        assert len(opened) == 1 and list(scratch.iterdir()) == []
+    with tar_index.shared_decompression():
+        first = tar_index.open_tar(packed)
+        packed.write_bytes(packed.read_bytes())  # the same bytes rewritten: a new modification time, so a new copy
+        second = tar_index.open_tar(packed)
+        assert first.path != second.path and len(list(scratch.iterdir())) == 2
+    assert list(scratch.iterdir()) == []
+
+
 def test_nemo_artifact_references_resolve_to_real_files(tmp_path):
     path, artifact = make_nemo(tmp_path)
     restored = shardwise.restore_from(path)

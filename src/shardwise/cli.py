@@ -327,8 +327,11 @@ def zero_convert(
 
 def run(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning deliberate errors into one stderr line and exit code 2."""
+    from .archive.tar_index import shared_decompression
+
     try:
-        code = app(args=argv, prog_name="shardwise", standalone_mode=False)
+        with shared_decompression():  # a command that opens a gzip archive twice decompresses it once
+            code = app(args=argv, prog_name="shardwise", standalone_mode=False)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ An uncompressed tar stores each member's bytes contiguously, so a member is full
 its data offset and size, and can be read in place (:class:`~shardwise.formats.region.Region`).
 Gzip-compressed archives (``.nemo`` files written before NeMo 1.7) have no such offsets; they are
 decompressed once into a temporary uncompressed tar (see :func:`open_tar`), which costs disk
-space equal to the archive and is deleted on close.
+space equal to the archive and is deleted on close. Inside :func:`shared_decompression` (one CLI
+command) every open of the same archive reuses one copy, deleted when the block ends: a command
+opens an archive more than once (to detect what it holds, then to read it).
 
 Names are normalised the way NeMo writes them and tar reads them: ``./model_config.yaml`` and
 ``model_config.yaml`` are the same member, stored as ``model_config.yaml``.
@@ -12,11 +14,13 @@ Names are normalised the way NeMo writes them and tar reads them: ``./model_conf
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
 import tarfile
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -26,7 +30,7 @@ from ..checksum import crc32
 from ..errors import FormatError
 from ..formats.region import Region
 
-__all__ = ["TarMember", "TarIndex", "open_tar", "looks_like_tar", "normalize_name", "unsafe_reason"]
+__all__ = ["TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_reason"]
 
 _BLOCK = 512
 
@@ -197,13 +201,61 @@ class TarIndex:
             pass
 
 
+_shared: dict[tuple, str] | None = None  # archive identity -> decompressed copy, inside shared_decompression()
+_shared_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared_decompression():
+    """Inside this block a gzip archive is decompressed once: later opens of the same file (same
+    device, inode, size and modification time) index the same temporary copy, which is deleted
+    when the outermost block ends (not when an index is closed). Nested blocks share the outer one."""
+    global _shared
+    with _shared_lock:
+        outer = _shared is None
+        if outer:
+            _shared = {}
+    try:
+        yield
+    finally:
+        if outer:
+            with _shared_lock:
+                temps, _shared = list(_shared.values()), None
+            for temp in temps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+
+
 def open_tar(path: str | os.PathLike) -> TarIndex:
-    """Index the tar at ``path``; a gzip-compressed tar is first decompressed to a temporary file."""
+    """Index the tar at ``path``; a gzip-compressed tar is first decompressed to a temporary file
+    (once per :func:`shared_decompression` block)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(2)
+        identity = _identity(os.fstat(f.fileno()))
     if head != b"\x1f\x8b":
         return TarIndex(path, path)
+    with _shared_lock:  # held while decompressing, so two threads never decompress the same archive
+        if _shared is not None:
+            if identity in _shared:
+                return TarIndex(_shared[identity], path, compressed=True)
+            temp = _gunzip(path)
+            try:
+                index = TarIndex(temp, path, compressed=True)
+            except BaseException:
+                os.unlink(temp)
+                raise
+            _shared[identity] = temp
+            return index
+    return _index_temporary(_gunzip(path), path)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _gunzip(path: str) -> str:
+    """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it)."""
     fd, temp = tempfile.mkstemp(prefix="shardwise-gunzip-", suffix=".tar")
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
@@ -216,6 +268,10 @@ def open_tar(path: str | os.PathLike) -> TarIndex:
     except BaseException:
         os.unlink(temp)
         raise
+    return temp
+
+
+def _index_temporary(temp: str, path: str) -> TarIndex:
     try:
         return TarIndex(temp, path, compressed=True, temporary=True)
     except BaseException:
