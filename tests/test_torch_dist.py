@@ -36,8 +36,10 @@ CASES = {
 }
 
 
-def write_torch_dist(hf: Path, out: Path, world: int, chunks: str, multiple: int) -> None:
-    result = subprocess.run([sys.executable, str(WRITER), str(hf), str(out), str(world), chunks, str(multiple)], capture_output=True, text=True, timeout=300)
+def write_torch_dist(hf: Path, out: Path, world: int, chunks: str, multiple: int, flavour: str = "nemo1") -> None:
+    """Run the writer: ``nemo1`` (model_config.yaml + model_weights/) or ``nemo2`` (context/ + weights/) at ``world`` gloo ranks."""
+    command = [sys.executable, str(WRITER), str(hf), str(out), str(world), chunks, str(multiple), flavour]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
