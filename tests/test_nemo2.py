@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_llama
-from test_torch_dist import CASES, logits, write_torch_dist
+from test_torch_dist import CASES, build_case, logits, write_torch_dist
 
 
 def write_tokenizer(folder: Path, vocab: int) -> None:
@@ -35,13 +35,9 @@ def write_tokenizer(folder: Path, vocab: int) -> None:
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory) -> dict:
     """The original HF folder and the NeMo 2 checkpoint holding it (GQA untied padded at 2 ranks; MHA tied at 1)."""
-    spec = CASES[request.param]
-    root = tmp_path_factory.mktemp(f"nemo2_{request.param}")
-    hf = tiny_llama(root / "hf", **spec["model"])
-    nemo2 = root / "nemo2"
-    write_torch_dist(hf, nemo2, spec["world"], spec["chunks"], spec["multiple"], "nemo2")
-    write_tokenizer(nemo2 / "context" / "nemo_tokenizer", spec["model"]["vocab"])
-    return {"name": request.param, "hf": hf, "dir": nemo2, "padded": request.param == "gqa", **spec}
+    built = build_case(request.param, tmp_path_factory.mktemp(f"nemo2_{request.param}"), "nemo2")
+    write_tokenizer(built["dir"] / "context" / "nemo_tokenizer", built["model"]["vocab"])
+    return built
 
 
 def test_a_nemo2_checkpoint_converts_to_the_original_hf_model_with_its_tokenizer(case, tmp_path, cli):
