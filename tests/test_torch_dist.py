@@ -36,8 +36,10 @@ CASES = {
 }
 
 
-def write_torch_dist(hf: Path, out: Path, world: int, chunks: str, multiple: int) -> None:
-    result = subprocess.run([sys.executable, str(WRITER), str(hf), str(out), str(world), chunks, str(multiple)], capture_output=True, text=True, timeout=300)
+def write_torch_dist(hf: Path, out: Path, world: int, chunks: str, multiple: int, flavour: str = "nemo1") -> None:
+    """Run the writer: ``nemo1`` (model_config.yaml + model_weights/) or ``nemo2`` (context/ + weights/) at ``world`` gloo ranks."""
+    command = [sys.executable, str(WRITER), str(hf), str(out), str(world), chunks, str(multiple), flavour]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
@@ -47,15 +49,20 @@ def pack(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def build_case(name: str, root: Path, flavour: str = "nemo1") -> dict:
+    """CASES[name] as the original HF folder (``hf``) and the checkpoint written from it (``dir``) by the writer in ``flavour``."""
+    spec = CASES[name]
+    hf = tiny_llama(root / "hf", **spec["model"])
+    write_torch_dist(hf, root / flavour, spec["world"], spec["chunks"], spec["multiple"], flavour)
+    return {"name": name, "hf": hf, "dir": root / flavour, "padded": name == "gqa", **spec}
+
+
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory) -> dict:
     """The original HF folder, the nemo-dir holding it as torch_dist, and the same packed as a .nemo tar."""
-    spec = CASES[request.param]
     root = tmp_path_factory.mktemp(f"torch_dist_{request.param}")
-    hf = tiny_llama(root / "hf", **spec["model"])
-    nemo_dir = root / "nemo"
-    write_torch_dist(hf, nemo_dir, spec["world"], spec["chunks"], spec["multiple"])
-    return {"name": request.param, "hf": hf, "dir": nemo_dir, "archive": pack(nemo_dir, root / "model.nemo"), "padded": request.param == "gqa", **spec}
+    built = build_case(request.param, root)
+    return {**built, "archive": pack(built["dir"], root / "model.nemo")}
 
 
 def logits(folder: Path) -> torch.Tensor:

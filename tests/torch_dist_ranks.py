@@ -1,8 +1,9 @@
 """NeMo-style torch_dist checkpoints of a HuggingFace Llama, written without NeMo or Megatron, for the tests.
 
-    python tests/torch_dist_ranks.py HF_DIR OUT WORLD CHUNKS VOCAB_MULTIPLE
+    python tests/torch_dist_ranks.py HF_DIR OUT WORLD CHUNKS VOCAB_MULTIPLE [nemo1|nemo2]
 
-writes OUT as an unpacked ``.nemo`` (``model_config.yaml`` and ``model_weights/``) holding the
+writes OUT as an unpacked ``.nemo`` (``model_config.yaml`` and ``model_weights/``), or with
+``nemo2`` as a NeMo 2 checkpoint (``context/model.yaml``, ``context/io.json``, ``weights/``), holding the
 model in HF_DIR, saved by ``torch.distributed.checkpoint.save`` from WORLD gloo ranks the way
 Megatron-core's ``torch_dist`` strategy saves it (read from the public Megatron-LM and NeMo
 sources, written here independently of shardwise so that a wrong mapping in shardwise shows):
@@ -20,7 +21,12 @@ sources, written here independently of shardwise so that a wrong mapping in shar
   input and post-attention norms fused into linear_qkv / linear_fc1 ``layer_norm_weight``; the
   vocabulary padded to a multiple of VOCAB_MULTIPLE x WORLD with non-zero rows;
 - TransformerEngine ``_extra_state`` entries as byte objects, ``metadata.json``, and a
-  ``common.pt`` whose pickle would run code if anything loaded it (shardwise must not).
+  ``common.pt`` whose pickle would run code if anything loaded it (shardwise must not);
+- NeMo 2 (``MegatronParallel`` prefixes each model chunk's keys with ``module.``; NeMo's
+  ``IOMixin.io_dump`` writes ``context/io.json`` and ``context/model.yaml``, fiddle configs with
+  ``_target_`` and every argument, defaults included): the same tensors under ``module.``, next to
+  optimizer states under ``optimizer.state.*`` keys saved in the same call (as a trainer
+  checkpoint holds them), and an ``io.json`` that is JSON only in shape.
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def pieces(key: str, tensor: torch.Tensor, rank: int, world: int, ffn: int, chun
     return found
 
 
-def save(hf_dir: Path, out: Path, world: int, chunks: str, vocab_multiple: int) -> None:
+def save(hf_dir: Path, out: Path, world: int, chunks: str, vocab_multiple: int, flavour: str = "nemo1") -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
     from torch.distributed.checkpoint import DefaultSavePlanner
@@ -114,20 +120,30 @@ def save(hf_dir: Path, out: Path, world: int, chunks: str, vocab_multiple: int) 
     vocab_rows = math.ceil(config["vocab_size"] / (vocab_multiple * world)) * vocab_multiple * world
     ffn = config["intermediate_size"]
     to_save: dict = {}
-    for key, tensor in mcore_stacked(state, config, vocab_rows).items():
+    prefix = "module." if flavour == "nemo2" else "model."
+    tensors = {prefix + key[len("model."):]: tensor for key, tensor in mcore_stacked(state, config, vocab_rows).items()}
+    if flavour == "nemo2":  # optimizer moments of two parameters, saved beside the weights (not weights: never read as such)
+        for key in (f"{prefix}decoder.layers.mlp.linear_fc2.weight", f"{prefix}embedding.word_embeddings.weight"):
+            tensors[f"optimizer.state.exp_avg.{key}"] = torch.full_like(tensors[key], 7.0)
+    for key, tensor in tensors.items():
         local = [Shard.from_tensor_and_offsets(piece.contiguous().clone(), offsets, rank) for piece, offsets in pieces(key, tensor, rank, world, ffn, chunks)]
         to_save[key] = init_from_local_shards(local, *tensor.shape)
     for module in ("self_attention.core_attention", "self_attention.linear_qkv", "mlp.linear_fc1"):
         blob = io.BytesIO()
         torch.save([{"fp8_meta": rank}], blob)
-        to_save[f"model.decoder.layers.{module}._extra_state/shard_{rank}_{world}"] = blob
-    weights = out / "model_weights"
+        to_save[f"{prefix}decoder.layers.{module}._extra_state/shard_{rank}_{world}"] = blob
+    weights = out / ("weights" if flavour == "nemo2" else "model_weights")
     dcp.save(to_save, checkpoint_id=str(weights), planner=DefaultSavePlanner(flatten_state_dict=False))
     if rank == 0:
         backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
         (weights / "metadata.json").write_text(json.dumps(backend))
         (weights / "common.pt").write_bytes(pickle.dumps(_RunsCode(str(out / "pwned"))))
-        (out / "model_config.yaml").write_text(model_config_yaml(config, world, vocab_multiple))
+        if flavour == "nemo2":
+            (out / "context").mkdir()
+            (out / "context" / "model.yaml").write_text(nemo2_model_yaml(config, world, vocab_multiple))
+            (out / "context" / "io.json").write_text(json.dumps({"root": {"type": ["ref", "config:1"]}, "objects": {}, "refcounts": {}, "version": "0.0.1"}))
+        else:
+            (out / "model_config.yaml").write_text(model_config_yaml(config, world, vocab_multiple))
 
 
 class _RunsCode:
@@ -158,10 +174,50 @@ def model_config_yaml(config: dict, world: int, vocab_multiple: int) -> str:
     return yaml.safe_dump(fields, sort_keys=False)
 
 
+def nemo2_model_yaml(config: dict, world: int, vocab_multiple: int) -> str:
+    """NeMo 2's context/model.yaml for the model: the LlamaModel config as ``IOMixin._io_dump_yaml`` writes it
+    (``_target_`` per fiddle config, every dataclass field, non-dataclass objects as ``_target_`` + ``_call_``)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    model = {
+        "_target_": "nemo.collections.llm.gpt.model.llama.LlamaModel",
+        "config": {
+            "_target_": "nemo.collections.llm.gpt.model.llama.LlamaConfig",
+            "tensor_model_parallel_size": world, "pipeline_model_parallel_size": 1, "sequence_parallel": False,
+            "num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"], "ffn_hidden_size": config["intermediate_size"],
+            "num_attention_heads": heads, "num_query_groups": config.get("num_key_value_heads", heads),
+            # NeMo leaves kv_channels null when it is hidden / heads (TransformerConfig fills it in)
+            "kv_channels": None if head_dim * heads == config["hidden_size"] else head_dim,
+            "init_method_std": config.get("initializer_range", 0.02), "layernorm_epsilon": config.get("rms_norm_eps", 1e-6),
+            "normalization": "RMSNorm", "add_bias_linear": False, "add_qkv_bias": False, "gated_linear_unit": True,
+            "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+            "position_embedding_type": "rope", "rotary_percent": 1.0,
+            "rotary_base": config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            "seq_length": config.get("max_position_embeddings", 2048), "share_embeddings_and_output_weights": bool(config.get("tie_word_embeddings", False)),
+            "make_vocab_size_divisible_by": vocab_multiple, "vocab_size": None,
+            "params_dtype": {"_target_": "torch.float32", "_call_": False}, "bf16": False, "fp16": False,
+            "transformer_layer_spec": {"_target_": "nemo.collections.llm.gpt.model.base.default_layer_spec", "_call_": False},
+        },
+        "optim": {
+            "_target_": "nemo.lightning.pytorch.optim.megatron.MegatronOptimizerModule",
+            "config": {"_target_": "megatron.core.optimizer.optimizer_config.OptimizerConfig", "lr": 0.0003, "optimizer": "adam", "use_distributed_optimizer": True},
+        },
+        "tokenizer": {
+            "_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+            "pretrained_model_name": "nemo_tokenizer", "use_fast": True,
+        },
+        "model_transform": None,
+    }
+    import yaml
+
+    return yaml.safe_dump(model, sort_keys=False)
+
+
 def main(args: list[str]) -> int:
     from dcp_ranks import run_ranks  # the sibling script's gloo launcher (this folder is on sys.path when run as a script)
 
-    return run_ranks(int(args[2]), f"{args[1]}.rendezvous", lambda: save(Path(args[0]), Path(args[1]), dist.get_world_size(), args[3], int(args[4])))
+    flavour = args[5] if len(args) > 5 else "nemo1"
+    return run_ranks(int(args[2]), f"{args[1]}.rendezvous", lambda: save(Path(args[0]), Path(args[1]), dist.get_world_size(), args[3], int(args[4]), flavour))
 
 
 if __name__ == "__main__":

@@ -80,13 +80,17 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config:
 
 
 def _shards_checkpoint(shards) -> Checkpoint:
+    from .formats.hf import TOKENIZER_FILES
+    from .formats.nemo2 import companion_files as nemo2_files
     from .formats.torch_dist import TorchDistSource
 
     source = shards.sources[(0, 0)]
     if isinstance(source, TorchDistSource):  # one checkpoint of global tensors, not per-rank files
+        companions = [name for name, _ in nemo2_files(shards.path)] if shards.container == "nemo2" else []
         return Checkpoint(
             str(shards.path), shards.container, "dcp", source, [shards.files[(0, 0)]], config=shards.nemo_config or shards.hf_config,
             layout=source.layout(), training_state=source.training_state,
+            companion_files=companions, tokenizer_files=[n for n in companions if n in TOKENIZER_FILES],
         )
     keys = sorted(shards.sources)
     prefixes = [Path(shards.files[k]).parent.name + "/" if shards.container == "nemo-dir" else Path(shards.files[k]).name + "/" for k in keys]

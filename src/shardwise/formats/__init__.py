@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import FormatError
 from ..tensors import FileTensorSource, TensorInfo
 from .dcp import DcpSource, looks_like_dcp
+from .nemo2 import looks_like_nemo2
 from .torch_dist import BACKEND_FILE, COMMON_FILE, TorchDistSource, looks_like_torch_dist
 from .hf import TOKENIZER_FILES, companion_files, find_weights, read_config, read_index
 from .safetensors import SafetensorsFile, looks_like_safetensors
@@ -197,6 +198,8 @@ def _lightning_config(source: FileTensorSource) -> dict | None:
 
 
 def _open_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
+    if looks_like_nemo2(folder):
+        return _open_nemo2(folder, trust_pickle)
     if looks_like_torch_dist(folder):
         return _open_dcp(folder, trust_pickle, TorchDistSource)
     if (folder / _NEMO_CONFIG).is_file() and looks_like_torch_dist(folder / _NEMO_WEIGHTS):
@@ -231,6 +234,17 @@ def _open_nemo_dir(folder: Path, trust_pickle: bool) -> Checkpoint:
         ckpt.close()
         raise
     return replace(ckpt, path=str(folder), format="nemo-dir", config=config, companion_files=[], tokenizer_files=[])
+
+
+def _open_nemo2(folder: Path, trust_pickle: bool) -> Checkpoint:
+    """A NeMo 2 checkpoint: ``weights/`` read as torch_dist (``module.`` keys shown as ``model.``), model.yaml's config,
+    the tokenizer files of ``context/nemo_tokenizer`` as companions."""
+    from .nemo2 import WEIGHTS, companion_files as context_files, read_context
+
+    context = read_context(folder)
+    ckpt = _open_dcp(folder / WEIGHTS, trust_pickle, TorchDistSource)
+    names = [name for name, _ in context_files(folder)]
+    return replace(ckpt, path=str(folder), format="nemo2", config=context.config, companion_files=names, tokenizer_files=[n for n in names if n in TOKENIZER_FILES])
 
 
 def _open_dcp(folder: Path, trust_pickle: bool, kind: type) -> Checkpoint:

@@ -22,13 +22,19 @@ Rules: a key is stacked when a ``layers`` component is followed by a component t
 number; every stacked key under the same prefix must have the same number of layers.
 TransformerEngine's ``_extra_state`` entries (fp8 scaling metadata, saved as byte objects) are
 not weights and are skipped, and so are ``_extra_state`` tensors should a writer store any.
+
+NeMo 2 saves the same keys under ``module.`` instead of ``model.`` (``MegatronParallel`` adds a
+``module.`` prefix per model chunk), next to optimizer states under other keys
+(``optimizer.state.exp_avg.module.decoder...``). With a ``prefix`` (``NEMO2_PREFIX``, chosen
+automatically when model keys start with ``module.`` and none with ``model.``) only the keys under
+the stored prefix are weights, shown under the NeMo 1 names; the rest are counted as skipped.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Hashable
 
 from ..errors import FormatError
@@ -37,7 +43,7 @@ from ..layout.tiles import TiledTensor
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
 from .dcp import METADATA, DcpChunk, DcpFiles, DcpSource, as_files, chunk_tiles
 
-__all__ = ["BACKEND_FILE", "COMMON_FILE", "looks_like_torch_dist", "read_backend", "unstacked_name", "TorchDistSource"]
+__all__ = ["BACKEND_FILE", "COMMON_FILE", "NEMO2_PREFIX", "looks_like_torch_dist", "read_backend", "unstacked_name", "TorchDistSource"]
 
 BACKEND_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
@@ -45,6 +51,7 @@ _BACKEND = "torch_dist"
 _VERSIONS = (1,)
 _EXTRA_STATE = "_extra_state"
 _MAX_BACKEND_BYTES = 1 << 20
+NEMO2_PREFIX = ("module.", "model.")  # (stored, shown): NeMo 2's weights/ keys as the mcore names of NeMo 1's model_weights/
 
 
 def looks_like_torch_dist(files: "str | os.PathLike | DcpFiles") -> bool:
@@ -105,6 +112,14 @@ def unstacked_name(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _auto_prefix(keys: list[str]) -> tuple[str, str] | None:
+    """NEMO2_PREFIX when the model keys are NeMo 2's (``module.``) and none are NeMo 1's (``model.``)."""
+    stored, shown = NEMO2_PREFIX
+    if any(k.startswith(stored) for k in keys) and not any(k.startswith(shown) for k in keys):
+        return NEMO2_PREFIX
+    return None
+
+
 @dataclass(frozen=True)
 class _LayerSlice:
     """Index ``index`` along the leading axis of the DCP chunk ``chunk_ref`` (a ref of :class:`DcpSource`)."""
@@ -134,7 +149,8 @@ class TorchDistSource(TiledSource):
 
     ``where`` is the folder, or :class:`~.dcp.DcpFiles` regions (``model_weights/`` inside an
     archive). ``backend`` is ``metadata.json``; ``stacked`` maps each stacked prefix to its layer
-    count. Raises FormatError naming the file for another backend, a truncated or inconsistent
+    count. ``prefix`` (stored, shown) keeps only the keys under ``stored`` and names them under
+    ``shown``; None picks :data:`NEMO2_PREFIX` for NeMo 2 keys and keeps every key otherwise. Raises FormatError naming the file for another backend, a truncated or inconsistent
     DCP part, or stacked keys that disagree on the layer count. Not thread-safe.
 
     >>> with TorchDistSource("nemo/model_weights") as source:  # doctest: +SKIP
@@ -144,7 +160,7 @@ class TorchDistSource(TiledSource):
 
     format_name = "torch_dist"
 
-    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False) -> None:
+    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, prefix: tuple[str, str] | None = None) -> None:
         super().__init__()
         files = as_files(where)
         self.backend = read_backend(files)
@@ -152,10 +168,12 @@ class TorchDistSource(TiledSource):
         self._slices = _Slices()
         self.stacked: dict[str, int] = {}
         self.skipped = sorted(k for k in [*self.dcp.metadata.objects, *self.dcp.metadata.tensors] if _EXTRA_STATE in k)
+        self.prefix = prefix if prefix is not None else _auto_prefix(self.dcp.keys())
+        self.other = [k for k in self.dcp.keys() if self.prefix and not k.startswith(self.prefix[0]) and _EXTRA_STATE not in k]
         groups: dict[str, list[tuple[str, str]]] = {}
         order: list[str | tuple[str]] = []  # plain keys, and (prefix,) where a stack of layers begins
         for fqn in self.dcp.keys():
-            if _EXTRA_STATE in fqn:
+            if _EXTRA_STATE in fqn or (self.prefix and not fqn.startswith(self.prefix[0])):
                 continue
             split = unstacked_name(fqn)
             if split is None:
@@ -167,13 +185,21 @@ class TorchDistSource(TiledSource):
             self._count_layers(fqn, split[0])
         for item in order:
             if isinstance(item, str):
-                self._tiled[item] = self.dcp.tiled(item)
+                tiled = self.dcp.tiled(item)
+                name = self._shown(item)
+                self._tiled[name] = tiled if name == item else replace(tiled, info=replace(tiled.info, name=name))
                 continue
             by_layer = {fqn: self._chunks_by_layer(fqn) for fqn, _ in groups[item[0]]}
             for layer in range(self.stacked[item[0]]):
                 for fqn, rest in groups[item[0]]:
-                    self._add_layer(fqn, f"{item[0]}layers.{layer}.{rest}", layer, by_layer[fqn][layer])
-        self.training_state = {"backend": self.backend, "skipped": self.skipped, "dcp_version": self.dcp.metadata.version}
+                    self._add_layer(fqn, self._shown(f"{item[0]}layers.{layer}.{rest}"), layer, by_layer[fqn][layer])
+        self.stacked = {self._shown(k): v for k, v in self.stacked.items()}
+        self.training_state = {"backend": self.backend, "skipped": self.skipped, "other_keys": len(self.other), "dcp_version": self.dcp.metadata.version}
+
+    def _shown(self, fqn: str) -> str:
+        if not self.prefix:
+            return fqn
+        return self.prefix[1] + fqn[len(self.prefix[0]):]
 
     def _count_layers(self, fqn: str, prefix: str) -> None:
         shape = self.dcp.info(fqn).shape
@@ -212,6 +238,8 @@ class TorchDistSource(TiledSource):
             "backend": self.backend,
             "stacked_layers": dict(self.stacked),
             "skipped_extra_state": len(self.skipped),
+            "key_prefix": self.prefix[0] if self.prefix else None,
+            "skipped_other_keys": len(self.other),  # optimizer states and anything else outside the model prefix
             "common_pt_bytes": None if common is None else common.size,  # not read: no weights live there
         }
 

@@ -8,11 +8,14 @@
   ``tp_rank_XX_pp_rank_XXX/``), read in place;
 - ``nemo-dir``: the same members unpacked in a folder;
 - ``torch_dist``: a bare Megatron ``torch_dist`` folder (``metadata.json``, ``.metadata``,
-  ``*.distcp``), the ``model_weights/`` of an archive or nemo-dir on its own;
+  ``*.distcp``), the ``model_weights/`` of an archive or nemo-dir on its own, or the ``weights/``
+  of a NeMo 2 checkpoint;
+- ``nemo2``: a NeMo 2 checkpoint folder (``context/model.yaml``, ``weights/`` torch_dist with
+  ``module.`` keys; :mod:`shardwise.formats.nemo2`);
 - ``hf``: any unsharded checkpoint shardwise opens (HF folders, safetensors, torch files).
 
-An archive or nemo-dir whose weights are a ``model_weights/`` torch_dist checkpoint, and a bare
-one, hold one "shard": the whole model with its layers unstacked
+An archive or nemo-dir whose weights are a ``model_weights/`` torch_dist checkpoint, a NeMo 2
+folder, and a bare torch_dist folder, hold one "shard": the whole model with its layers unstacked
 (:class:`~shardwise.formats.torch_dist.TorchDistSource`), in the mcore style at TP=1, PP=1,
 whatever parallel layout wrote it (its keys are global).
 """
@@ -30,6 +33,7 @@ from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
 from ..jsonfile import read_json_object
+from ..formats.nemo2 import MODEL_YAML, CONTEXT, WEIGHTS, looks_like_nemo2, read_context
 from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
@@ -59,6 +63,7 @@ class Shards:
     archive: Any = None  # an open shardwise.archive.Archive for archives
     hf_config: dict | None = None
     closers: list = field(default_factory=list)
+    config_file: str = CONFIG_NAME  # how messages name the NeMo config that nemo_config came from
 
     @property
     def tp(self) -> int:
@@ -101,13 +106,15 @@ def read_folder_manifest(folder: Path) -> dict | None:
 
 
 def find_shards(path: Path, *, trust_pickle: bool = False) -> Shards | None:
-    """The shards of ``path`` when it is a sharded container (nxdt, archive, nemo-dir, torch_dist), else None."""
+    """The shards of ``path`` when it is a sharded container (nxdt, archive, nemo-dir, nemo2, torch_dist), else None."""
     if path.is_file():
         from ..formats import _is_archive
 
         return _archive_shards(path, trust_pickle) if _is_archive(path) else None
     if not path.is_dir():
         raise FormatError(f"{path}: no such file or folder")
+    if looks_like_nemo2(path):
+        return _nemo2_shards(path, trust_pickle)
     if looks_like_torch_dist(path):
         return _torch_dist_shards(path, trust_pickle)
     nxdt = _nxdt_files(path)
@@ -203,16 +210,47 @@ def _nemo_dir_shards(folder: Path, trust_pickle: bool) -> Shards:
 
 def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
     """A bare torch_dist folder; its config is a config.json inside it, or, for the ``model_weights``
-    folder of an unpacked archive, the ``model_config.yaml`` next to it (``--config`` overrides both)."""
+    folder of an unpacked archive, the ``model_config.yaml`` next to it, and for the ``weights``
+    folder of a NeMo 2 checkpoint, the ``context/`` beside it (``--config`` overrides them all)."""
+    nemo2 = folder.name == WEIGHTS and looks_like_nemo2(folder.parent)
+    nemo_config, hf_config = _nemo2_configs(folder.parent) if nemo2 else (None, None)
     source = TorchDistSource(folder, trust=trust_pickle)
     try:
-        hf_config = read_config(folder / "config.json") if (folder / "config.json").is_file() else None
+        hf_config = read_config(folder / "config.json") if (folder / "config.json").is_file() else hf_config
         beside = folder.parent / CONFIG_NAME
-        nemo_config = read_model_config(beside) if folder.name == DISTRIBUTED_FOLDER and beside.is_file() else None
+        if folder.name == DISTRIBUTED_FOLDER and beside.is_file():
+            nemo_config = read_model_config(beside)
     except BaseException:
         source.close()
         raise
-    return Shards(folder, "torch_dist", {(0, 0): source}, {(0, 0): str(folder)}, nemo_config=nemo_config, hf_config=hf_config)
+    return Shards(
+        folder, "torch_dist", {(0, 0): source}, {(0, 0): str(folder)}, nemo_config=nemo_config, hf_config=hf_config,
+        config_file=f"{CONTEXT}/{MODEL_YAML}" if nemo2 else CONFIG_NAME,
+    )
+
+
+def _nemo2_shards(folder: Path, trust_pickle: bool) -> Shards:
+    """A NeMo 2 checkpoint: ``weights/`` (``module.`` keys, shown as mcore's ``model.``) described by ``context/``."""
+    nemo_config, hf_config = _nemo2_configs(folder)
+    weights = folder / WEIGHTS
+    source = TorchDistSource(weights, trust=trust_pickle)
+    return Shards(
+        folder, "nemo2", {(0, 0): source}, {(0, 0): str(weights)}, nemo_config=nemo_config, hf_config=hf_config,
+        config_file=f"{CONTEXT}/{MODEL_YAML}",
+    )
+
+
+def _nemo2_configs(folder: Path) -> tuple[dict, dict | None]:
+    """model.yaml's config under NeMo 1 names, and the HF config NeMo's exporter would make when the
+    tokenizer in ``context/nemo_tokenizer`` tells the vocabulary size (else None: the rows are kept)."""
+    from .nemo_config import dims_from_nemo_config, hf_config_from_nemo2, nemo2_view
+
+    context = read_context(folder)
+    view = nemo2_view(context.config)
+    if context.vocab is None:
+        return view, None
+    dims = dims_from_nemo_config(view, str(context.path / MODEL_YAML), padded_vocab=context.vocab)
+    return view, hf_config_from_nemo2(dims, context.config)
 
 
 def read_model_config(path: Path) -> dict:

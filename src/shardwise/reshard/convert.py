@@ -188,15 +188,15 @@ def convert_layout(
             src.close()
         raise
     with open_model(src, config=config, trust_pickle=trust_pickle, expect=expect) as source:
-        to = to or (source.container if keep_layout else None)
-        if to not in CONTAINERS:
-            given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
-            raise OptionError(f"{given}: choose --to {', '.join(CONTAINERS)} for a Llama-family model")
         if keep_layout and source.encoding == "dcp":
             raise OptionError(
                 f"{label}: is a distributed checkpoint of global tensors, which loads at any TP/PP as it is (Megatron reshards it when loading); "
                 f"to write per-rank files, use convert --to archive, nemo-dir or nxdt with --tp/--pp"
             )
+        to = to or (source.container if keep_layout else None)
+        if to not in CONTAINERS:
+            given = f"--to {to}" if to else f"{dst}: the output format is not clear from the name"
+            raise OptionError(f"{given}: choose --to {', '.join(CONTAINERS)} for a Llama-family model")
         if keep_layout and to == "hf":
             raise OptionError(f"{label}: is an unsharded HF model; reshard works on sharded checkpoints, use convert --to nxdt|archive|nemo-dir")
         if expect_layers is not None and expect_layers != source.dims.layers:
@@ -318,6 +318,10 @@ def _stored_companions(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]
         out.mkdir()
         export_hf_files(source.archive, out)
         return [(p.relative_to(out).as_posix(), p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "config.json"]
+    if source.container == "nemo2":
+        from ..formats.nemo2 import companion_files
+
+        return companion_files(Path(source.path))
     if source.container == "nemo-dir":
         folder = Path(source.path)
         found = []
@@ -359,5 +363,5 @@ def hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: 
     if complete:
         written += [n for n in finish_hf_folder(stage, cast=cast) if n not in written]
     if not source.hf_config:
-        warnings.append(f"{source.path}: carries no HF config.json; config.json was built from its model_config.yaml")
+        warnings.append(f"{source.path}: carries no HF config.json; config.json was built from its {source.config_file}")
     return written

@@ -27,6 +27,7 @@ from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 __all__ = ["ShardedModel", "open_model", "open_shards", "detect_style"]
 
 Shard = tuple[int, int]
+_NO_TOKENIZER = {"context/model.yaml": " (nor is there a context/nemo_tokenizer/tokenizer.json to count it)"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -164,8 +165,8 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     elif style == "mcore" and nemo_config:
         dims = dims_from_nemo_config(nemo_config, label, padded_vocab=_embed_rows(shards, layout))
         warnings.append(
-            f"{label}: has no HF config.json, and model_config.yaml does not record the vocabulary size: all {dims.vocab} stored rows are kept, "
-            f"padding included (pass --config with the HF config.json to trim it)"
+            f"{label}: has no HF config.json, and {shards.config_file} does not record the vocabulary size{_NO_TOKENIZER.get(shards.config_file, '')}: "
+            f"all {dims.vocab} stored rows are kept, padding included (pass --config with the HF config.json to trim it)"
         )
     else:
         also = " or NeMo model_config.yaml" if style == "mcore" else ""
@@ -178,6 +179,7 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
         nemo_config=nemo_config, archive=shards.archive, closers=shards.closers,
     )
     model.has_manifest = isinstance(parallel, dict)
+    model.config_file = shards.config_file
     if model.has_manifest and isinstance(parallel.get("generation_config"), dict):
         model.generation_config = parallel["generation_config"]
     return model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..models.llama import LlamaDims
 
-__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "default_vocab_multiple", "rope_settings", "nemo_precision"]
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "nemo2_view", "hf_config_from_nemo2", "default_vocab_multiple", "rope_settings", "nemo_precision"]
 
 
 def default_vocab_multiple(vocab: int) -> int:
@@ -118,3 +118,26 @@ def hf_config_from_nemo(dims: LlamaDims, nemo: dict) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+def nemo2_view(config: dict) -> dict:
+    """A NeMo 2 GPT config (model.yaml's ``config``) under the NeMo 1 ``model_config.yaml`` names the
+    functions above read: the names are shared but for ``seq_length`` (NeMo 1's ``max_position_embeddings``);
+    nested mappings (``activation_func``, ``params_dtype`` ...) are left out."""
+    view = {k: v for k, v in config.items() if not isinstance(v, (dict, list))}
+    if isinstance(config.get("seq_length"), int):
+        view["max_position_embeddings"] = config["seq_length"]
+    return view
+
+
+def hf_config_from_nemo2(dims: LlamaDims, config: dict) -> dict:
+    """The HF config NeMo 2's ``HFLlamaExporter.config`` makes: as :func:`hf_config_from_nemo`, plus
+    Llama 3.1's RoPE scaling (``scale_factor``, ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``)."""
+    hf = hf_config_from_nemo(dims, nemo2_view(config))
+    if all(isinstance(config.get(k), (int, float)) for k in ("scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")):
+        hf["rope_scaling"] = {
+            "factor": float(config["scale_factor"]), "low_freq_factor": float(config["low_freq_factor"]),
+            "high_freq_factor": float(config["high_freq_factor"]), "original_max_position_embeddings": config["old_context_len"],
+            "rope_type": "llama3",
+        }
+    return hf
