@@ -3,6 +3,7 @@ and archives shardwise writes are read by NeMo's own restore steps (tar extract,
 
 from __future__ import annotations
 
+import os
 import tarfile
 import uuid
 from pathlib import Path
@@ -107,6 +108,39 @@ def test_a_command_decompresses_a_gzip_archive_once_and_removes_the_copy(cli, tm
         second = tar_index.open_tar(packed)
         assert first.path != second.path and len(list(scratch.iterdir())) == 2
     assert list(scratch.iterdir()) == []
+
+
+def test_another_thread_keeps_its_own_copy_while_a_command_shares_one(tmp_path):
+    """The sharing is per context: a library call on another thread must not get the command's copy,
+    which is deleted when the command ends."""
+    import threading
+
+    from shardwise.archive import tar_index
+
+    packed, _ = make_nemo(tmp_path, mode="w:gz")
+    opened, ended, seen = threading.Event(), threading.Event(), {}
+
+    def command():
+        with tar_index.shared_decompression():
+            seen["command"] = tar_index.open_tar(packed).path
+            opened.set()
+            ended.wait(10)  # the library call has its index before the command ends
+        ended.set()
+
+    def library_call():
+        opened.wait(10)
+        index = tar_index.open_tar(packed)
+        seen["library"] = index.path
+        ended.set()
+        thread.join()
+        seen["read"] = index.read(index.get("model_config.yaml"))
+        index.close()
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    library_call()
+    assert seen["library"] != seen["command"] and b"tensor_model_parallel_size" in seen["read"]
+    assert not os.path.exists(seen["command"]) and not os.path.exists(seen["library"])
 
 
 def test_nemo_artifact_references_resolve_to_real_files(tmp_path):

@@ -151,6 +151,10 @@ def _damaged(gqa: Path, tmp_path: Path, damage: str) -> Path:
         return _edit_config(copy, lambda c: c.update(_target_="nemo.collections.llm.t5.model.t5.T5Config"))
     if damage == "layernorm":
         return _edit_config(copy, lambda c: c.update(normalization="LayerNorm"))
+    if damage == "gelu":
+        return _edit_config(copy, lambda c: c.update(activation_func={"_target_": "torch.nn.functional.gelu", "_call_": False}))
+    if damage == "partial rotary":
+        return _edit_config(copy, lambda c: c.update(rotary_percent=0.5))
     raise AssertionError(damage)
 
 
@@ -161,11 +165,51 @@ def _damaged(gqa: Path, tmp_path: Path, damage: str) -> Path:
     ("no dims", "config hidden_size is None"),
     ("not llama", "'nemo.collections.llm.t5.model.t5.T5Config' is not a NeMo GPT/Llama config"),
     ("layernorm", "normalization is 'LayerNorm'"),
+    ("gelu", "activation_func is 'torch.nn.functional.gelu'"),
+    ("partial rotary", "rotary_percent is 0.5"),
 ])
 def test_damaged_nemo2_checkpoints_give_one_line_naming_the_file(gqa, tmp_path, cli, damage, message):
+    """Also for the weights/ folder given alone: a context that is refused must not fall back to
+    copying the mcore tensors under their own names into an "HF" folder."""
     bad = _damaged(gqa, tmp_path, damage)
-    for command in (["convert", tmp_path / "nemo2", tmp_path / "out", "--to", "hf"], ["inspect", tmp_path / "nemo2"]):
+    commands = [["convert", tmp_path / "nemo2", tmp_path / "out", "--to", "hf"], ["inspect", tmp_path / "nemo2"]]
+    if bad.name == "model.yaml":
+        commands.append(["convert", tmp_path / "nemo2" / "weights", tmp_path / "out", "--to", "hf"])
+    for command in commands:
         result = cli(*command)
         assert result.code == 2 and message in result.err and str(bad.parent) in result.err and bad.name in result.err, result.err
         assert len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_llama31_rope_scaling_reaches_config_json_with_or_without_a_tokenizer(gqa, tmp_path, cli):
+    copy = tmp_path / "nemo2"
+    shutil.copytree(gqa, copy)
+    _edit_config(copy, lambda c: c.update(scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context_len=8192))
+    expected = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    for tokenizer in (False, True):
+        if tokenizer:
+            write_tokenizer(copy / "context" / "nemo_tokenizer", CASES["gqa"]["model"]["vocab"])
+        out = tmp_path / f"hf{tokenizer}"
+        assert cli("convert", copy, out, "--to", "hf").code == 0
+        assert json.loads((out / "config.json").read_text())["rope_scaling"] == expected
+
+
+def test_only_tokenizer_files_are_taken_from_the_context_links_included(gqa, tmp_path, cli):
+    """A weight-named file in nemo_tokenizer/ cannot replace the converted weights; files linked as a
+    hub cache links them (into blobs/) are copied like plain ones."""
+    copy = tmp_path / "nemo2"
+    shutil.copytree(gqa, copy)
+    tokenizer = copy / "context" / "nemo_tokenizer"
+    write_tokenizer(tokenizer, CASES["gqa"]["model"]["vocab"])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (tokenizer / "tokenizer.json").rename(blobs / "abc123")
+    (tokenizer / "tokenizer.json").symlink_to(blobs / "abc123")
+    (tokenizer / "model.safetensors").write_bytes(b"junk")
+    (tokenizer / "config.json").write_text("{}")
+    out = tmp_path / "hf"
+    assert cli("convert", copy, out, "--to", "hf").code == 0
+    assert cli("diff", out, gqa.parent / "hf").code == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert (out / "tokenizer.json").read_bytes() == (blobs / "abc123").read_bytes() and not (out / "tokenizer.json").is_symlink()

@@ -15,6 +15,7 @@ Names are normalised the way NeMo writes them and tar reads them: ``./model_conf
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import os
 import shutil
@@ -201,7 +202,8 @@ class TarIndex:
             pass
 
 
-_shared: dict[tuple, str] | None = None  # archive identity -> decompressed copy, inside shared_decompression()
+# archive identity -> decompressed copy, for the context inside shared_decompression() (not other threads)
+_shared: contextvars.ContextVar[dict[tuple, str] | None] = contextvars.ContextVar("shardwise_shared_decompression", default=None)
 _shared_lock = threading.Lock()
 
 
@@ -209,21 +211,21 @@ _shared_lock = threading.Lock()
 def shared_decompression():
     """Inside this block a gzip archive is decompressed once: later opens of the same file (same
     device, inode, size and modification time) index the same temporary copy, which is deleted
-    when the outermost block ends (not when an index is closed). Nested blocks share the outer one."""
-    global _shared
-    with _shared_lock:
-        outer = _shared is None
-        if outer:
-            _shared = {}
+    when the outermost block ends (not when an index is closed). Nested blocks share the outer
+    one. The sharing is per context: other threads (and code outside the block) keep one copy per
+    open, deleted on close."""
+    if _shared.get() is not None:
+        yield
+        return
+    copies: dict[tuple, str] = {}
+    token = _shared.set(copies)
     try:
         yield
     finally:
-        if outer:
-            with _shared_lock:
-                temps, _shared = list(_shared.values()), None
-            for temp in temps:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp)
+        _shared.reset(token)
+        for temp in copies.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
 
 def open_tar(path: str | os.PathLike) -> TarIndex:
@@ -235,19 +237,20 @@ def open_tar(path: str | os.PathLike) -> TarIndex:
         identity = _identity(os.fstat(f.fileno()))
     if head != b"\x1f\x8b":
         return TarIndex(path, path)
-    with _shared_lock:  # held while decompressing, so two threads never decompress the same archive
-        if _shared is not None:
-            if identity in _shared:
-                return TarIndex(_shared[identity], path, compressed=True)
-            temp = _gunzip(path)
-            try:
-                index = TarIndex(temp, path, compressed=True)
-            except BaseException:
-                os.unlink(temp)
-                raise
-            _shared[identity] = temp
-            return index
-    return _index_temporary(_gunzip(path), path)
+    shared = _shared.get()
+    if shared is None:
+        return _index_temporary(_gunzip(path), path)
+    with _shared_lock:  # held while decompressing: threads given this context never decompress one archive twice
+        if identity in shared:
+            return TarIndex(shared[identity], path, compressed=True)
+        temp = _gunzip(path)
+        try:
+            index = TarIndex(temp, path, compressed=True)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        shared[identity] = temp
+        return index
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -46,13 +46,19 @@ _GENERATION_CONFIG = Path("artifacts") / "generation_config.json"
 _CONFIG_MODULES = ("nemo.collections.llm.gpt.model.llama.", "nemo.collections.llm.gpt.model.base.")
 _DIMS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
 # GPTConfig fields whose Llama values the layout assumes; a config saying otherwise is another architecture
-_LLAMA = {"normalization": ("RMSNorm",), "gated_linear_unit": (True,), "add_bias_linear": (False,), "add_qkv_bias": (False,), "position_embedding_type": ("rope",)}
+_LLAMA = {
+    "normalization": ("RMSNorm",), "gated_linear_unit": (True,), "add_bias_linear": (False,), "add_qkv_bias": (False,),
+    "position_embedding_type": ("rope",), "rotary_percent": (1.0, 1), "qk_layernorm": (False,),
+}
+_SILU = ("torch.nn.functional.silu", "torch.nn.functional.silu.silu", "torch.nn.SiLU")
 _MAX_YAML_BYTES = 64 << 20
 
 
 def looks_like_nemo2(folder: Path) -> bool:
-    """A folder with ``context/model.yaml`` and a ``weights/`` folder."""
-    return (folder / CONTEXT / MODEL_YAML).is_file() and (folder / WEIGHTS).is_dir()
+    """A folder with ``context/model.yaml`` and a ``weights/`` torch_dist checkpoint."""
+    from .torch_dist import looks_like_torch_dist
+
+    return (folder / CONTEXT / MODEL_YAML).is_file() and (folder / WEIGHTS).is_dir() and looks_like_torch_dist(folder / WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,10 @@ def read_context(folder: Path) -> Nemo2Context:
     for key, allowed in _LLAMA.items():
         if key in config and config[key] not in allowed:
             raise FormatError(f"{path}: config {key} is {config[key]!r}, not the Llama family's {allowed[0]!r}; shardwise converts Llama-family models")
+    activation = config.get("activation_func")
+    target = activation.get("_target_") if isinstance(activation, dict) else activation
+    if activation is not None and target not in _SILU:
+        raise FormatError(f"{path}: config activation_func is {target!r}, not the Llama family's SiLU (torch.nn.functional.silu); shardwise converts Llama-family models")
     return Nemo2Context(path.parent, config, _tokenizer_vocab(path.parent / TOKENIZER_DIR / "tokenizer.json"))
 
 
@@ -118,10 +128,15 @@ def _tokenizer_vocab(path: Path) -> int | None:
 
 
 def companion_files(folder: Path) -> list[tuple[str, Path]]:
-    """(name in an HF folder, path) of the tokenizer files in ``context/nemo_tokenizer/`` and ``context/artifacts/generation_config.json``."""
+    """(name in an HF folder, path) of the HF tokenizer files in ``context/nemo_tokenizer/`` (by name:
+    :data:`~.hf.TOKENIZER_FILES`, so nothing there can replace the converted weights or config) and
+    of ``context/artifacts/generation_config.json``. Links to regular files are followed, as in HF
+    folders (a hub cache links every file into ``blobs/``)."""
+    from .hf import TOKENIZER_FILES
+
     context = folder / CONTEXT
     tokenizer = context / TOKENIZER_DIR
-    found = [(p.name, p) for p in sorted(tokenizer.iterdir()) if p.is_file() and not p.is_symlink() and not p.name.startswith(".")] if tokenizer.is_dir() else []
-    if (context / _GENERATION_CONFIG).is_file() and "generation_config.json" not in dict(found):
+    found = [(name, tokenizer / name) for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
+    if (context / _GENERATION_CONFIG).is_file():
         found.append(("generation_config.json", context / _GENERATION_CONFIG))
     return found

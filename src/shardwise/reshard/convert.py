@@ -48,6 +48,7 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
     :class:`Shards` it found (opened once; the caller owns them) or the path of an unsharded model.
     """
     from ..formats.hf import read_config
+    from ..formats.torch_dist import looks_like_torch_dist
     from ..models.llama import MODEL_TYPES
 
     forced = to in ("nxdt", "nemo-dir") or any(v not in (None, False) for v in options.values())
@@ -62,8 +63,8 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
     except UnsafeCheckpointError:
         raise  # sharded after all: the refusal (and its --trust-pickle hint) is the message to give
     except (OSError, ShardwiseError):
-        if forced:
-            raise
+        if forced or (to == "hf" and path.is_dir() and looks_like_torch_dist(path)):
+            raise  # mcore names copied as they are would not be an HF model
         return None  # the plain conversion reports what is wrong with the source
     if shards is None:
         return path if forced else None

@@ -98,8 +98,9 @@ def nemo_llama_config(dims: LlamaDims, hf_config: dict, *, tp: int, pp: int, voc
 
 
 def hf_config_from_nemo(dims: LlamaDims, nemo: dict) -> dict:
-    """An HF ``LlamaForCausalLM`` config.json for a NeMo Llama model that came without one."""
-    return {
+    """An HF ``LlamaForCausalLM`` config.json for a NeMo Llama model that came without one (with
+    Llama 3.1's RoPE scaling when the config carries NeMo 2's fields for it)."""
+    hf = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": dims.hidden,
@@ -118,6 +119,10 @@ def hf_config_from_nemo(dims: LlamaDims, nemo: dict) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
     }
+    scaling = _rope_scaling(nemo)
+    if scaling is not None:
+        hf["rope_scaling"] = scaling
+    return hf
 
 
 def nemo2_view(config: dict) -> dict:
@@ -131,13 +136,17 @@ def nemo2_view(config: dict) -> dict:
 
 
 def hf_config_from_nemo2(dims: LlamaDims, config: dict) -> dict:
-    """The HF config NeMo 2's ``HFLlamaExporter.config`` makes: as :func:`hf_config_from_nemo`, plus
-    Llama 3.1's RoPE scaling (``scale_factor``, ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``)."""
-    hf = hf_config_from_nemo(dims, nemo2_view(config))
-    if all(isinstance(config.get(k), (int, float)) for k in ("scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")):
-        hf["rope_scaling"] = {
-            "factor": float(config["scale_factor"]), "low_freq_factor": float(config["low_freq_factor"]),
-            "high_freq_factor": float(config["high_freq_factor"]), "original_max_position_embeddings": config["old_context_len"],
-            "rope_type": "llama3",
-        }
-    return hf
+    """The HF config NeMo 2's ``HFLlamaExporter.config`` makes from model.yaml's ``config``."""
+    return hf_config_from_nemo(dims, nemo2_view(config))
+
+
+def _rope_scaling(nemo: dict) -> dict | None:
+    """Llama 3.1's RoPE scaling as HF writes it, from NeMo 2's ``scale_factor``, ``low_freq_factor``,
+    ``high_freq_factor`` and ``old_context_len`` (as ``HFLlamaExporter`` maps them); None without them."""
+    if not all(isinstance(nemo.get(k), (int, float)) and not isinstance(nemo.get(k), bool) for k in ("scale_factor", "low_freq_factor", "high_freq_factor", "old_context_len")):
+        return None
+    return {
+        "factor": float(nemo["scale_factor"]), "low_freq_factor": float(nemo["low_freq_factor"]),
+        "high_freq_factor": float(nemo["high_freq_factor"]), "original_max_position_embeddings": nemo["old_context_len"],
+        "rope_type": "llama3",
+    }
