@@ -60,6 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # TinyLlama-1.1B (Llama 2 architecture; grouped-query attention, 4 KV heads of 64).
 HIDDEN, INTERMEDIATE, VOCAB, KV_DIM = 2048, 5632, 32000, 256
+HEADS, KV_HEADS = 32, 4  # TinyLlama's: KV_DIM = KV_HEADS x HIDDEN / HEADS
 
 CHUNK = 16 * MiB  # write size when building the checkpoint
 POOL = 64 * MiB  # random bytes, reused from a different offset by every tensor
@@ -95,6 +96,21 @@ def llama_infos(size_gib: float) -> list[TensorInfo]:
     for i in range(layers):
         infos += layer_infos(i)
     return infos
+
+
+def layer_count(infos) -> int:
+    """The number of decoder layers of ``llama_infos``' tensors."""
+    return sum(1 for i in infos if i.name.endswith("input_layernorm.weight"))
+
+
+def write_llama_config(folder: Path, infos) -> None:
+    """The HF ``config.json`` of the checkpoint ``llama_infos`` describes (what layout conversions need)."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "num_hidden_layers": layer_count(infos), "vocab_size": VOCAB,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def random_pool(seed: int) -> memoryview:
@@ -403,8 +419,8 @@ def summarize(steps: dict[str, Step], base: dict, largest: int) -> dict:
 
 
 # -- reporting ------------------------------------------------------------------------------------
-def mib(n: float) -> str:
-    return f"{n / MiB:,.1f} MiB"
+def mib(n: float, decimals: int = 1) -> str:
+    return f"{n / MiB:,.{decimals}f} MiB"
 
 
 def verdict(ok: bool) -> str:

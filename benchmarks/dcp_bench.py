@@ -35,13 +35,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder, middleman and options
     GiB,
-    MiB,
     Bench,
     Step,
     add_common_options,
     build_checkpoint,
     close_workdir,
     llama_infos,
+    mib,
+    write_llama_config,
     log,
     open_workdir,
     parse_checked,
@@ -117,17 +118,6 @@ shutil.copy(os.path.join(sys.argv[1], "config.json"), sys.argv[2])
 TORCH_IMPORT = "import torch.distributed.checkpoint"
 
 
-def write_config(folder: Path, layers: int) -> None:
-    from convert_bench import HIDDEN, INTERMEDIATE, VOCAB
-
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
-        "num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": layers, "vocab_size": VOCAB,
-        "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_options(p)
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         build_checkpoint(source, infos)
         folder = work / "dcp"
         run([*py, SAVE_DCP, str(source), str(folder), str(WORLD)])
-        write_config(folder, sum(1 for i in infos if i.name.endswith("input_layernorm.weight")))
+        write_llama_config(folder, infos)
         metadata = folder / ".metadata"
         steps = [
             Step("shardwise", "shardwise convert --to hf", metadata, [[*cli, "convert", str(folder), str(work / "hf"), "--to", "hf", "-q"]], work / "hf"),
@@ -180,18 +170,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(args, r: dict) -> None:
-    mib = lambda n: f"{n / MiB:,.0f} MiB"  # noqa: E731
     s, rss = r["seconds"], r["peak_rss"]
     print(f"dcp_bench: {r['size_bytes'] / GiB:.2f} GiB Llama-shaped bf16 DCP saved by torch at {WORLD} gloo ranks, warm cache, "
           f"median of {args.repeat}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("torch's outputs and cp are followed by a sync (shardwise fsyncs its own)")
     for name, label in (("shardwise", "shardwise convert --to hf"), ("torch", "dcp_to_torch_save"), ("torch_hf", "torch load + save_file"), ("cp", "cp -r")):
-        print(f"  {label:28s} {s[name]['median']:6.2f} s (best {s[name]['best']:.2f})   peak RSS {mib(rss[name])}")
+        print(f"  {label:28s} {s[name]['median']:6.2f} s (best {s[name]['best']:.2f})   peak RSS {mib(rss[name], 0)}")
     print(f"time    shardwise / dcp_to_torch_save {r['time_vs_torch_tool']:.2f}x (goal <= 1: {'met' if r['time_vs_torch_tool'] <= 1 else 'MISSED'}); "
           f"/ torch load + save_file {r['time_vs_torch_hf']:.2f}x; / cp {r['time_vs_cp']:.2f}x")
     print(f"memory  dcp_to_torch_save uses {r['rss_ratio_torch_tool']:.1f}x shardwise's peak RSS (goal >= 4x: "
           f"{'met' if r['rss_ratio_torch_tool'] >= 4 else 'MISSED'}); {r['rss_ratio_above_startup']:.1f}x above each one's start-up "
-          f"(shardwise --help {mib(r['startup_rss']['shardwise'])}, python + torch {mib(r['startup_rss']['torch'])})")
+          f"(shardwise --help {mib(r['startup_rss']['shardwise'], 0)}, python + torch {mib(r['startup_rss']['torch'], 0)})")
     print(f"output  bit-exact against the source model by shardwise diff: {r['bit_exact']}")
 
 

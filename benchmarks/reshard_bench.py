@@ -41,9 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder, middleman and options
     GiB,
     MiB,
-    HIDDEN,
-    INTERMEDIATE,
-    VOCAB,
     Bench,
     Step,
     add_common_options,
@@ -51,14 +48,15 @@ from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint b
     ratio,
     build_checkpoint,
     close_workdir,
+    layer_count,
     llama_infos,
+    mib,
+    write_llama_config,
     log,
     open_workdir,
     run,
     shardwise_cli,
 )
-
-HEADS, KV_HEADS = 32, 4
 
 # argv: hf folder, output folder, tp, pp. NxD's converter: whole state dict in memory, clone per rank, torch.save.
 NAIVE_SHARD = r"""
@@ -134,15 +132,6 @@ with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as tmp:
 """
 
 
-def write_config(folder: Path, layers: int) -> None:
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "num_hidden_layers": layers, "vocab_size": VOCAB,
-        "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
 def largest_file(path: Path) -> int:
     return max((p.stat().st_size for p in path.rglob("*") if p.is_file()), default=0) if path.is_dir() else path.stat().st_size
 
@@ -158,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         hf = work / "hf"
         hf.mkdir()
         infos = llama_infos(args.size_gib)
-        layers = sum(1 for i in infos if i.name.endswith("input_layernorm.weight"))
+        layers = layer_count(infos)
         log(f"building {sum(i.nbytes for i in infos) / GiB:.2f} GiB, {layers} layers in {hf}")
         build_checkpoint(hf / "model.safetensors", infos)
-        write_config(hf, layers)
+        write_llama_config(hf, infos)
         largest_tensor = max(i.nbytes for i in infos)
         a2 = work / "a2.nemo"
         run([*cli, "convert", str(hf), str(a2), "--to", "archive", "--tp", "2", "-q"])
@@ -207,11 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(args, base_rss: int, largest_tensor: int, results: dict) -> None:
-    mib = lambda n: f"{n / MiB:,.0f} MiB"  # noqa: E731
     print(f"reshard_bench: {args.size_gib} GiB synthetic Llama (TinyLlama shapes), bf16, warm cache, "
           f"median of {args.repeat}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("cp and the original approach include a sync of their output (shardwise fsyncs its own)")
-    print(f"RSS baseline (shardwise --help): {mib(base_rss)}; largest tensor {mib(largest_tensor)}")
+    print(f"RSS baseline (shardwise --help): {mib(base_rss, 0)}; largest tensor {mib(largest_tensor, 0)}")
     for job, r in results.items():
         s = r["seconds"]
         print(f"\n{job}")
@@ -219,8 +207,8 @@ def print_report(args, base_rss: int, largest_tensor: int, results: dict) -> Non
         print(f"          vs cp {r['vs_cp']:.2f}x (goal <= 1.5x: {'met' if r['vs_cp'] <= 1.5 else 'MISSED'}), "
               f"vs original {r['vs_naive']:.2f}x (goal < 1: {'met' if r['vs_naive'] < 1 else 'MISSED'})")
         rss = r["rss_above_baseline"]
-        print(f"  memory  above baseline: shardwise {mib(rss['shardwise'])} | original {mib(rss['naive'])}; "
-              f"goal <= {mib(r['rss_goal'])}: {'met' if rss['shardwise'] <= r['rss_goal'] else 'MISSED'}; "
+        print(f"  memory  above baseline: shardwise {mib(rss['shardwise'], 0)} | original {mib(rss['naive'], 0)}; "
+              f"goal <= {mib(r['rss_goal'], 0)}: {'met' if rss['shardwise'] <= r['rss_goal'] else 'MISSED'}; "
               f"{r['rss_vs_naive']:.1f}x below the original (goal >= 4x: {'met' if r['rss_vs_naive'] >= 4 else 'MISSED'})")
         print(f"  output  bit-exact against the HF source by shardwise diff: {r['bit_exact']}")
 

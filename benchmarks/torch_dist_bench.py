@@ -35,7 +35,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint builder, middleman and options
     GiB,
-    MiB,
     REPO,
     Bench,
     Step,
@@ -43,6 +42,8 @@ from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint b
     build_checkpoint,
     close_workdir,
     llama_infos,
+    mib,
+    write_llama_config,
     log,
     open_workdir,
     parse_checked,
@@ -50,7 +51,6 @@ from convert_bench import (  # noqa: E402 - the sibling benchmark's checkpoint b
     run,
     shardwise_cli,
 )
-from dcp_bench import write_config  # noqa: E402
 
 WORLD = 2
 WRITER = REPO / "tests" / "torch_dist_ranks.py"
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(i.nbytes for i in infos)
         log(f"building {total / GiB:.2f} GiB in {hf}, saving it as torch_dist under {WORLD} gloo ranks, packing a .nemo")
         build_checkpoint(hf / "model.safetensors", infos)
-        write_config(hf, sum(1 for i in infos if i.name.endswith("input_layernorm.weight")))
+        write_llama_config(hf, infos)
         run([sys.executable, str(WRITER), str(hf), str(work / "nemo"), str(WORLD), "layer", "128"])
         archive = work / "model.nemo"
         with tarfile.open(archive, "w:") as tar:
@@ -109,16 +109,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(args, r: dict) -> None:
-    mib = lambda n: f"{n / MiB:,.0f} MiB"  # noqa: E731
     s, rss = r["seconds"], r["peak_rss"]
     print(f"torch_dist_bench: {r['archive_bytes'] / GiB:.2f} GiB .nemo (torch_dist, {WORLD} ranks, Llama-shaped bf16), warm cache, "
           f"median of {args.repeat}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     for name, label in (("shardwise", "shardwise convert --to hf"), ("plain", "same model from safetensors"), ("cp", "cp + sync")):
-        print(f"  {label:28s} {s[name]['median']:6.2f} s (best {s[name]['best']:.2f})   peak RSS {mib(rss[name])}")
+        print(f"  {label:28s} {s[name]['median']:6.2f} s (best {s[name]['best']:.2f})   peak RSS {mib(rss[name], 0)}")
     print(f"time    shardwise / cp {r['time_vs_cp']:.2f}x; / the same conversion from one safetensors file {r['time_vs_plain']:.2f}x")
-    print(f"memory  shardwise peak RSS {mib(rss['shardwise'])}, {mib(rss['shardwise'] - r['startup_rss'])} above its start-up "
-          f"({mib(r['startup_rss'])}), {r['rss_above_startup_vs_largest_tensor']:.2f}x the largest tensor ({mib(r['largest_tensor_bytes'])}); "
-          f"model {mib(r['size_bytes'])}")
+    print(f"memory  shardwise peak RSS {mib(rss['shardwise'], 0)}, {mib(rss['shardwise'] - r['startup_rss'], 0)} above its start-up "
+          f"({mib(r['startup_rss'], 0)}), {r['rss_above_startup_vs_largest_tensor']:.2f}x the largest tensor ({mib(r['largest_tensor_bytes'], 0)}); "
+          f"model {mib(r['size_bytes'], 0)}")
     print(f"output  bit-exact against the source model by shardwise diff: {r['bit_exact']}")
 
 
