@@ -189,3 +189,23 @@ def test_a_damaged_structure_is_a_format_error_naming_the_file(tmp_path):
         (tmp_path / "t/shardwise.json").write_text(json.dumps(manifest))
         with pytest.raises(shardwise.FormatError, match="dp_rank_00_tp_rank_00_pp_rank_00.safetensors: "):
             shardwise.load_checkpoint(tmp_path, "t", model={}, verify=False)
+
+
+def test_a_rank_reading_resharded_weights_from_a_url_fetches_every_xser_file(tmp_path):
+    """A rank that reshards the model on load checks every model file the manifest lists, xser's
+    ``.info.pt`` tables included, so it must download them all (and its own when not resharding)."""
+    import json
+
+    from shardwise.distributed import ParallelCoords
+    from shardwise.training.layout import MANIFEST
+    from shardwise.training.remote import files_for_rank
+
+    model, optimizer = _adam_state()
+    shardwise.save_checkpoint(tmp_path, "t", model=model, optimizer=optimizer, encoding="xser")
+    listed = [f["name"] for f in json.loads((tmp_path / "t" / MANIFEST).read_text())["files"]]
+    model_files = [n for n in listed if n.startswith("model/")]
+    assert any(n.endswith(".info.pt") for n in model_files) and any(".tensors/" in n for n in model_files)
+    for same_grid in (True, False):
+        chosen = files_for_rank(listed, {}, ParallelCoords(), model=True, optimizer=True, same_grid=same_grid)
+        assert set(model_files) <= set(chosen)
+        assert {n for n in listed if n.startswith("optim/")} <= set(chosen)

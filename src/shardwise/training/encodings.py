@@ -37,7 +37,7 @@ from .files import save_object, write_durably, write_failure
 
 __all__ = [
     "ENCODINGS", "stored_name", "write_part", "fold_entries", "read_state", "SPLIT_BY_TENSOR", "owned_tensors",
-    "STRUCTURE_KEY", "write_tensor_file", "read_structured_safetensors",
+    "STRUCTURE_KEY", "write_tensor_file", "read_structured_safetensors", "state_name",
 ]
 
 ENCODINGS = ("pt", "safetensors", "xser")
@@ -48,6 +48,17 @@ STRUCTURE_KEY = "shardwise.structure"  # the safetensors metadata key holding th
 def stored_name(name: str, encoding: str) -> str:
     """The file holding state ``name`` (``model/dp_rank_00_...pt``) in ``encoding``."""
     return name[: -len(".pt")] + ".safetensors" if encoding == "safetensors" and name.endswith(".pt") else name
+
+
+def state_name(stored: str) -> str:
+    """The inverse of :func:`stored_name` for every file an encoding writes for a state: ``X.safetensors``,
+    xser's ``X.pt.tensors`` folder (its entries named by their folder) and ``X.pt.info.pt`` all give ``X.pt``."""
+    from ..formats.xser import info_file, tensor_folder
+
+    for suffix in (tensor_folder("").name, info_file("").name):  # ".tensors", ".info.pt"
+        if stored.endswith(".pt" + suffix):
+            return stored[: -len(suffix)]
+    return stored[: -len(".safetensors")] + ".pt" if stored.endswith(".safetensors") else stored
 
 
 def owned_tensors(obj: Any, part: int, parts: int) -> set[int]:

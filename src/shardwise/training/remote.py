@@ -33,6 +33,7 @@ from ..errors import FormatError, OutputExistsError
 from ..jsonfile import document_bytes
 from ..storage.transfer import download_all, listing, remove_objects, upload_all
 from ..storage.urls import Remote
+from .encodings import state_name
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
 from .tags import Tag, make_tag
 
@@ -157,10 +158,7 @@ def files_for_rank(names: Iterable[str], layout: dict, coords: ParallelCoords, *
             chosen.append(name)
             continue
         folder, file = parts[0], parts[1]
-        if file.endswith(".tensors"):
-            file = file[: -len(".tensors")]
-        stem = file[: -len(".safetensors")] + ".pt" if file.endswith(".safetensors") else file
-        rank = parse_rank_file(stem)
+        rank = parse_rank_file(state_name(file))
         if rank is None:
             continue
         mine = (rank.tp, rank.pp) == (coords.tp_rank, coords.pp_rank)
