@@ -27,7 +27,7 @@ from typing import Iterator
 
 from ..atomic import process_exists
 from ..errors import FormatError, OutputExistsError
-from .transfer import download_all, listing, remove_objects, upload_all
+from .transfer import download_all, listing, remove_in_order, remove_objects, upload_all
 from .urls import Remote
 
 __all__ = ["Scratch", "fetch", "fetch_safetensors_header", "published", "publish_order"]
@@ -164,7 +164,6 @@ def _publish(local: Path, remote: Remote, existing: dict[str, dict]) -> None:
         remove_objects(fs, [base])
     # The old folder goes first, its completing files before the rest: an interrupted overwrite
     # must never leave old and new data side by side under files that make them read as one model.
-    remove_objects(fs, [f"{base}/{n}" for n in _COMPLETES if n in old_folder])
-    remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder - set(_COMPLETES))])
+    remove_in_order(fs, base, old_folder, _COMPLETES)
     for batch in publish_order(names):
         upload_all([(local / n, f"{base}/{n}") for n in batch], fs)
