@@ -135,9 +135,13 @@ def commit_tag(root: RemoteRoot, tag: str, document: dict) -> None:
 def discard_tag(root: RemoteRoot, tag: str) -> None:
     """Delete what a failed save uploaded under ``tag`` (a warning if that fails too: the tag stays incomplete)."""
     try:
-        for t in list_remote_tags(root):
-            if t.name == tag:
-                remove_tag(t)
+        remote = root.remote(tag)
+        try:
+            kind, files = listing(remote)  # that tag's objects alone
+        except FormatError:
+            return  # nothing there
+        if kind == "folder" and files:  # an object named as the tag is no tag
+            _remove_listed(remote, files)
     except OSError as e:
         warnings.warn(f"{root.url}/{tag}: the failed save's files could not be removed ({e}); the tag stays incomplete", stacklevel=3)
 
