@@ -31,7 +31,7 @@ from ..distributed import ParallelCoords
 from ..errors import FormatError, OutputExistsError
 from ..jsonfile import document_bytes
 from ..storage.transfer import download_all, listing, read_json_object, remove_in_order, upload_all
-from ..storage.urls import Remote
+from ..storage.urls import Remote, join
 from .encodings import state_name
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
 from .tags import Tag, make_tag
@@ -46,7 +46,7 @@ class RemoteRoot:
     url: str
 
     def remote(self, *names: str) -> Remote:
-        return Remote(self.url).child(*names) if names else Remote(self.url)
+        return Remote(join(self.url, *names) if names else self.url)
 
 
 def _mtime(info: dict) -> float:
