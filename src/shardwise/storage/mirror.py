@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ..atomic import process_exists
+from ..atomic import remove_stale_stages
 from ..errors import FormatError, OutputExistsError
 from .transfer import download_all, listing, remove_in_order, remove_objects, upload_all
 from .urls import Remote
@@ -50,22 +50,12 @@ class Scratch:
 
     def __init__(self, prefix: str):
         root = Path(tempfile.gettempdir())
-        _sweep(root)
+        with contextlib.suppress(OSError):  # an unreadable TMPDIR: nothing to sweep
+            remove_stale_stages(root, _SCRATCH, folders_only=True)
         self.path = Path(tempfile.mkdtemp(prefix=f"shardwise-{prefix}-{os.getpid()}-", dir=root))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _sweep(root: Path) -> None:
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return
-    for child in children:
-        m = _SCRATCH.fullmatch(child.name)
-        if m and child.is_dir() and not process_exists(int(m["pid"])):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def _basename(remote: Remote) -> str:
