@@ -38,11 +38,15 @@ def staging_name(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.shardwise-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_stale_stages(folder: Path) -> None:
-    """Remove the staging entries in ``folder`` whose writing process no longer exists (killed mid-write)."""
+def remove_stale_stages(folder: Path, pattern: re.Pattern = _STAGE, *, folders_only: bool = False) -> None:
+    """Remove the staging entries in ``folder`` whose writing process no longer exists (killed mid-write).
+
+    ``pattern`` matches their names and captures the process id as ``pid``; with ``folders_only``,
+    entries other than real folders (files, links) are left alone.
+    """
     for child in folder.iterdir():
-        m = _STAGE.fullmatch(child.name)
-        if m and not process_exists(int(m["pid"])):
+        m = pattern.fullmatch(child.name)
+        if m and (not folders_only or (child.is_dir() and not child.is_symlink())) and not process_exists(int(m["pid"])):
             _remove(child)
 
 

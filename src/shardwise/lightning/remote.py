@@ -14,14 +14,13 @@ The same rules as for local paths (:mod:`.paths`), through :mod:`shardwise.stora
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import FormatError, OutputExistsError, ShardwiseError
 from ..formats.dcp import METADATA as DCP_METADATA
 from ..storage.entry import renamed_error
 from ..storage.mirror import fetch, published
-from ..storage.transfer import listing, remove_objects
+from ..storage.transfer import listing, read_json_object, remove_in_order, remove_objects
 from ..storage.urls import Remote
 from .folder import FORMAT, PAYLOAD, PICKLED, write_folder
 from ..training.layout import MANIFEST
@@ -44,11 +43,8 @@ def _kind(remote: Remote) -> tuple[str, dict]:
     if MANIFEST not in files and set(files) <= {PAYLOAD, PICKLED}:
         return _CHECKPOINT, files  # what a save cut off before its manifest left: replaceable, removable
     if MANIFEST in files:
-        try:
-            document = json.loads(remote.fs.cat_file(f"{remote.path}/{MANIFEST}"))
-        except (ValueError, UnicodeDecodeError):
-            return _OTHER, files
-        if isinstance(document, dict) and document.get("format") == FORMAT:
+        document = read_json_object(remote.fs, f"{remote.path}/{MANIFEST}")
+        if document is not None and document.get("format") == FORMAT:
             return _CHECKPOINT, files
     return _OTHER, files
 
@@ -88,6 +84,4 @@ def remove_url(url: str) -> None:
         return
     if kind == _OTHER:
         raise FormatError(f"{url}: not removed: {NOT_A_CHECKPOINT}")
-    first = [n for n in (MANIFEST, DCP_METADATA) if n in files]
-    remove_objects(remote.fs, [f"{remote.path}/{n}" for n in first])
-    remove_objects(remote.fs, [f"{remote.path}/{n}" for n in sorted(files) if n not in first])
+    remove_in_order(remote.fs, remote.path, files, (MANIFEST, DCP_METADATA))

@@ -25,9 +25,9 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from ..atomic import process_exists
+from ..atomic import remove_stale_stages
 from ..errors import FormatError, OutputExistsError
-from .transfer import download_all, listing, remove_objects, upload_all
+from .transfer import download_all, listing, remove_in_order, remove_objects, upload_all
 from .urls import Remote
 
 __all__ = ["Scratch", "fetch", "fetch_safetensors_header", "published", "publish_order"]
@@ -50,22 +50,12 @@ class Scratch:
 
     def __init__(self, prefix: str):
         root = Path(tempfile.gettempdir())
-        _sweep(root)
+        with contextlib.suppress(OSError):  # an unreadable TMPDIR: nothing to sweep
+            remove_stale_stages(root, _SCRATCH, folders_only=True)
         self.path = Path(tempfile.mkdtemp(prefix=f"shardwise-{prefix}-{os.getpid()}-", dir=root))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _sweep(root: Path) -> None:
-    try:
-        children = list(root.iterdir())
-    except OSError:
-        return
-    for child in children:
-        m = _SCRATCH.fullmatch(child.name)
-        if m and child.is_dir() and not process_exists(int(m["pid"])):
-            shutil.rmtree(child, ignore_errors=True)
 
 
 def _basename(remote: Remote) -> str:
@@ -137,34 +127,35 @@ def published(url: str, *, overwrite: bool, any_kind: bool = False) -> Iterator[
         yield local
         if not local.exists():
             raise FormatError(f"{url}: nothing was written to publish")
-        if existing is not None and not any_kind and (list(existing) == [""]) != local.is_file():
-            have, want = ("a file", "folder") if list(existing) == [""] else ("a folder", "file")
+        if existing is not None and not any_kind and (existing[0] == "file") != local.is_file():
+            have, want = ("a file", "folder") if existing[0] == "file" else ("a folder", "file")
             raise OutputExistsError(f"{url}: exists and is {have}; --overwrite only replaces it with a {want} of the same kind")
-        _publish(local, remote, existing or {})
+        _publish(local, remote, existing)
     finally:
         scratch.remove()
 
 
-def _existing(remote: Remote) -> dict[str, dict] | None:
+def _existing(remote: Remote) -> tuple[str, dict[str, dict]] | None:
+    """What :func:`.transfer.listing` says is at ``remote`` (kind, files); None when nothing is there."""
     try:
-        return listing(remote)[1]
+        return listing(remote)
     except FormatError:  # nothing there
         return None
 
 
-def _publish(local: Path, remote: Remote, existing: dict[str, dict]) -> None:
+def _publish(local: Path, remote: Remote, existing: tuple[str, dict[str, dict]] | None) -> None:
     fs, base = remote.fs, remote.path.rstrip("/")
-    old_folder = {rel for rel in existing if rel}
+    kind, files = existing or (None, {})
+    old_folder = set(files) if kind == "folder" else set()
     if local.is_file():
         remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder)])  # a folder replaced by a file
         upload_all([(local, base)], fs)
         return
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    if existing and not old_folder:  # a file replaced by a folder
+    if kind == "file":  # a file replaced by a folder
         remove_objects(fs, [base])
     # The old folder goes first, its completing files before the rest: an interrupted overwrite
     # must never leave old and new data side by side under files that make them read as one model.
-    remove_objects(fs, [f"{base}/{n}" for n in _COMPLETES if n in old_folder])
-    remove_objects(fs, [f"{base}/{rel}" for rel in sorted(old_folder - set(_COMPLETES))])
+    remove_in_order(fs, base, old_folder, _COMPLETES)
     for batch in publish_order(names):
         upload_all([(local / n, f"{base}/{n}") for n in batch], fs)

@@ -9,10 +9,12 @@
   reads of ``READ_SIZE`` bytes (so a download holds one part per file in memory, not the file).
 - :func:`listing` lists a remote file or folder with sizes: every object under a prefix, however
   many (the filesystem pages through listings of more than 1000 keys).
+- :func:`remove_in_order` deletes a folder's objects, some named ones before the rest.
 """
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -20,7 +22,7 @@ from typing import Iterable
 from ..errors import FormatError
 from .urls import Remote
 
-__all__ = ["PART_SIZE", "READ_SIZE", "upload", "upload_all", "download", "download_all", "listing", "remove_objects"]
+__all__ = ["PART_SIZE", "READ_SIZE", "upload", "upload_all", "download", "download_all", "listing", "read_json_object", "remove_objects", "remove_in_order"]
 
 PART_SIZE = 16 * 2**20  # S3 needs at least 5 MiB per part (but the last); 16 MiB parts allow files up to 156 GiB
 READ_SIZE = 64 * 2**20  # one ranged GET per 64 MiB: few requests, a bounded buffer (times the few files at once)
@@ -123,6 +125,15 @@ def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
     return "folder", files
 
 
+def read_json_object(fs, rpath: str) -> dict | None:
+    """The JSON object stored at ``rpath`` on ``fs``; None when it is not UTF-8 JSON or not an object."""
+    try:
+        document = json.loads(fs.cat_file(rpath))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def remove_objects(fs, rpaths: Iterable[str]) -> None:
     """Delete these objects (missing ones are not an error)."""
     rpaths = list(rpaths)
@@ -131,3 +142,12 @@ def remove_objects(fs, rpaths: Iterable[str]) -> None:
             fs.rm(rpaths)
         except FileNotFoundError:
             pass
+
+
+def remove_in_order(fs, base: str, names: Iterable[str], first: Iterable[str]) -> None:
+    """Delete the objects ``base/name`` for ``names``: those also in ``first`` before the rest (so an
+    interruption never leaves the rest without the files that make the folder read as complete)."""
+    names = set(names)
+    head = [n for n in first if n in names]
+    remove_objects(fs, [f"{base}/{n}" for n in head])
+    remove_objects(fs, [f"{base}/{n}" for n in sorted(names - set(head))])

@@ -22,7 +22,6 @@ only the files it reads (:func:`files_for_rank`) into a scratch folder that is r
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -31,8 +30,8 @@ from typing import Iterable
 from ..distributed import ParallelCoords
 from ..errors import FormatError, OutputExistsError
 from ..jsonfile import document_bytes
-from ..storage.transfer import download_all, listing, remove_objects, upload_all
-from ..storage.urls import Remote
+from ..storage.transfer import download_all, listing, read_json_object, remove_in_order, upload_all
+from ..storage.urls import Remote, join
 from .encodings import state_name
 from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
 from .tags import Tag, make_tag
@@ -47,7 +46,7 @@ class RemoteRoot:
     url: str
 
     def remote(self, *names: str) -> Remote:
-        return Remote(self.url).child(*names) if names else Remote(self.url)
+        return Remote(join(self.url, *names) if names else self.url)
 
 
 def _mtime(info: dict) -> float:
@@ -58,11 +57,8 @@ def _mtime(info: dict) -> float:
 
 
 def _read_manifest(remote: Remote) -> dict:
-    try:
-        document = json.loads(remote.fs.cat_file(remote.path))
-    except (ValueError, UnicodeDecodeError):
-        return {"broken": True}
-    return document if isinstance(document, dict) and document.get("format") == MANIFEST_FORMAT else {"broken": True}
+    document = read_json_object(remote.fs, remote.path)
+    return document if document is not None and document.get("format") == MANIFEST_FORMAT else {"broken": True}
 
 
 def list_remote_tags(root: RemoteRoot) -> list[Tag]:
@@ -94,9 +90,12 @@ def list_remote_tags(root: RemoteRoot) -> list[Tag]:
 
 def remove_tag(tag: Tag) -> None:
     """Remove a remote tag: ``done`` first, so an interruption leaves it incomplete, never half-valid."""
-    remote = Remote(str(tag.path))
-    remove_objects(remote.fs, [f"{remote.path}/{DONE}"])
-    remove_objects(remote.fs, [f"{remote.path}/{rel}" for rel in sorted(tag.listing or {}) if rel != DONE])
+    _remove_listed(Remote(str(tag.path)), tag.listing or {})
+
+
+def _remove_listed(remote: Remote, names: Iterable[str]) -> None:
+    """Remove these objects of the tag at ``remote``, ``done`` first (whether listed or not)."""
+    remove_in_order(remote.fs, remote.path, {*names, DONE}, [DONE])
 
 
 def begin_tag(root: RemoteRoot, name: str, existing: list[Tag], announcement: dict) -> None:
@@ -136,9 +135,13 @@ def commit_tag(root: RemoteRoot, tag: str, document: dict) -> None:
 def discard_tag(root: RemoteRoot, tag: str) -> None:
     """Delete what a failed save uploaded under ``tag`` (a warning if that fails too: the tag stays incomplete)."""
     try:
-        for t in list_remote_tags(root):
-            if t.name == tag:
-                remove_tag(t)
+        remote = root.remote(tag)
+        try:
+            kind, files = listing(remote)  # that tag's objects alone
+        except FormatError:
+            return  # nothing there
+        if kind == "folder" and files:  # an object named as the tag is no tag
+            _remove_listed(remote, files)
     except OSError as e:
         warnings.warn(f"{root.url}/{tag}: the failed save's files could not be removed ({e}); the tag stays incomplete", stacklevel=3)
 
