@@ -443,3 +443,20 @@ def test_progress_is_advanced_one_call_at_a_time_when_files_are_written_at_once(
     convert_layout(src, tmp_path / "nx", to="nxdt", tp=2, pp=2, progress=progress)
     assert progress.overlaps == 0 and progress.done == progress.total
     assert len(progress.threads) == 2  # really written two files at a time
+
+
+def test_a_stage_of_another_users_live_process_is_left_alone(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raises PermissionError for another user's live process: that process exists,
+    so its staging folder stays, and the sweep does not fail."""
+    from shardwise import atomic
+
+    stage = tmp_path / ".out.shardwise-tmp-4242-0123abcd"
+    stage.mkdir()
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(atomic.os, "kill", kill)
+    assert atomic.process_exists(4242)
+    atomic.remove_stale_stages(tmp_path)
+    assert stage.is_dir()

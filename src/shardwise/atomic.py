@@ -55,7 +55,9 @@ def process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True  # including PermissionError: it exists, under another user
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def write_all(f: BinaryIO, data) -> None:
