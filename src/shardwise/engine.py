@@ -232,14 +232,15 @@ def convert(
     layout_to = to or _suffix_format(dst)
     from .reshard.clip_convert import clip_route, convert_clip
 
-    if clip_route(src, layout_to, arch=arch, layout_options=any(layout_options[k] not in (None, False) for k in ("style", "tp", "pp"))):
+    clip_kind = clip_route(src, layout_to, arch=arch, layout_options=any(layout_options[k] not in (None, False) for k in ("style", "tp", "pp")))
+    if clip_kind is not None:
         unused = {"--max-shard-size": max_shard_size, "--config": config, "--hparams-file": hparams_file, "--checkpoint-name": checkpoint_name,
                   "--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier}
         for name, value in unused.items():
             if value not in (None, False):
                 raise OptionError(f"{name} does not apply to CLIP conversions")
         return convert_clip(src, dst, to=layout_to, tp=tp, pp=pp, style=style, arch=arch, dtype=dtype, weights_format=weights_format,
-                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress, kind=clip_kind)
     if layout_to == "dcp":
         for name, value in (("--weights-format", weights_format), ("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name), ("--max-shard-size", max_shard_size), ("--config", config)):
             if value is not None:

@@ -40,8 +40,9 @@ __all__ = ["convert_clip", "clip_route", "CLIP_OUTPUTS"]
 CLIP_OUTPUTS = ("archive", "nemo-dir", "hf")
 
 
-def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = None, layout_options: bool = False) -> bool:
-    """Whether converting ``src`` into ``to`` is a CLIP conversion (:func:`convert_clip`).
+def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = None, layout_options: bool = False) -> str | None:
+    """Whether converting ``src`` into ``to`` is a CLIP conversion (:func:`convert_clip`): the source's
+    :func:`~.clip_model.clip_source_kind` when it is (for ``convert_clip``'s ``kind``), else None.
 
     It is for an OpenCLIP source (or ``arch`` given) or a Megatron-core CLIP archive going to an
     archive, nemo-dir or HF folder, and for an HF CLIP folder going to an archive or nemo-dir;
@@ -50,9 +51,9 @@ def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = Non
     """
     kind = clip_source_kind(src, arch)
     if kind is None:
-        return False
+        return None
     outputs = CLIP_OUTPUTS if kind != "hf" else ("archive", "nemo-dir")
-    return arch is not None or layout_options or to in outputs
+    return kind if arch is not None or layout_options or to in outputs else None
 
 
 def convert_clip(
@@ -70,6 +71,7 @@ def convert_clip(
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
+    kind: str | None = None,
 ) -> ConvertResult:
     """Convert the CLIP at ``src`` into ``to`` (``archive``, ``nemo-dir`` or ``hf``) at ``dst``.
 
@@ -79,7 +81,8 @@ def convert_clip(
     ``dtype`` casts; ``weights_format`` is ``torch`` (``model_weights.ckpt``) or ``safetensors``
     for archives. Raises LayoutError when the heads or MLP do not split over ``tp`` (or ``pp`` is
     not 1), OptionError for options that do not apply, FormatError for unreadable sources; nothing
-    is written then.
+    is written then. ``kind`` is the source's :func:`~.clip_model.clip_source_kind` when the caller
+    has it (:func:`clip_route` returns it).
 
     >>> convert_clip("clip-vit-base-patch32/", "clip.nemo", to="archive", tp=2)  # doctest: +SKIP
     """
@@ -88,7 +91,7 @@ def convert_clip(
     cast = parse_cast_dtype(dtype).name if dtype else None
     if style not in (None, "mcore"):
         raise OptionError(f"--style {style}: CLIP archives are Megatron-core (mcore) archives")
-    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle) as model:
+    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle, kind=kind) as model:
         if keep_layout and model.container not in ("archive", "nemo-dir"):
             raise OptionError(f"{src}: is an unsharded {model.container} CLIP; reshard works on CLIP archives, use convert --to archive --tp N")
         to = to or (model.container if keep_layout else None)

@@ -124,15 +124,17 @@ def clip_source_kind(path: str | os.PathLike, arch: str | None = None) -> str | 
     return None
 
 
-def open_clip_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False) -> ClipModel:
+def open_clip_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False, kind: str | None = None) -> ClipModel:
     """Open the CLIP at ``path`` (see module docstring); ``arch`` names the architecture of a bare OpenCLIP state dict.
+
+    ``kind`` is :func:`clip_source_kind` of ``path`` when the caller has it already (it is found otherwise).
 
     Raises FormatError, LayoutError or OptionError naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
-    kind = clip_source_kind(path, arch)
+    kind = kind or clip_source_kind(path, arch)
     if kind == "hf":
         return _open_hf(path, trust_pickle)
     if kind == "openclip":
