@@ -35,7 +35,7 @@ from .convert import archive_artifacts, hf_companions
 from .nemo_config import default_vocab_multiple, nemo_precision
 from .write import write_hf, write_nemo
 
-__all__ = ["convert_clip", "clip_route", "CLIP_OUTPUTS"]
+__all__ = ["convert_clip", "clip_route", "convert_if_clip", "CLIP_OUTPUTS"]
 
 CLIP_OUTPUTS = ("archive", "nemo-dir", "hf")
 
@@ -54,6 +54,22 @@ def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = Non
         return None
     outputs = CLIP_OUTPUTS if kind != "hf" else ("archive", "nemo-dir")
     return kind if arch is not None or layout_options or to in outputs else None
+
+
+def convert_if_clip(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None, arch: str | None = None, layout_options: bool,
+                    refused: dict[str, object], refused_in: str, **options) -> ConvertResult | None:
+    """:func:`convert_clip` of ``src`` when :func:`clip_route` makes it a CLIP conversion, else None (nothing opened stays open).
+
+    ``refused`` maps option flags to their values: one that is given raises OptionError
+    "<flag> does not apply to CLIP <refused_in>" first. ``options`` go to :func:`convert_clip`.
+    """
+    kind = clip_route(src, to, arch=arch, layout_options=layout_options)
+    if kind is None:
+        return None
+    for name, value in refused.items():
+        if value not in (None, False):
+            raise OptionError(f"{name} does not apply to CLIP {refused_in}")
+    return convert_clip(src, dst, to=to, arch=arch, kind=kind, **options)
 
 
 def convert_clip(

@@ -169,16 +169,14 @@ def convert_layout(
     ``safetensors`` for archives; resharding keeps the source's unless it is given. A CLIP ``src``
     is handed to :func:`~.clip_convert.convert_clip` (archives and HF folders, TP only).
     """
-    from .clip_convert import clip_route, convert_clip
+    from .clip_convert import convert_if_clip
 
-    clip_kind = None if isinstance(src, Shards) or full_state_file is not None else clip_route(src, to, layout_options=True)
-    if clip_kind is not None:
-        for name, value in (("--qkv-linear", qkv_linear), ("--fuse-qkv", fuse_qkv), ("--kv-size-multiplier", kv_multiplier), ("--config", config),
-                            ("--max-shard-size", max_shard_size)):
-            if value not in (None, False):
-                raise OptionError(f"{name} does not apply to CLIP checkpoints")
-        return convert_clip(src, dst, to=to, tp=tp, pp=pp, style=style, dtype=dtype, weights_format=weights_format, keep_layout=keep_layout,
-                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress, kind=clip_kind)
+    if not isinstance(src, Shards) and full_state_file is None:
+        refused = {"--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier, "--config": config, "--max-shard-size": max_shard_size}
+        clip = convert_if_clip(src, dst, to=to, layout_options=True, refused=refused, refused_in="checkpoints", tp=tp, pp=pp, style=style, dtype=dtype,
+                               weights_format=weights_format, keep_layout=keep_layout, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+        if clip is not None:
+            return clip
     started = time.perf_counter()
     dst = Path(dst)
     cast = parse_cast_dtype(dtype).name if dtype else None
