@@ -19,9 +19,9 @@ a missing or extra tensor, or a shape that does not fit, is one LayoutError nami
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 from ..errors import FormatError, LayoutError, OptionError
 from ..formats import Checkpoint, open_checkpoint
@@ -32,7 +32,7 @@ from ..layout.clip_sharding import clip_shard_plan
 from ..layout.tiles import TiledTensor, whole
 from ..models.clip import HF, MCORE, OPENCLIP, OPENCLIP_NOT_WEIGHTS, ClipDims, canonical_infos, name_of
 from ..models.clip_configs import dims_from_hf_config, dims_from_nemo_config, dims_from_openclip, hf_config_from_dims, is_clip_nemo_config, openclip_arch
-from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from ..tensors import FileTensorSource, TensorInfo
 from .containers import Shards, encoding_of, find_shards
 from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
@@ -70,18 +70,6 @@ class ClipModel(PlannedModel):
     warnings: list[str] = field(default_factory=list)
     generation_config: dict | None = None  # CLIP has none; named for the companion-file helpers shared with Llama
     _closers: list = field(default_factory=list)
-    _grids: dict = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._grids = {(shard, t.info.name): t.grid for shard, tensors in self.plan.items() for t in tensors if t.grid}
-
-    def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
-        """The source and entry of ``(shard, stored name)``, seen in the grid its tiles address (a reshaped class token)."""
-        source, entry = super().lookup(ref)
-        grid = self._grids.get(ref)
-        if grid is not None and tuple(entry.info.shape) != grid:
-            entry = replace(entry, info=replace(entry.info, shape=grid))
-        return source, entry
 
     def stored(self, tp_rank: int, tower: str, role: str, layer: int | None = None):
         """The stored tensor of an mcore ``role`` on rank ``tp_rank``, as a torch tensor (archives only)."""
