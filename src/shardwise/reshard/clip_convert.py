@@ -16,7 +16,6 @@ NeMo's own CLIP configs name a Hub repository instead) and its other companion f
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,9 +30,9 @@ from ..layout.tiles import compose
 from ..models.clip_configs import nemo_clip_config
 from ..progress import NO_PROGRESS, Progress
 from .clip_model import MODEL_KIND, ClipModel, clip_source_kind, open_clip_model
-from .convert import archive_artifacts, hf_companions
+from .convert import hf_companions, plan_size, write_archive
 from .nemo_config import default_vocab_multiple, nemo_precision
-from .write import write_hf, write_nemo
+from .write import write_hf
 
 __all__ = ["convert_clip", "clip_route", "convert_if_clip", "CLIP_OUTPUTS"]
 
@@ -152,8 +151,5 @@ def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: Tile
         "layout": {"style": "mcore", "tp": tp, "pp": 1, "vocab_multiple": multiple, "padded_vocab": padded},
         "dims": model.dims.as_dict(), "config": hf_config,
     }
-    with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
-        artifacts = archive_artifacts(model, Path(tmp), hf_config, config)
-        files = write_nemo(dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=1, parallel=parallel,
-                           weights_format=encoding, unpacked=(to == "nemo-dir"), overwrite=overwrite)
-    return files, sum(len(t) for t in plan.values()), sum(t.info.nbytes for tensors in plan.values() for t in tensors)
+    files = write_archive(model, dst, to, plan, streamer, hf_config, config, tp=tp, pp=1, parallel=parallel, weights_format=encoding, overwrite=overwrite)
+    return (files, *plan_size(plan))

@@ -33,7 +33,7 @@ from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 from ..storage import accepts_urls
 
-__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine", "archive_artifacts", "hf_companions"]
+__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine", "archive_artifacts", "hf_companions", "write_archive", "plan_size"]
 
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
 
@@ -225,9 +225,8 @@ def convert_layout(
                 if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
                     warnings.append(f"{dst}: nxdt folders hold weights only; tokenizer files were not copied")
             else:
-                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite, warnings)
-            count = sum(len(t) for t in plan.values())
-            total = sum(t.info.nbytes for tensors in plan.values() for t in tensors)
+                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite)
+            count, total = plan_size(plan)
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
 
 
@@ -251,15 +250,28 @@ def _no_layout_options(*values) -> None:
         raise OptionError("--tp, --pp, --style, --qkv-linear, --fuse-qkv and --kv-size-multiplier do not apply to --to hf (HF folders are unsharded)")
 
 
-def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite, warnings) -> list[str]:
+def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite) -> list[str]:
     precision = nemo_precision(streamer.out_dtype(next(iter(source.canonical.values())).dtype))
     config = nemo_llama_config(source.dims, hf_config, tp=layout.tp, pp=layout.pp, vocab_multiple=layout.vocab_multiple or 1, precision=precision)
+    return write_archive(source, dst, to, plan, streamer, hf_config, config, tp=layout.tp, pp=layout.pp, parallel=parallel,
+                         weights_format=weights_format, overwrite=overwrite)
+
+
+def write_archive(source, dst: Path, to: str, plan: dict, streamer: TileStreamer, hf_config: dict, config: dict, *, tp: int, pp: int,
+                  parallel: dict, weights_format: str, overwrite: bool) -> list[str]:
+    """The archive (``to`` = ``archive``) or unpacked folder (``nemo-dir``) of ``plan``, with ``config`` as its
+    model_config.yaml and the source's companion files as artifacts (:func:`archive_artifacts`): the files written."""
     with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
         artifacts = archive_artifacts(source, Path(tmp), hf_config, config)
         return write_nemo(
-            dst, plan, streamer, config=config, artifacts=artifacts, tp=layout.tp, pp=layout.pp, parallel=parallel,
+            dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=pp, parallel=parallel,
             weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite,
         )
+
+
+def plan_size(plan: dict) -> tuple[int, int]:
+    """(tensor count, bytes) of the tensors a plan writes."""
+    return sum(len(t) for t in plan.values()), sum(t.info.nbytes for tensors in plan.values() for t in tensors)
 
 
 def archive_artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -> list[PlannedArtifact]:
