@@ -50,15 +50,14 @@ class ClipModel(PlannedModel):
     """A CLIP checkpoint in some layout, with the plan relating its stored tensors to the canonical (HF) ones.
 
     ``plan`` maps each shard (tp_rank, 0) to its stored tensors as tiles of the canonical tensors
-    (for ``hf`` and ``openclip`` sources, one shard whose tensors are the canonical ones);
-    ``padded_vocab`` is the word embedding's stored rows over all ranks. Close it to release files.
+    (for ``hf`` and ``openclip`` sources, one shard whose tensors are the canonical ones). Close it
+    to release files.
     """
 
     path: str
     container: str
     dims: ClipDims
     tp: int
-    padded_vocab: int
     hf_config: dict
     canonical: dict[str, TensorInfo]
     plan: dict[Shard, list[TiledTensor]]
@@ -164,7 +163,7 @@ def _identity(label: str, container: str, dims: ClipDims, source: FileTensorSour
         raise LayoutError(f"{label}: holds {len(extra)} tensor(s) a CLIP of this configuration does not have, e.g. {stored_as.get(extra[0], extra[0])}")
     canonical = {name: source.info(name) for name in expected}
     plan = {(0, 0): [whole(info, name) for name, info in canonical.items()]}
-    return ClipModel(label, container, dims, 1, dims.vocab, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source))
+    return ClipModel(label, container, dims, 1, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source))
 
 
 def _kind(source: FileTensorSource) -> str:
@@ -288,7 +287,7 @@ def _open_mcore(shards: Shards) -> ClipModel:
     for shard, tensors in plan.items():
         check_shard(shards.files[shard], tensors, stored[shard], model="a Megatron-core CLIP", hint="check the archive's model_config.yaml")
     return ClipModel(
-        label, shards.container, dims, tp, padded, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
+        label, shards.container, dims, tp, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
         archive=shards.archive, encoding=encoding_of(label, shards.sources), warnings=warnings, _closers=list(shards.closers),
     )
 
