@@ -31,7 +31,7 @@ from ..models.clip_configs import nemo_clip_config
 from ..progress import NO_PROGRESS, Progress
 from .clip_model import MODEL_KIND, ClipModel, clip_source_kind, open_clip_model
 from .convert import hf_companions, plan_size, write_archive
-from .nemo_config import default_vocab_multiple, nemo_precision
+from .nemo_config import nemo_precision, vocab_multiple_of
 from .write import write_hf
 
 __all__ = ["convert_clip", "clip_route", "convert_if_clip", "CLIP_OUTPUTS"]
@@ -141,7 +141,7 @@ def _main_dtype(model: ClipModel):
 
 def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool):
     """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes)."""
-    multiple = (model.nemo_config or {}).get("make_vocab_size_divisible_by") or default_vocab_multiple(model.dims.vocab)
+    multiple = vocab_multiple_of(model.nemo_config, model.dims.vocab)
     padded = padded_vocab(model.dims.vocab, multiple, tp)
     plan = compose(clip_shard_plan(model.dims, model.canonical, tp, padded), model.inverse())
     precision = nemo_precision(streamer.out_dtype(_main_dtype(model)))

@@ -29,7 +29,7 @@ from ..progress import NO_PROGRESS, Progress
 from ..units import parse_size
 from .containers import CONTAINERS, Shards, find_shards
 from .model import ShardedModel, open_model
-from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config, nemo_precision
+from .nemo_config import hf_config_from_nemo, nemo_llama_config, nemo_precision, vocab_multiple_of
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 from ..storage import accepts_urls
 
@@ -112,8 +112,7 @@ def target_layout(
             )
     vocab_multiple = None
     if STYLES[style].vocab_multiple:
-        nemo = source.nemo_config or {}
-        vocab_multiple = nemo.get("make_vocab_size_divisible_by") or default_vocab_multiple(source.dims.vocab)
+        vocab_multiple = vocab_multiple_of(source.nemo_config, source.dims.vocab)
     return ShardedLayout(style, tp, pp, qkv, norms, kv_multiplier, vocab_multiple).resolved(source.dims.layers)
 
 
