@@ -230,16 +230,15 @@ def convert(
     from .reshard.convert import convert_layout, layout_route
 
     layout_to = to or _suffix_format(dst)
-    from .reshard.clip_convert import clip_route, convert_clip
+    from .reshard.clip_convert import convert_if_clip
 
-    if clip_route(src, layout_to, arch=arch, layout_options=any(layout_options[k] not in (None, False) for k in ("style", "tp", "pp"))):
-        unused = {"--max-shard-size": max_shard_size, "--config": config, "--hparams-file": hparams_file, "--checkpoint-name": checkpoint_name,
-                  "--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier}
-        for name, value in unused.items():
-            if value not in (None, False):
-                raise OptionError(f"{name} does not apply to CLIP conversions")
-        return convert_clip(src, dst, to=layout_to, tp=tp, pp=pp, style=style, arch=arch, dtype=dtype, weights_format=weights_format,
-                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+    unused = {"--max-shard-size": max_shard_size, "--config": config, "--hparams-file": hparams_file, "--checkpoint-name": checkpoint_name,
+              "--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier}
+    clip = convert_if_clip(src, dst, to=layout_to, arch=arch, layout_options=any(layout_options[k] not in (None, False) for k in ("style", "tp", "pp")),
+                           refused=unused, refused_in="conversions", tp=tp, pp=pp, style=style, dtype=dtype, weights_format=weights_format,
+                           overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+    if clip is not None:
+        return clip
     if layout_to == "dcp":
         for name, value in (("--weights-format", weights_format), ("--hparams-file", hparams_file), ("--checkpoint-name", checkpoint_name), ("--max-shard-size", max_shard_size), ("--config", config)):
             if value is not None:

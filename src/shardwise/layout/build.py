@@ -9,7 +9,8 @@ into a :class:`~.tiles.TiledTensor`:
 - :func:`side_by_side`: column ranges of one canonical tensor placed left to right, the form of
   row-parallel weights;
 - :func:`vocab_pieces`: the rows of a vocabulary-parallel embedding that one rank holds, padded
-  with zero rows past the real vocabulary (Megatron's ``_vocab_size_with_padding``).
+  with zero rows past the real vocabulary (Megatron's ``_vocab_size_with_padding``);
+- :func:`replicated`: a canonical tensor stored whole under another name (norms, biases kept on every rank).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import math
 
 from ..errors import LayoutError
 from ..tensors import TensorInfo
-from .tiles import Tile, TiledTensor, coalesce, matrix_shape
+from .tiles import Tile, TiledTensor, coalesce, matrix_shape, whole
 
-__all__ = ["Piece", "stacked_rows", "side_by_side", "vocab_pieces", "one_dtype"]
+__all__ = ["Piece", "stacked_rows", "side_by_side", "vocab_pieces", "replicated", "one_dtype"]
 
 Piece = tuple[TensorInfo | None, int, int]  # (canonical tensor or None for zeros, first row, row count)
 
@@ -63,6 +64,11 @@ def side_by_side(name: str, info: TensorInfo, pieces: list[tuple[int, int]]) -> 
         tiles.append(Tile(0, col, info.shape[0], count, info.name, 0, first))
         col += count
     return TiledTensor(TensorInfo(name, (info.shape[0], col), info.dtype), tuple(coalesce(tiles)))
+
+
+def replicated(name: str, info: TensorInfo) -> TiledTensor:
+    """All of ``info``, stored as the tensor ``name``."""
+    return whole(TensorInfo(name, info.shape, info.dtype), info.name)
 
 
 def vocab_pieces(info: TensorInfo, vocab: int, padded: int, tp: int, tp_rank: int) -> list[Piece]:

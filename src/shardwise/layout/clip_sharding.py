@@ -24,9 +24,9 @@ from __future__ import annotations
 from ..errors import LayoutError
 from ..models.clip import HF, MCORE, ClipDims, name_of
 from ..tensors import TensorInfo
-from .build import side_by_side, stacked_rows, vocab_pieces
+from .build import replicated, side_by_side, stacked_rows, vocab_pieces
 from .parallel import check_divides
-from .tiles import TiledTensor, whole
+from .tiles import TiledTensor
 
 __all__ = ["clip_shard_plan", "check_clip_tp"]
 
@@ -64,7 +64,7 @@ def clip_shard_plan(dims: ClipDims, canonical: dict[str, TensorInfo], tp: int, p
             raise LayoutError(f"the model has no tensor {name}") from None
 
     def same(tower: str, role: str) -> TiledTensor:
-        return whole(_renamed(src(tower, role), name_of(MCORE, tower, role)), name_of(HF, tower, role))
+        return replicated(name_of(MCORE, tower, role), src(tower, role))
 
     plan: dict[Shard, list[TiledTensor]] = {}
     for rank in range(tp):
@@ -83,10 +83,6 @@ def clip_shard_plan(dims: ClipDims, canonical: dict[str, TensorInfo], tp: int, p
     return plan
 
 
-def _renamed(info: TensorInfo, name: str) -> TensorInfo:
-    return TensorInfo(name, info.shape, info.dtype)
-
-
 def _tower_layers(tower: str, dims: ClipDims, rank: int, tp: int, src) -> list[TiledTensor]:
     t = dims.tower(tower)
     d, per_rank, mlp = t.head_dim, t.heads // tp, t.mlp // tp
@@ -94,7 +90,7 @@ def _tower_layers(tower: str, dims: ClipDims, rank: int, tp: int, src) -> list[T
     out: list[TiledTensor] = []
     for layer in range(t.layers):
         name = lambda role: name_of(MCORE, tower, role, layer)  # noqa: E731
-        whole_tensor = lambda role: whole(_renamed(src(tower, role, layer), name(role)), name_of(HF, tower, role, layer))  # noqa: E731
+        whole_tensor = lambda role: replicated(name(role), src(tower, role, layer))  # noqa: E731
         out += [whole_tensor("ln1.weight"), whole_tensor("ln1.bias")]
         for p in ("weight", "bias"):
             q, k, v = (src(tower, f"{r}.{p}", layer) for r in "qkv")

@@ -25,8 +25,8 @@ from ..errors import LayoutError
 from ..models.llama import CANONICAL, LAYER_ROLES, STYLES, LlamaDims, Style
 from ..tensors import TensorInfo
 from .parallel import check_divides, local_heads, padded_vocab, split_layers
-from .build import Piece, side_by_side, stacked_rows, vocab_pieces
-from .tiles import TiledTensor, whole
+from .build import Piece, replicated, side_by_side, stacked_rows, vocab_pieces
+from .tiles import TiledTensor
 
 __all__ = ["ShardedLayout", "shard_plan", "canonical_infos", "stored_name"]
 
@@ -144,7 +144,7 @@ class _Builder:
         self.out.append(side_by_side(name, info, pieces))
 
     def replicate(self, name: str, info: TensorInfo) -> None:
-        self.out.append(whole(TensorInfo(name, info.shape, info.dtype), info.name))
+        self.out.append(replicated(name, info))
 
 
 def shard_plan(dims: LlamaDims, canonical: dict[str, TensorInfo], layout: ShardedLayout) -> dict[Shard, list[TiledTensor]]:

@@ -60,7 +60,7 @@ class TiledTensor:
     ``grid`` (rows, cols) is the matrix the tiles address when it is not the tensor's own
     first-dimension-by-the-rest view: a stored tensor that is a reshape of its source with the same
     bytes (NeMo's CLIP class token is ``(1, 1, width)``, HF's ``(width,)``) is tiled as its source's
-    matrix. Readers of such a stored tensor see it in that grid too (see ``ClipModel.lookup``).
+    matrix. Readers of such a stored tensor see it in that grid too (see ``PlannedModel.lookup``).
     """
 
     info: TensorInfo

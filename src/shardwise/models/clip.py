@@ -28,12 +28,11 @@ from ..errors import FormatError
 from ..tensors import TensorInfo
 
 __all__ = [
-    "Tower", "ClipDims", "ClipStyle", "TOWERS", "LAYER_PARAMS", "TOWER_ROLES", "HF", "MCORE", "OPENCLIP",
+    "Tower", "ClipDims", "ClipStyle", "TOWERS", "TOWER_ROLES", "HF", "MCORE", "OPENCLIP",
     "name_of", "canonical_infos", "check_dims", "OPENAI_MEAN", "OPENAI_STD", "ACTIVATIONS",
 ]
 
 TOWERS = ("vision", "text")
-LAYER_PARAMS = tuple(f"{part}.{p}" for part in ("ln1", "q", "k", "v", "o", "ln2", "fc1", "fc2") for p in ("weight", "bias"))
 _HF_LAYER_ORDER = tuple(f"{part}.{p}" for part in ("k", "v", "q", "o", "ln1", "fc1", "fc2", "ln2") for p in ("weight", "bias"))
 TOWER_ROLES = {
     "vision": ("class", "patch", "pos", "ln_pre.weight", "ln_pre.bias", "ln_post.weight", "ln_post.bias", "proj"),

@@ -52,8 +52,9 @@ def open_layout_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike
     from .clip_model import clip_source_kind, open_clip_model
     from .convert import layout_route
 
-    if clip_source_kind(path) in ("mcore", "openclip"):  # CLIP archives and OpenCLIP folders compare under HF names
-        return _View(CanonicalSource(open_clip_model(path, trust_pickle=trust_pickle)))
+    kind = clip_source_kind(path)
+    if kind in ("mcore", "openclip"):  # CLIP archives and OpenCLIP folders compare under HF names
+        return _View(CanonicalSource(open_clip_model(path, trust_pickle=trust_pickle, kind=kind)))
     route = layout_route(path, "hf", {}, trust_pickle=trust_pickle)
     return None if route is None else open_canonical(route, config=config, trust_pickle=trust_pickle)
 

@@ -16,7 +16,6 @@ NeMo's own CLIP configs name a Hub repository instead) and its other companion f
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +30,18 @@ from ..layout.tiles import compose
 from ..models.clip_configs import nemo_clip_config
 from ..progress import NO_PROGRESS, Progress
 from .clip_model import MODEL_KIND, ClipModel, clip_source_kind, open_clip_model
-from .convert import archive_artifacts, hf_companions
-from .nemo_config import default_vocab_multiple, nemo_precision
-from .write import write_hf, write_nemo
+from .convert import hf_companions, plan_size, write_archive
+from .nemo_config import nemo_precision, vocab_multiple_of
+from .write import write_hf
 
-__all__ = ["convert_clip", "clip_route", "CLIP_OUTPUTS"]
+__all__ = ["convert_clip", "clip_route", "convert_if_clip", "CLIP_OUTPUTS"]
 
 CLIP_OUTPUTS = ("archive", "nemo-dir", "hf")
 
 
-def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = None, layout_options: bool = False) -> bool:
-    """Whether converting ``src`` into ``to`` is a CLIP conversion (:func:`convert_clip`).
+def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = None, layout_options: bool = False) -> str | None:
+    """Whether converting ``src`` into ``to`` is a CLIP conversion (:func:`convert_clip`): the source's
+    :func:`~.clip_model.clip_source_kind` when it is (for ``convert_clip``'s ``kind``), else None.
 
     It is for an OpenCLIP source (or ``arch`` given) or a Megatron-core CLIP archive going to an
     archive, nemo-dir or HF folder, and for an HF CLIP folder going to an archive or nemo-dir;
@@ -50,9 +50,25 @@ def clip_route(src: str | os.PathLike, to: str | None, *, arch: str | None = Non
     """
     kind = clip_source_kind(src, arch)
     if kind is None:
-        return False
+        return None
     outputs = CLIP_OUTPUTS if kind != "hf" else ("archive", "nemo-dir")
-    return arch is not None or layout_options or to in outputs
+    return kind if arch is not None or layout_options or to in outputs else None
+
+
+def convert_if_clip(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None, arch: str | None = None, layout_options: bool,
+                    refused: dict[str, object], refused_in: str, **options) -> ConvertResult | None:
+    """:func:`convert_clip` of ``src`` when :func:`clip_route` makes it a CLIP conversion, else None (nothing opened stays open).
+
+    ``refused`` maps option flags to their values: one that is given raises OptionError
+    "<flag> does not apply to CLIP <refused_in>" first. ``options`` go to :func:`convert_clip`.
+    """
+    kind = clip_route(src, to, arch=arch, layout_options=layout_options)
+    if kind is None:
+        return None
+    for name, value in refused.items():
+        if value not in (None, False):
+            raise OptionError(f"{name} does not apply to CLIP {refused_in}")
+    return convert_clip(src, dst, to=to, arch=arch, kind=kind, **options)
 
 
 def convert_clip(
@@ -70,6 +86,7 @@ def convert_clip(
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: Progress = NO_PROGRESS,
+    kind: str | None = None,
 ) -> ConvertResult:
     """Convert the CLIP at ``src`` into ``to`` (``archive``, ``nemo-dir`` or ``hf``) at ``dst``.
 
@@ -79,7 +96,8 @@ def convert_clip(
     ``dtype`` casts; ``weights_format`` is ``torch`` (``model_weights.ckpt``) or ``safetensors``
     for archives. Raises LayoutError when the heads or MLP do not split over ``tp`` (or ``pp`` is
     not 1), OptionError for options that do not apply, FormatError for unreadable sources; nothing
-    is written then.
+    is written then. ``kind`` is the source's :func:`~.clip_model.clip_source_kind` when the caller
+    has it (:func:`clip_route` returns it).
 
     >>> convert_clip("clip-vit-base-patch32/", "clip.nemo", to="archive", tp=2)  # doctest: +SKIP
     """
@@ -88,7 +106,7 @@ def convert_clip(
     cast = parse_cast_dtype(dtype).name if dtype else None
     if style not in (None, "mcore"):
         raise OptionError(f"--style {style}: CLIP archives are Megatron-core (mcore) archives")
-    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle) as model:
+    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle, kind=kind) as model:
         if keep_layout and model.container not in ("archive", "nemo-dir"):
             raise OptionError(f"{src}: is an unsharded {model.container} CLIP; reshard works on CLIP archives, use convert --to archive --tp N")
         to = to or (model.container if keep_layout else None)
@@ -123,7 +141,7 @@ def _main_dtype(model: ClipModel):
 
 def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool):
     """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes)."""
-    multiple = (model.nemo_config or {}).get("make_vocab_size_divisible_by") or default_vocab_multiple(model.dims.vocab)
+    multiple = vocab_multiple_of(model.nemo_config, model.dims.vocab)
     padded = padded_vocab(model.dims.vocab, multiple, tp)
     plan = compose(clip_shard_plan(model.dims, model.canonical, tp, padded), model.inverse())
     precision = nemo_precision(streamer.out_dtype(_main_dtype(model)))
@@ -133,8 +151,5 @@ def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: Tile
         "layout": {"style": "mcore", "tp": tp, "pp": 1, "vocab_multiple": multiple, "padded_vocab": padded},
         "dims": model.dims.as_dict(), "config": hf_config,
     }
-    with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
-        artifacts = archive_artifacts(model, Path(tmp), hf_config, config)
-        files = write_nemo(dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=1, parallel=parallel,
-                           weights_format=encoding, unpacked=(to == "nemo-dir"), overwrite=overwrite)
-    return files, sum(len(t) for t in plan.values()), sum(t.info.nbytes for tensors in plan.values() for t in tensors)
+    files = write_archive(model, dst, to, plan, streamer, hf_config, config, tp=tp, pp=1, parallel=parallel, weights_format=encoding, overwrite=overwrite)
+    return (files, *plan_size(plan))

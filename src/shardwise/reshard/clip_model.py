@@ -19,9 +19,9 @@ a missing or extra tensor, or a shape that does not fit, is one LayoutError nami
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 from ..errors import FormatError, LayoutError, OptionError
 from ..formats import Checkpoint, open_checkpoint
@@ -32,7 +32,7 @@ from ..layout.clip_sharding import clip_shard_plan
 from ..layout.tiles import TiledTensor, whole
 from ..models.clip import HF, MCORE, OPENCLIP, OPENCLIP_NOT_WEIGHTS, ClipDims, canonical_infos, name_of
 from ..models.clip_configs import dims_from_hf_config, dims_from_nemo_config, dims_from_openclip, hf_config_from_dims, is_clip_nemo_config, openclip_arch
-from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from ..tensors import FileTensorSource, TensorInfo
 from .containers import Shards, encoding_of, find_shards
 from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
@@ -50,15 +50,14 @@ class ClipModel(PlannedModel):
     """A CLIP checkpoint in some layout, with the plan relating its stored tensors to the canonical (HF) ones.
 
     ``plan`` maps each shard (tp_rank, 0) to its stored tensors as tiles of the canonical tensors
-    (for ``hf`` and ``openclip`` sources, one shard whose tensors are the canonical ones);
-    ``padded_vocab`` is the word embedding's stored rows over all ranks. Close it to release files.
+    (for ``hf`` and ``openclip`` sources, one shard whose tensors are the canonical ones). Close it
+    to release files.
     """
 
     path: str
     container: str
     dims: ClipDims
     tp: int
-    padded_vocab: int
     hf_config: dict
     canonical: dict[str, TensorInfo]
     plan: dict[Shard, list[TiledTensor]]
@@ -70,18 +69,6 @@ class ClipModel(PlannedModel):
     warnings: list[str] = field(default_factory=list)
     generation_config: dict | None = None  # CLIP has none; named for the companion-file helpers shared with Llama
     _closers: list = field(default_factory=list)
-    _grids: dict = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._grids = {(shard, t.info.name): t.grid for shard, tensors in self.plan.items() for t in tensors if t.grid}
-
-    def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
-        """The source and entry of ``(shard, stored name)``, seen in the grid its tiles address (a reshaped class token)."""
-        source, entry = super().lookup(ref)
-        grid = self._grids.get(ref)
-        if grid is not None and tuple(entry.info.shape) != grid:
-            entry = replace(entry, info=replace(entry.info, shape=grid))
-        return source, entry
 
     def stored(self, tp_rank: int, tower: str, role: str, layer: int | None = None):
         """The stored tensor of an mcore ``role`` on rank ``tp_rank``, as a torch tensor (archives only)."""
@@ -124,15 +111,17 @@ def clip_source_kind(path: str | os.PathLike, arch: str | None = None) -> str | 
     return None
 
 
-def open_clip_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False) -> ClipModel:
+def open_clip_model(path: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False, kind: str | None = None) -> ClipModel:
     """Open the CLIP at ``path`` (see module docstring); ``arch`` names the architecture of a bare OpenCLIP state dict.
+
+    ``kind`` is :func:`clip_source_kind` of ``path`` when the caller has it already (it is found otherwise).
 
     Raises FormatError, LayoutError or OptionError naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
-    kind = clip_source_kind(path, arch)
+    kind = kind or clip_source_kind(path, arch)
     if kind == "hf":
         return _open_hf(path, trust_pickle)
     if kind == "openclip":
@@ -174,7 +163,7 @@ def _identity(label: str, container: str, dims: ClipDims, source: FileTensorSour
         raise LayoutError(f"{label}: holds {len(extra)} tensor(s) a CLIP of this configuration does not have, e.g. {stored_as.get(extra[0], extra[0])}")
     canonical = {name: source.info(name) for name in expected}
     plan = {(0, 0): [whole(info, name) for name, info in canonical.items()]}
-    return ClipModel(label, container, dims, 1, dims.vocab, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source))
+    return ClipModel(label, container, dims, 1, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source))
 
 
 def _kind(source: FileTensorSource) -> str:
@@ -298,7 +287,7 @@ def _open_mcore(shards: Shards) -> ClipModel:
     for shard, tensors in plan.items():
         check_shard(shards.files[shard], tensors, stored[shard], model="a Megatron-core CLIP", hint="check the archive's model_config.yaml")
     return ClipModel(
-        label, shards.container, dims, tp, padded, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
+        label, shards.container, dims, tp, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
         archive=shards.archive, encoding=encoding_of(label, shards.sources), warnings=warnings, _closers=list(shards.closers),
     )
 

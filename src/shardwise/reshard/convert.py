@@ -29,11 +29,11 @@ from ..progress import NO_PROGRESS, Progress
 from ..units import parse_size
 from .containers import CONTAINERS, Shards, find_shards
 from .model import ShardedModel, open_model
-from .nemo_config import default_vocab_multiple, hf_config_from_nemo, nemo_llama_config, nemo_precision
+from .nemo_config import hf_config_from_nemo, nemo_llama_config, nemo_precision, vocab_multiple_of
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
 from ..storage import accepts_urls
 
-__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine", "archive_artifacts", "hf_companions"]
+__all__ = ["convert_layout", "target_layout", "layout_route", "shards_need_engine", "archive_artifacts", "hf_companions", "write_archive", "plan_size"]
 
 _STYLES_OF = {"nxdt": ("nxdt", "megatron"), "archive": ("mcore",), "nemo-dir": ("mcore",), "hf": ("hf",)}
 
@@ -112,8 +112,7 @@ def target_layout(
             )
     vocab_multiple = None
     if STYLES[style].vocab_multiple:
-        nemo = source.nemo_config or {}
-        vocab_multiple = nemo.get("make_vocab_size_divisible_by") or default_vocab_multiple(source.dims.vocab)
+        vocab_multiple = vocab_multiple_of(source.nemo_config, source.dims.vocab)
     return ShardedLayout(style, tp, pp, qkv, norms, kv_multiplier, vocab_multiple).resolved(source.dims.layers)
 
 
@@ -169,15 +168,14 @@ def convert_layout(
     ``safetensors`` for archives; resharding keeps the source's unless it is given. A CLIP ``src``
     is handed to :func:`~.clip_convert.convert_clip` (archives and HF folders, TP only).
     """
-    from .clip_convert import clip_route, convert_clip
+    from .clip_convert import convert_if_clip
 
-    if not isinstance(src, Shards) and full_state_file is None and clip_route(src, to, layout_options=True):
-        for name, value in (("--qkv-linear", qkv_linear), ("--fuse-qkv", fuse_qkv), ("--kv-size-multiplier", kv_multiplier), ("--config", config),
-                            ("--max-shard-size", max_shard_size)):
-            if value not in (None, False):
-                raise OptionError(f"{name} does not apply to CLIP checkpoints")
-        return convert_clip(src, dst, to=to, tp=tp, pp=pp, style=style, dtype=dtype, weights_format=weights_format, keep_layout=keep_layout,
-                            overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+    if not isinstance(src, Shards) and full_state_file is None:
+        refused = {"--qkv-linear": qkv_linear, "--fuse-qkv": fuse_qkv, "--kv-size-multiplier": kv_multiplier, "--config": config, "--max-shard-size": max_shard_size}
+        clip = convert_if_clip(src, dst, to=to, layout_options=True, refused=refused, refused_in="checkpoints", tp=tp, pp=pp, style=style, dtype=dtype,
+                               weights_format=weights_format, keep_layout=keep_layout, overwrite=overwrite, trust_pickle=trust_pickle, progress=progress)
+        if clip is not None:
+            return clip
     started = time.perf_counter()
     dst = Path(dst)
     cast = parse_cast_dtype(dtype).name if dtype else None
@@ -226,9 +224,8 @@ def convert_layout(
                 if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
                     warnings.append(f"{dst}: nxdt folders hold weights only; tokenizer files were not copied")
             else:
-                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite, warnings)
-            count = sum(len(t) for t in plan.values())
-            total = sum(t.info.nbytes for tensors in plan.values() for t in tensors)
+                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite)
+            count, total = plan_size(plan)
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
 
 
@@ -252,15 +249,28 @@ def _no_layout_options(*values) -> None:
         raise OptionError("--tp, --pp, --style, --qkv-linear, --fuse-qkv and --kv-size-multiplier do not apply to --to hf (HF folders are unsharded)")
 
 
-def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite, warnings) -> list[str]:
+def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite) -> list[str]:
     precision = nemo_precision(streamer.out_dtype(next(iter(source.canonical.values())).dtype))
     config = nemo_llama_config(source.dims, hf_config, tp=layout.tp, pp=layout.pp, vocab_multiple=layout.vocab_multiple or 1, precision=precision)
+    return write_archive(source, dst, to, plan, streamer, hf_config, config, tp=layout.tp, pp=layout.pp, parallel=parallel,
+                         weights_format=weights_format, overwrite=overwrite)
+
+
+def write_archive(source, dst: Path, to: str, plan: dict, streamer: TileStreamer, hf_config: dict, config: dict, *, tp: int, pp: int,
+                  parallel: dict, weights_format: str, overwrite: bool) -> list[str]:
+    """The archive (``to`` = ``archive``) or unpacked folder (``nemo-dir``) of ``plan``, with ``config`` as its
+    model_config.yaml and the source's companion files as artifacts (:func:`archive_artifacts`): the files written."""
     with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
         artifacts = archive_artifacts(source, Path(tmp), hf_config, config)
         return write_nemo(
-            dst, plan, streamer, config=config, artifacts=artifacts, tp=layout.tp, pp=layout.pp, parallel=parallel,
+            dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=pp, parallel=parallel,
             weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite,
         )
+
+
+def plan_size(plan: dict) -> tuple[int, int]:
+    """(tensor count, bytes) of the tensors a plan writes."""
+    return sum(len(t) for t in plan.values()), sum(t.info.nbytes for tensors in plan.values() for t in tensors)
 
 
 def archive_artifacts(source: ShardedModel, tmp: Path, hf_config: dict, config: dict) -> list[PlannedArtifact]:

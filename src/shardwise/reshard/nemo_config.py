@@ -20,6 +20,11 @@ def default_vocab_multiple(vocab: int) -> int:
     return multiple
 
 
+def vocab_multiple_of(nemo_config: dict | None, vocab: int) -> int:
+    """The vocabulary padding multiple: the source's ``make_vocab_size_divisible_by``, else :func:`default_vocab_multiple`."""
+    return (nemo_config or {}).get("make_vocab_size_divisible_by") or default_vocab_multiple(vocab)
+
+
 def nemo_precision(dtype: str):
     """NeMo's ``precision`` for weights of ``dtype``: ``bf16``, 16 or 32 (anything else counts as 32)."""
     return {"bfloat16": "bf16", "float16": 16, "float32": 32}.get(dtype, 32)

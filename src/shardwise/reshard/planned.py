@@ -10,6 +10,7 @@ that relate a plan to what is on disk.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 from typing import Callable, Hashable
 
 from ..errors import LayoutError
@@ -39,23 +40,31 @@ class PlannedModel:
         if not tiled:
             return inverse
 
-        regridded = {(shard, t.info.name) for shard, tensors in self.plan.items() for t in tensors if t.grid}
-
         def tiles_of(ref: tuple[Hashable, str]):
             shard, name = ref
-            if shard not in tiled or ref in regridded:  # tiles in another grid (a reshaped class token): read it as stored
+            if shard not in tiled or ref in self._grids:  # tiles in another grid (a reshaped class token): read it as stored
                 return None
             return tuple(replace(t, src=None if t.src is None else (shard, t.src)) for t in self.shards[shard].tiled(name).tiles)
 
         return [read_through(tensor, tiles_of) for tensor in inverse]
 
+    @cached_property
+    def _grids(self) -> dict[tuple[Hashable, str], tuple[int, int]]:
+        """``(shard, stored name)`` -> the grid its tiles address, for stored tensors tiled as a reshape (a class token)."""
+        return {(shard, t.info.name): t.grid for shard, tensors in self.plan.items() for t in tensors if t.grid}
+
     def lookup(self, ref: Hashable) -> tuple[FileTensorSource, StoredTensor]:
-        """The open source and entry of a ref of :meth:`inverse` (or of ``(shard, stored name)``)."""
+        """The open source and entry of a ref of :meth:`inverse` (or of ``(shard, stored name)``), seen in
+        the grid its tiles address when that is not its stored shape (a reshaped class token)."""
         shard, name = ref
         source = self.shards[shard]
         if isinstance(source, TiledSource) and not isinstance(name, str):
             return source.lookup(name)
-        return source, source.stored(name)
+        entry = source.stored(name)
+        grid = self._grids.get(ref)
+        if grid is not None and tuple(entry.info.shape) != grid:
+            entry = replace(entry, info=replace(entry.info, shape=grid))
+        return source, entry
 
     def close(self) -> None:
         for source in self.shards.values():

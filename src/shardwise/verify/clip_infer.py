@@ -87,7 +87,7 @@ def clip_infer(
         raise FormatError(f"{archive}: is not a CLIP archive (a .nemo or unpacked folder whose model_config.yaml has vision and text sections)")
     import torch
 
-    with open_clip_model(archive, trust_pickle=trust_pickle) as model:
+    with open_clip_model(archive, trust_pickle=trust_pickle, kind="mcore") as model:
         dims = model.dims
         pixels = load_image(image, dims.image, dims.mean, dims.std)
         with _tokenizer_folder(model, tokenizer) as folder:
