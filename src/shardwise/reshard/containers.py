@@ -243,14 +243,14 @@ def _nemo2_shards(folder: Path, trust_pickle: bool) -> Shards:
 def _nemo2_configs(folder: Path) -> tuple[dict, dict | None]:
     """model.yaml's config under NeMo 1 names, and the HF config NeMo's exporter would make when the
     tokenizer in ``context/nemo_tokenizer`` tells the vocabulary size (else None: the rows are kept)."""
-    from .nemo_config import dims_from_nemo_config, hf_config_from_nemo2, nemo2_view
+    from .nemo_config import dims_from_nemo_config, hf_config_from_nemo, nemo2_view
 
     context = read_context(folder)
     view = nemo2_view(context.config)
     if context.vocab is None:
         return view, None
     dims = dims_from_nemo_config(view, str(context.path / MODEL_YAML), padded_vocab=context.vocab)
-    return view, hf_config_from_nemo2(dims, context.config)
+    return view, hf_config_from_nemo(dims, view)
 
 
 def read_model_config(path: Path) -> dict:
