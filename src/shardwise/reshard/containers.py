@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, detect_layout, grid_of
+from ..archive.reader import read_model_config
 from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
@@ -39,7 +40,7 @@ from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 from ..training.layout import parse_rank_file, rank_file_name
 
-__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "read_model_config", "encoding_of"]
+__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
 
 CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
 _NXDT_V1 = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)")
@@ -251,10 +252,3 @@ def _nemo2_configs(folder: Path) -> tuple[dict, dict | None]:
         return view, None
     dims = dims_from_nemo_config(view, str(context.path / MODEL_YAML), padded_vocab=context.vocab)
     return view, hf_config_from_nemo(dims, view)
-
-
-def read_model_config(path: Path) -> dict:
-    """A NeMo ``model_config.yaml`` as the model's config (see :func:`shardwise.archive.reader.read_model_config`)."""
-    from ..archive.reader import read_model_config as read
-
-    return read(path)

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..archive.reader import read_model_config
 from ..errors import FormatError, LayoutError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.hf import read_config
@@ -20,7 +21,7 @@ from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_
 from ..layout.tiles import TiledTensor
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
 from ..tensors import FileTensorSource, TensorInfo
-from .containers import Shards, encoding_of, find_shards, read_model_config
+from .containers import Shards, encoding_of, find_shards
 from .nemo_config import dims_from_nemo_config
 from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
