@@ -34,7 +34,7 @@ from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
 from ..jsonfile import read_json_object
-from ..formats.nemo2 import MODEL_YAML, CONTEXT, WEIGHTS, looks_like_nemo2, read_context
+from ..formats.nemo2 import MODEL_YAML, CONTEXT, NEMO2_CONFIG_FILE, WEIGHTS, looks_like_nemo2, read_context
 from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
@@ -226,7 +226,7 @@ def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
         raise
     return Shards(
         folder, "torch_dist", {(0, 0): source}, {(0, 0): str(folder)}, nemo_config=nemo_config, hf_config=hf_config,
-        config_file=f"{CONTEXT}/{MODEL_YAML}" if nemo2 else CONFIG_NAME,
+        config_file=NEMO2_CONFIG_FILE if nemo2 else CONFIG_NAME,
     )
 
 
@@ -237,7 +237,7 @@ def _nemo2_shards(folder: Path, trust_pickle: bool) -> Shards:
     source = TorchDistSource(weights, trust=trust_pickle)
     return Shards(
         folder, "nemo2", {(0, 0): source}, {(0, 0): str(weights)}, nemo_config=nemo_config, hf_config=hf_config,
-        config_file=f"{CONTEXT}/{MODEL_YAML}",
+        config_file=NEMO2_CONFIG_FILE,
     )
 
 
