@@ -213,7 +213,7 @@ def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
     """A bare torch_dist folder; its config is a config.json inside it, or, for the ``model_weights``
     folder of an unpacked archive, the ``model_config.yaml`` next to it, and for the ``weights``
     folder of a NeMo 2 checkpoint, the ``context/`` beside it (``--config`` overrides them all)."""
-    nemo2 = folder.name == WEIGHTS and looks_like_nemo2(folder.parent)
+    nemo2 = folder.name == WEIGHTS and (folder.parent / CONTEXT / MODEL_YAML).is_file()  # folder itself was checked to be torch_dist
     nemo_config, hf_config = _nemo2_configs(folder.parent) if nemo2 else (None, None)
     source = TorchDistSource(folder, trust=trust_pickle)
     try:
