@@ -170,11 +170,12 @@ def _damaged(gqa: Path, tmp_path: Path, damage: str) -> Path:
 ])
 def test_damaged_nemo2_checkpoints_give_one_line_naming_the_file(gqa, tmp_path, cli, damage, message):
     """Also for the weights/ folder given alone: a context that is refused must not fall back to
-    copying the mcore tensors under their own names into an "HF" folder."""
+    copying the mcore tensors under their own names into an "HF" folder or an archive."""
     bad = _damaged(gqa, tmp_path, damage)
     commands = [["convert", tmp_path / "nemo2", tmp_path / "out", "--to", "hf"], ["inspect", tmp_path / "nemo2"]]
     if bad.name == "model.yaml":
         commands.append(["convert", tmp_path / "nemo2" / "weights", tmp_path / "out", "--to", "hf"])
+        commands.append(["convert", tmp_path / "nemo2" / "weights", tmp_path / "out", "--to", "archive"])
     for command in commands:
         result = cli(*command)
         assert result.code == 2 and message in result.err and str(bad.parent) in result.err and bad.name in result.err, result.err

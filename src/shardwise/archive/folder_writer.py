@@ -152,10 +152,6 @@ class _CancellableSink(MemberSink):
         if self._cancelled.is_set():
             raise _WritingCancelled("stopped: another file being written failed")
 
-    def write_checksummed(self, data, piece_crc: int | None) -> int:
+    def _write(self, data, piece_crc: int | None, small: bool) -> int:
         self._check()
-        return super().write_checksummed(data, piece_crc)
-
-    def write_copy(self, data) -> int:
-        self._check()
-        return super().write_copy(data)
+        return super()._write(data, piece_crc, small)

@@ -239,16 +239,12 @@ def open_tar(path: str | os.PathLike) -> TarIndex:
         return TarIndex(path, path)
     shared = _shared.get()
     if shared is None:
-        return _index_temporary(_gunzip(path), path)
+        return _index_temporary(_gunzip(path), path, temporary=True)
     with _shared_lock:  # held while decompressing: threads given this context never decompress one archive twice
         if identity in shared:
             return TarIndex(shared[identity], path, compressed=True)
         temp = _gunzip(path)
-        try:
-            index = TarIndex(temp, path, compressed=True)
-        except BaseException:
-            os.unlink(temp)
-            raise
+        index = _index_temporary(temp, path, temporary=False)
         shared[identity] = temp
         return index
 
@@ -274,9 +270,11 @@ def _gunzip(path: str) -> str:
     return temp
 
 
-def _index_temporary(temp: str, path: str) -> TarIndex:
+def _index_temporary(temp: str, path: str, *, temporary: bool) -> TarIndex:
+    """Index the decompressed copy ``temp`` of ``path``, removing it if that fails; ``temporary``:
+    the index deletes it when closed (else its shared_decompression block does)."""
     try:
-        return TarIndex(temp, path, compressed=True, temporary=True)
+        return TarIndex(temp, path, compressed=True, temporary=temporary)
     except BaseException:
         os.unlink(temp)
         raise

@@ -52,34 +52,36 @@ class MemberSink:
         self.crc = 0
 
     def write(self, data) -> int:
-        return self.write_checksummed(data, None)
+        return self._write(data, None, small=False)
 
     def write_copy(self, data) -> int:
         """Append small bytes the caller built itself (a header), through the file's ``write_copy``
         where it has one (see :func:`~shardwise.background.write_small`)."""
-        view = memoryview(data).cast("B")
-        if self._position != self._end:
-            return self.write(view)
-        self.crc = crc32(view, self.crc)
-        self._end += len(view)
-        write_small(self._f, view)
-        self._position += len(view)
-        return len(view)
+        return self._write(data, None, small=True)
 
     def write_checksummed(self, data, piece_crc: int | None) -> int:
         """``write(data)`` when the caller already knows ``crc32(data)`` (``piece_crc``): appended
         bytes are then not checksummed a second time."""
+        return self._write(data, piece_crc, small=False)
+
+    def _write(self, data, piece_crc: int | None, small: bool) -> int:
+        """Every write: appended bytes extend the CRC (by ``piece_crc`` when known) and go through
+        ``write_small`` if ``small``; bytes overwritten after a seek back patch it."""
         view = memoryview(data).cast("B")
         if self._position == self._end:
             self.crc = crc32(view, self.crc) if piece_crc is None else crc32_combine(self.crc, piece_crc, len(view))
             self._end += len(view)
+            if small:
+                write_small(self._f, view)
+            else:
+                write_all(self._f, view)
         else:
             if self._position + len(view) > self._end:
                 raise FormatError("a streamed archive member may only overwrite bytes it already wrote")
             self._f.flush()
             old = os.pread(self._f.fileno(), len(view), self._position)
             self.crc = crc32_patched(self.crc, old, bytes(view), self._end - self._position - len(view))
-        write_all(self._f, view)
+            write_all(self._f, view)
         self._position += len(view)
         return len(view)
 

@@ -39,9 +39,10 @@ from pathlib import Path
 
 from ..errors import FormatError
 
-__all__ = ["CONTEXT", "WEIGHTS", "MODEL_YAML", "TOKENIZER_DIR", "Nemo2Context", "looks_like_nemo2", "read_context", "companion_files"]
+__all__ = ["CONTEXT", "WEIGHTS", "MODEL_YAML", "NEMO2_CONFIG_FILE", "TOKENIZER_DIR", "Nemo2Context", "looks_like_nemo2", "read_context", "companion_files"]
 
 CONTEXT, WEIGHTS, MODEL_YAML, TOKENIZER_DIR = "context", "weights", "model.yaml", "nemo_tokenizer"
+NEMO2_CONFIG_FILE = f"{CONTEXT}/{MODEL_YAML}"  # how messages name the config, relative to the checkpoint folder
 _GENERATION_CONFIG = Path("artifacts") / "generation_config.json"
 _CONFIG_MODULES = ("nemo.collections.llm.gpt.model.llama.", "nemo.collections.llm.gpt.model.base.")
 _DIMS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")

@@ -149,8 +149,7 @@ class TorchDistSource(TiledSource):
 
     ``where`` is the folder, or :class:`~.dcp.DcpFiles` regions (``model_weights/`` inside an
     archive). ``backend`` is ``metadata.json``; ``stacked`` maps each stacked prefix to its layer
-    count. ``prefix`` (stored, shown) keeps only the keys under ``stored`` and names them under
-    ``shown``; None picks :data:`NEMO2_PREFIX` for NeMo 2 keys and keeps every key otherwise. Raises FormatError naming the file for another backend, a truncated or inconsistent
+    count. Raises FormatError naming the file for another backend, a truncated or inconsistent
     DCP part, or stacked keys that disagree on the layer count. Not thread-safe.
 
     >>> with TorchDistSource("nemo/model_weights") as source:  # doctest: +SKIP
@@ -160,7 +159,7 @@ class TorchDistSource(TiledSource):
 
     format_name = "torch_dist"
 
-    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False, prefix: tuple[str, str] | None = None) -> None:
+    def __init__(self, where: "str | os.PathLike | DcpFiles", *, trust: bool = False) -> None:
         super().__init__()
         files = as_files(where)
         self.backend = read_backend(files)
@@ -168,12 +167,15 @@ class TorchDistSource(TiledSource):
         self._slices = _Slices()
         self.stacked: dict[str, int] = {}
         self.skipped = sorted(k for k in [*self.dcp.metadata.objects, *self.dcp.metadata.tensors] if _EXTRA_STATE in k)
-        self.prefix = prefix if prefix is not None else _auto_prefix(self.dcp.keys())
-        self.other = [k for k in self.dcp.keys() if self.prefix and not k.startswith(self.prefix[0]) and _EXTRA_STATE not in k]
+        self.prefix = _auto_prefix(self.dcp.keys())
+        self.other: list[str] = []
         groups: dict[str, list[tuple[str, str]]] = {}
         order: list[str | tuple[str]] = []  # plain keys, and (prefix,) where a stack of layers begins
         for fqn in self.dcp.keys():
-            if _EXTRA_STATE in fqn or (self.prefix and not fqn.startswith(self.prefix[0])):
+            if _EXTRA_STATE in fqn:
+                continue
+            if self.prefix and not fqn.startswith(self.prefix[0]):
+                self.other.append(fqn)
                 continue
             split = unstacked_name(fqn)
             if split is None:
@@ -181,8 +183,9 @@ class TorchDistSource(TiledSource):
                 continue
             if split[0] not in groups:
                 order.append((split[0],))
-            groups.setdefault(split[0], []).append((fqn, split[1]))
-            self._count_layers(fqn, split[0])
+            group = groups.setdefault(split[0], [])
+            group.append((fqn, split[1]))
+            self._count_layers(fqn, split[0], group[0][0])
         for item in order:
             if isinstance(item, str):
                 tiled = self.dcp.tiled(item)
@@ -201,14 +204,14 @@ class TorchDistSource(TiledSource):
             return fqn
         return self.prefix[1] + fqn[len(self.prefix[0]):]
 
-    def _count_layers(self, fqn: str, prefix: str) -> None:
+    def _count_layers(self, fqn: str, prefix: str, first: str) -> None:
+        """Record the layer count of stacked key ``fqn``; ``first`` is the first key of its stack, which set the count."""
         shape = self.dcp.info(fqn).shape
         where = self.dcp.metadata.files.path(METADATA)
         if not shape:
             raise FormatError(f"{where}: '{fqn}' is a stacked layer key but holds a 0-d tensor, not one tensor per layer")
         known = self.stacked.setdefault(prefix, shape[0])
         if known != shape[0]:
-            first = next(k for k in self.dcp.keys() if unstacked_name(k) and unstacked_name(k)[0] == prefix)
             raise FormatError(f"{where}: stacked keys disagree on the layer count: '{first}' has {known} layers, '{fqn}' has {shape[0]}")
 
     def _chunks_by_layer(self, fqn: str) -> list[list[DcpChunk]]:

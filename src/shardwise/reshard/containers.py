@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, detect_layout, grid_of
+from ..archive.reader import read_model_config
 from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
 from ..jsonfile import read_json_object
-from ..formats.nemo2 import MODEL_YAML, CONTEXT, WEIGHTS, looks_like_nemo2, read_context
+from ..formats.nemo2 import MODEL_YAML, CONTEXT, NEMO2_CONFIG_FILE, WEIGHTS, looks_like_nemo2, read_context
 from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 from ..training.layout import parse_rank_file, rank_file_name
 
-__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "read_model_config", "encoding_of"]
+__all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
 
 CONTAINERS = ("hf", "nxdt", "archive", "nemo-dir")
 _NXDT_V1 = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)")
@@ -212,7 +213,7 @@ def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
     """A bare torch_dist folder; its config is a config.json inside it, or, for the ``model_weights``
     folder of an unpacked archive, the ``model_config.yaml`` next to it, and for the ``weights``
     folder of a NeMo 2 checkpoint, the ``context/`` beside it (``--config`` overrides them all)."""
-    nemo2 = folder.name == WEIGHTS and looks_like_nemo2(folder.parent)
+    nemo2 = folder.name == WEIGHTS and (folder.parent / CONTEXT / MODEL_YAML).is_file()  # folder itself was checked to be torch_dist
     nemo_config, hf_config = _nemo2_configs(folder.parent) if nemo2 else (None, None)
     source = TorchDistSource(folder, trust=trust_pickle)
     try:
@@ -225,7 +226,7 @@ def _torch_dist_shards(folder: Path, trust_pickle: bool) -> Shards:
         raise
     return Shards(
         folder, "torch_dist", {(0, 0): source}, {(0, 0): str(folder)}, nemo_config=nemo_config, hf_config=hf_config,
-        config_file=f"{CONTEXT}/{MODEL_YAML}" if nemo2 else CONFIG_NAME,
+        config_file=NEMO2_CONFIG_FILE if nemo2 else CONFIG_NAME,
     )
 
 
@@ -236,25 +237,18 @@ def _nemo2_shards(folder: Path, trust_pickle: bool) -> Shards:
     source = TorchDistSource(weights, trust=trust_pickle)
     return Shards(
         folder, "nemo2", {(0, 0): source}, {(0, 0): str(weights)}, nemo_config=nemo_config, hf_config=hf_config,
-        config_file=f"{CONTEXT}/{MODEL_YAML}",
+        config_file=NEMO2_CONFIG_FILE,
     )
 
 
 def _nemo2_configs(folder: Path) -> tuple[dict, dict | None]:
     """model.yaml's config under NeMo 1 names, and the HF config NeMo's exporter would make when the
     tokenizer in ``context/nemo_tokenizer`` tells the vocabulary size (else None: the rows are kept)."""
-    from .nemo_config import dims_from_nemo_config, hf_config_from_nemo2, nemo2_view
+    from .nemo_config import dims_from_nemo_config, hf_config_from_nemo, nemo2_view
 
     context = read_context(folder)
     view = nemo2_view(context.config)
     if context.vocab is None:
         return view, None
     dims = dims_from_nemo_config(view, str(context.path / MODEL_YAML), padded_vocab=context.vocab)
-    return view, hf_config_from_nemo2(dims, context.config)
-
-
-def read_model_config(path: Path) -> dict:
-    """A NeMo ``model_config.yaml`` as the model's config (see :func:`shardwise.archive.reader.read_model_config`)."""
-    from ..archive.reader import read_model_config as read
-
-    return read(path)
+    return view, hf_config_from_nemo(dims, view)

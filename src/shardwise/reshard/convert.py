@@ -63,8 +63,8 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
     except UnsafeCheckpointError:
         raise  # sharded after all: the refusal (and its --trust-pickle hint) is the message to give
     except (OSError, ShardwiseError):
-        if forced or (to == "hf" and path.is_dir() and looks_like_torch_dist(path)):
-            raise  # mcore names copied as they are would not be an HF model
+        if forced or (to in CONTAINERS and path.is_dir() and looks_like_torch_dist(path)):
+            raise  # mcore names copied as they are would not be a model container
         return None  # the plain conversion reports what is wrong with the source
     if shards is None:
         return path if forced else None

@@ -13,21 +13,24 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..archive.layout import CONFIG_NAME
+from ..archive.reader import read_model_config
 from ..errors import FormatError, LayoutError
 from ..formats import Checkpoint, open_checkpoint
 from ..formats.hf import read_config
+from ..formats.nemo2 import NEMO2_CONFIG_FILE
 from ..layout.sharding import ShardedLayout, canonical_infos, shard_plan, style_of
 from ..layout.tiles import TiledTensor
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
 from ..tensors import FileTensorSource, TensorInfo
-from .containers import Shards, encoding_of, find_shards, read_model_config
+from .containers import Shards, encoding_of, find_shards
 from .nemo_config import dims_from_nemo_config
 from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
 __all__ = ["ShardedModel", "open_model", "open_shards", "detect_style"]
 
 Shard = tuple[int, int]
-_NO_TOKENIZER = {"context/model.yaml": " (nor is there a context/nemo_tokenizer/tokenizer.json to count it)"}
+_NO_TOKENIZER = {NEMO2_CONFIG_FILE: " (nor is there a context/nemo_tokenizer/tokenizer.json to count it)"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -56,6 +59,7 @@ class ShardedModel(PlannedModel):
     warnings: list[str] = field(default_factory=list)
     has_manifest: bool = False
     encoding: str = "torch"  # how the shards store tensors: torch, safetensors or xser
+    config_file: str = CONFIG_NAME  # how messages name the NeMo config that nemo_config came from
     _closers: list = field(default_factory=list)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..models.llama import LlamaDims
 
-__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "nemo2_view", "hf_config_from_nemo2", "default_vocab_multiple", "rope_settings", "nemo_precision"]
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "nemo2_view", "default_vocab_multiple", "rope_settings", "nemo_precision"]
 
 
 def default_vocab_multiple(vocab: int) -> int:
@@ -138,11 +138,6 @@ def nemo2_view(config: dict) -> dict:
     if isinstance(config.get("seq_length"), int):
         view["max_position_embeddings"] = config["seq_length"]
     return view
-
-
-def hf_config_from_nemo2(dims: LlamaDims, config: dict) -> dict:
-    """The HF config NeMo 2's ``HFLlamaExporter.config`` makes from model.yaml's ``config``."""
-    return hf_config_from_nemo(dims, nemo2_view(config))
 
 
 def _rope_scaling(nemo: dict) -> dict | None:

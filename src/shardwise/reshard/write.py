@@ -39,10 +39,9 @@ def out_infos(tensors: list[TiledTensor], streamer: TileStreamer) -> list[Tensor
 
 def _writer_for(tensors: list[TiledTensor], streamer: "TileStreamer | _StreamerPerThread"):
     by_name = {t.info.name: t for t in tensors}
-    current = streamer.current if isinstance(streamer, _StreamerPerThread) else lambda: streamer
 
     def write(info: TensorInfo, out: BinaryIO) -> None:
-        current().write(by_name[info.name], out)
+        streamer.write(by_name[info.name], out)
 
     return write
 
@@ -64,6 +63,9 @@ class _StreamerPerThread:
         if mine is None:
             mine = self._local.streamer = self._template.twin(self._progress)
         return mine
+
+    def write(self, tensor: TiledTensor, sink: BinaryIO) -> None:
+        self.current().write(tensor, sink)
 
 
 def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: str, generation_config: dict | None = None) -> dict:
