@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import FormatError
 from ..models.llama import LlamaDims
 
-__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "nemo2_view", "default_vocab_multiple", "rope_settings", "nemo_precision"]
+__all__ = ["dims_from_nemo_config", "nemo_llama_config", "hf_config_from_nemo", "nemo2_view", "default_vocab_multiple", "vocab_multiple_of", "rope_settings", "nemo_precision"]
 
 
 def default_vocab_multiple(vocab: int) -> int:
