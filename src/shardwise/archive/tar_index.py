@@ -24,14 +24,17 @@ import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path
 
 from ..atomic import write_all
 from ..checksum import crc32
 from ..errors import FormatError
 from ..formats.region import Region
 
-__all__ = ["TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_reason"]
+__all__ = [
+    "TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_name", "unsafe_reason",
+    "member_path",
+]
 
 _BLOCK = 512
 
@@ -50,30 +53,69 @@ class TarMember:
 
 
 def normalize_name(raw: str) -> str:
-    """``./a/b/`` -> ``a/b``; the root ``.`` or ``./`` -> ``""``. Does not judge safety (see unsafe_reason)."""
+    """The one name of a member, as tar extracts it: ``./a//b/./c/`` -> ``a/b/c``; the root ``.`` or ``./`` -> ``""``.
+
+    Leading ``./`` are dropped, then empty and ``.`` segments, so names that extract to the same
+    path are the same member (and a second copy of one is a duplicate). A name that still starts
+    with ``/`` once its ``./`` are gone (``.//etc/x``) keeps one leading ``/``, so that
+    :func:`unsafe_name` refuses it as absolute; ``..`` is kept for the same reason. Does not judge
+    safety itself.
+    """
     name = raw
     while name.startswith("./"):
         name = name[2:]
-    name = name.rstrip("/")
-    return "" if name == "." else name
+    lead = "/" if name.startswith("/") else ""
+    return lead + "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why the relative path ``name`` (a normalised member name) could lead outside the folder it
+    is written under, else None."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if "\\" in name:
+        return "has a backslash in its path"
+    if any(part == ".." for part in name.split("/")):
+        return "has '..' in its path"
+    if "\0" in name:
+        return "has a NUL byte in its name"
+    return None
 
 
 def unsafe_reason(member: TarMember) -> str | None:
-    """Why extracting ``member`` could write outside the target folder or create a special file, else None."""
-    raw = member.raw_name
-    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
-        return "has an absolute path"
-    if "\\" in raw:
-        return "has a backslash in its path"
-    if any(part == ".." for part in PurePosixPath(raw).parts):
-        return "has '..' in its path"
-    if "\0" in raw:
-        return "has a NUL byte in its name"
+    """Why extracting ``member`` could write outside the target folder or create a special file, else
+    None. Judges the normalised name, the one extraction writes to (not the raw one)."""
+    reason = unsafe_name(member.name)
+    if reason:
+        return reason
+    if not member.name and member.kind != "dir":
+        return "is the archive root ('.') stored as a file, not a folder"
     if member.kind in ("symlink", "hardlink"):
         return f"is a {member.kind} (to {member.linkname!r})"
     if member.kind == "other":
         return "is a device, fifo or other special file"
     return None
+
+
+def member_path(root: Path, name: str, label: str, *, folder: bool = False) -> Path:
+    """``root / name``, the one way a member (or a name derived from one) becomes a path to write.
+
+    FormatError when ``name`` is empty (``root`` itself), could leave ``root`` (:func:`unsafe_name`),
+    or passes through a symbolic link that exists under ``root`` (a link planted in a reused
+    folder such as ``restore_from``'s ``artifacts_dir`` would carry the write elsewhere): every
+    parent is checked, and the entry itself when ``folder`` (it will hold files). A link at a
+    file's own name is allowed: writers replace it by rename, never write through it.
+    """
+    reason = unsafe_name(name) if name else "names the target folder itself"
+    if reason:
+        raise FormatError(f"{label}: refusing to write {name!r} under {root}: it {reason}")
+    parts = name.split("/")
+    path = root
+    for depth, part in enumerate(parts, 1):
+        path = path / part
+        if (depth < len(parts) or folder) and path.is_symlink():
+            raise FormatError(f"{label}: refusing to write {name!r}: {path} is a symbolic link, which would carry the write outside {root}")
+    return path
 
 
 def _kind(info: tarfile.TarInfo) -> str:
