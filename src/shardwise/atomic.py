@@ -136,10 +136,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree, quietly leaving what is gone or not ours to remove
+    (another user's entry in a shared sticky folder such as /tmp)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             path.unlink()
 
 

@@ -6,10 +6,15 @@ Gzip-compressed archives (``.nemo`` files written before NeMo 1.7) have no such 
 decompressed once into a temporary uncompressed tar (see :func:`open_tar`), which costs disk
 space equal to the archive and is deleted on close. Inside :func:`shared_decompression` (one CLI
 command) every open of the same archive reuses one copy, deleted when the block ends: a command
-opens an archive more than once (to detect what it holds, then to read it).
+opens an archive more than once (to detect what it holds, then to read it). The copy is named for
+the process that made it: the CLI removes it on SIGTERM as on Ctrl-C, and copies of a process
+killed outright are swept by the next decompression. A copy may not inflate past
+:data:`MAX_GZIP_RATIO` times the archive, nor an archive hold more than :data:`MAX_MEMBERS`
+members (each limit can be raised through an environment variable).
 
 Names are normalised the way NeMo writes them and tar reads them: ``./model_config.yaml`` and
-``model_config.yaml`` are the same member, stored as ``model_config.yaml``.
+``model_config.yaml`` are the same member, stored as ``model_config.yaml``
+(:func:`normalize_name`); :func:`member_path` is the one way a name becomes a path to write.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import contextvars
 import gzip
 import os
-import shutil
+import re
 import tarfile
 import tempfile
 import threading
@@ -26,17 +31,55 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_all
+from ..atomic import remove_stale_stages, write_all
 from ..checksum import crc32
-from ..errors import FormatError
+from ..errors import FormatError, OptionError
 from ..formats.region import Region
 
 __all__ = [
     "TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_name", "unsafe_reason",
-    "member_path",
+    "member_path", "archive_limit", "MAX_MEMBERS", "MAX_GZIP_RATIO",
 ]
 
 _BLOCK = 512
+
+# Limits on the work and disk a hostile archive can cause. No real checkpoint comes near them:
+# they exist because 2 million members took 291 s to index, and a 2 MB gzip archive inflated to a
+# 2 GiB temporary copy. Each can be raised through its environment variable.
+
+# Members indexed before giving up: tarfile parses a header in about 75 us, so this bounds the
+# walk to seconds. A NeMo archive holds a few members per TP x PP rank (about a thousand at
+# TP=8 x PP=64) and a distributed checkpoint about two files per writing rank: far fewer.
+MAX_MEMBERS = 100_000
+MAX_MEMBERS_ENV = "SHARDWISE_MAX_ARCHIVE_MEMBERS"
+
+# How many times its compressed size a gzip archive may inflate to. Floating-point weights shrink
+# by less than 2x under gzip; only data that is nearly all zeros, such as a bomb, shrinks by
+# hundreds (gzip's ceiling is about 1032x).
+MAX_GZIP_RATIO = 100
+MAX_GZIP_RATIO_ENV = "SHARDWISE_MAX_GZIP_RATIO"
+# Up to this inflated size any ratio is allowed: small archives (a config, a tokenizer, the tar's
+# zero padding) compress far better than weights, and a temporary copy this size costs nothing.
+GZIP_ANY_RATIO_BYTES = 64 << 20
+
+# The temporary copy of a gzip archive, named for the process that made it, so that copies left
+# by a process killed outright (SIGKILL) are found and removed by the next decompression.
+_GUNZIP_PREFIX = "shardwise-gunzip-"
+_GUNZIP_COPY = re.compile(re.escape(_GUNZIP_PREFIX) + r"(?P<pid>\d+)-[a-z0-9_]+\.tar")
+
+
+def archive_limit(variable: str, default: int) -> int:
+    """The limit set by environment ``variable`` (a positive whole number), else ``default``."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise OptionError(f"{variable}={value!r}: must be a positive whole number")
+    return limit
 
 
 @dataclass(frozen=True)
@@ -165,7 +208,13 @@ class TarIndex:
         end = 0
         try:
             with tarfile.open(self.path, "r:") as tar:
-                for info in tar:
+                limit = archive_limit(MAX_MEMBERS_ENV, MAX_MEMBERS)
+                for count, info in enumerate(tar, 1):
+                    if count > limit:
+                        raise FormatError(
+                            f"{self.label}: holds more than {limit} members, far more than any checkpoint archive; "
+                            f"refusing to index it (set {MAX_MEMBERS_ENV} to raise the limit)"
+                        )
                     member = TarMember(
                         normalize_name(info.name), info.name, _kind(info), info.size if info.isreg() else 0,
                         info.offset_data, info.mode, info.linkname,
@@ -296,11 +345,19 @@ def _identity(st: os.stat_result) -> tuple:
 
 
 def _gunzip(path: str) -> str:
-    """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it)."""
-    fd, temp = tempfile.mkstemp(prefix="shardwise-gunzip-", suffix=".tar")
+    """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it).
+
+    Copies left in the temporary folder by processes that no longer exist are removed first.
+    FormatError when the data inflates past :data:`MAX_GZIP_RATIO` times the compressed size
+    (beyond :data:`GZIP_ANY_RATIO_BYTES`): decompression stops there and the copy is removed.
+    """
+    remove_stale_stages(Path(tempfile.gettempdir()), _GUNZIP_COPY)
+    ratio = archive_limit(MAX_GZIP_RATIO_ENV, MAX_GZIP_RATIO)
+    compressed = os.path.getsize(path)
+    fd, temp = tempfile.mkstemp(prefix=f"{_GUNZIP_PREFIX}{os.getpid()}-", suffix=".tar")
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+            _inflate(src, out, max(GZIP_ANY_RATIO_BYTES, ratio * compressed), path, ratio)
     except (OSError, EOFError, zlib.error) as e:
         os.unlink(temp)
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
@@ -310,6 +367,19 @@ def _gunzip(path: str) -> str:
         os.unlink(temp)
         raise
     return temp
+
+
+def _inflate(src, out, limit: int, path: str, ratio: int) -> None:
+    """Copy the decompressed stream ``src`` to ``out``; FormatError once more than ``limit`` bytes come."""
+    done = 0
+    while chunk := src.read(1 << 20):
+        done += len(chunk)
+        if done > limit:
+            raise FormatError(
+                f"{path}: inflates to more than {limit} bytes, over {ratio} times its compressed size; refusing it as a "
+                f"decompression bomb (set {MAX_GZIP_RATIO_ENV} to allow a higher ratio)"
+            )
+        out.write(chunk)
 
 
 def _index_temporary(temp: str, path: str, *, temporary: bool) -> TarIndex:
