@@ -35,6 +35,7 @@ from ..atomic import remove_stale_stages, write_all
 from ..checksum import crc32
 from ..errors import FormatError, OptionError
 from ..formats.region import Region
+from ..units import format_bytes
 
 __all__ = [
     "TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_name", "unsafe_reason",
@@ -47,10 +48,11 @@ _BLOCK = 512
 # they exist because 2 million members took 291 s to index, and a 2 MB gzip archive inflated to a
 # 2 GiB temporary copy. Each can be raised through its environment variable.
 
-# Members indexed before giving up: tarfile parses a header in about 75 us, so this bounds the
-# walk to seconds. A NeMo archive holds a few members per TP x PP rank (about a thousand at
-# TP=8 x PP=64) and a distributed checkpoint about two files per writing rank: far fewer.
-MAX_MEMBERS = 100_000
+# Members indexed before giving up: a header takes 75-200 us to parse, so this bounds the walk to
+# seconds (2 million members took 291 s). A NeMo archive holds a few members per TP x PP rank
+# (about a thousand at TP=8 x PP=64); a distributed checkpoint two files per writing rank, so
+# about 10,000 for the largest jobs: this is five times that.
+MAX_MEMBERS = 50_000
 MAX_MEMBERS_ENV = "SHARDWISE_MAX_ARCHIVE_MEMBERS"
 
 # How many times its compressed size a gzip archive may inflate to. Floating-point weights shrink
@@ -376,8 +378,8 @@ def _inflate(src, out, limit: int, path: str, ratio: int) -> None:
         done += len(chunk)
         if done > limit:
             raise FormatError(
-                f"{path}: inflates to more than {limit} bytes, over {ratio} times its compressed size; refusing it as a "
-                f"decompression bomb (set {MAX_GZIP_RATIO_ENV} to allow a higher ratio)"
+                f"{path}: inflates to more than {format_bytes(limit)}, over {ratio} times its compressed size; refusing it "
+                f"as a decompression bomb (set {MAX_GZIP_RATIO_ENV} to allow a higher ratio)"
             )
         out.write(chunk)
 
