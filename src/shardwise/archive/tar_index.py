@@ -49,7 +49,7 @@ _BLOCK = 512
 # 2 GiB temporary copy. Each can be raised through its environment variable.
 
 # Members indexed before giving up: a header takes 75-200 us to parse, so this bounds the walk to
-# seconds (2 million members took 291 s). A NeMo archive holds a few members per TP x PP rank
+# seconds. A NeMo archive holds a few members per TP x PP rank
 # (about a thousand at TP=8 x PP=64); a distributed checkpoint two files per writing rank, so
 # about 10,000 for the largest jobs: this is five times that.
 MAX_MEMBERS = 50_000
