@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+import shardwise
 from shardwise.archive import tar_index
 
-from conftest import listing
+from conftest import listing, sample_state_dict
 
 
 def _tar(path: Path, members: dict[str, bytes], *, gz: bool) -> Path:
@@ -126,3 +127,16 @@ def test_sigterm_during_decompression_removes_the_temporary_copy(tmp_path, temp_
     assert child.returncode == 143, err
     assert err.startswith("shardwise: terminated") and "Traceback" not in err, err
     assert listing(temp_dir) == [] and listing(tmp_path) == sorted(["big.nemo", "ready", "tmp"])
+
+
+def test_restore_from_names_its_artifact_folder_for_its_process_and_sweeps_those_of_killed_ones(tmp_path, temp_dir):
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    archive = shardwise.save_to(dict(sample_state_dict()), tmp_path / "m.nemo", config={}, artifacts={"tokenizer.vocab_file": tmp_path / "vocab.txt"})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = temp_dir / f"shardwise-artifacts-{dead.pid}-abcd_123"
+    (stale / "inner").mkdir(parents=True)
+    with shardwise.restore_from(archive) as restored:
+        assert restored.artifacts_dir.parent == temp_dir and restored.artifacts_dir.name.startswith(f"shardwise-artifacts-{os.getpid()}-")
+        assert not stale.exists()
+    assert listing(temp_dir) == []

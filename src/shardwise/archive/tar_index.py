@@ -23,15 +23,13 @@ import contextlib
 import contextvars
 import gzip
 import os
-import re
 import tarfile
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import remove_stale_stages, write_all
+from ..atomic import process_temporary_file, write_all
 from ..checksum import crc32
 from ..errors import FormatError, OptionError
 from ..formats.region import Region
@@ -64,10 +62,6 @@ MAX_GZIP_RATIO_ENV = "SHARDWISE_MAX_GZIP_RATIO"
 # zero padding) compress far better than weights, and a temporary copy this size costs nothing.
 GZIP_ANY_RATIO_BYTES = 64 << 20
 
-# The temporary copy of a gzip archive, named for the process that made it, so that copies left
-# by a process killed outright (SIGKILL) are found and removed by the next decompression.
-_GUNZIP_PREFIX = "shardwise-gunzip-"
-_GUNZIP_COPY = re.compile(re.escape(_GUNZIP_PREFIX) + r"(?P<pid>\d+)-[a-z0-9_]+\.tar")
 
 
 def archive_limit(variable: str, default: int) -> int:
@@ -349,14 +343,14 @@ def _identity(st: os.stat_result) -> tuple:
 def _gunzip(path: str) -> str:
     """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it).
 
-    Copies left in the temporary folder by processes that no longer exist are removed first.
+    The copy is named for this process, and copies left by processes that no longer exist are
+    removed first (:func:`~shardwise.atomic.process_temporary_file`).
     FormatError when the data inflates past :data:`MAX_GZIP_RATIO` times the compressed size
     (beyond :data:`GZIP_ANY_RATIO_BYTES`): decompression stops there and the copy is removed.
     """
-    remove_stale_stages(Path(tempfile.gettempdir()), _GUNZIP_COPY)
     ratio = archive_limit(MAX_GZIP_RATIO_ENV, MAX_GZIP_RATIO)
     compressed = os.path.getsize(path)
-    fd, temp = tempfile.mkstemp(prefix=f"{_GUNZIP_PREFIX}{os.getpid()}-", suffix=".tar")
+    fd, temp = process_temporary_file("shardwise-gunzip-", ".tar")
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
             _inflate(src, out, max(GZIP_ANY_RATIO_BYTES, ratio * compressed), path, ratio)
