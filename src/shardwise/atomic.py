@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -23,7 +24,7 @@ from .errors import OutputExistsError
 
 __all__ = [
     "atomic_output", "durable_close", "fsync_dir", "fsync_file", "staging_name", "remove_stale_stages", "write_all",
-    "write_text_durably", "start_writeback", "commit_stage", "discard_stage",
+    "write_text_durably", "start_writeback", "commit_stage", "discard_stage", "process_temporary_file", "process_temporary_folder",
 ]
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
@@ -48,6 +49,26 @@ def remove_stale_stages(folder: Path, pattern: re.Pattern = _STAGE, *, folders_o
         m = pattern.fullmatch(child.name)
         if m and (not folders_only or (child.is_dir() and not child.is_symlink())) and not process_exists(int(m["pid"])):
             _remove(child)
+
+
+def process_temporary_file(prefix: str, suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in the system's temporary folder, named ``<prefix><pid>-<random><suffix>``
+    for this process; entries of the same name pattern whose process is gone (killed before it
+    could remove them) are removed first. The caller removes the file it gets."""
+    return tempfile.mkstemp(prefix=_sweep_temporaries(prefix, suffix), suffix=suffix)
+
+
+def process_temporary_folder(prefix: str) -> str:
+    """``tempfile.mkdtemp`` named and swept as :func:`process_temporary_file` names and sweeps files."""
+    return tempfile.mkdtemp(prefix=_sweep_temporaries(prefix, ""))
+
+
+def _sweep_temporaries(prefix: str, suffix: str) -> str:
+    """Remove stale ``<prefix><pid>-<random><suffix>`` entries of the temporary folder; returns this
+    process's name prefix."""
+    pattern = re.compile(re.escape(prefix) + r"(?P<pid>\d+)-[a-z0-9_]+" + re.escape(suffix))
+    remove_stale_stages(Path(tempfile.gettempdir()), pattern)
+    return f"{prefix}{os.getpid()}-"
 
 
 def process_exists(pid: int) -> bool:
@@ -136,10 +157,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree, quietly leaving what is gone or not ours to remove
+    (another user's entry in a shared sticky folder such as /tmp)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             path.unlink()
 
 

@@ -6,8 +6,11 @@ input, reported as one line on stderr (``shardwise: error: ...``) and never as a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -325,12 +328,37 @@ def zero_convert(
     )
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised so that every ``finally`` runs (staging paths, temporary copies); a
+    BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up():
+    """While the block runs, SIGTERM raises :class:`_Terminated` in the main thread instead of ending
+    the process on the spot, which would skip every ``finally`` and leave temporary files (a gzip
+    archive's decompressed copy, staging folders). Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning deliberate errors into one stderr line and exit code 2."""
+    """Entry point: run the app, turning deliberate errors into one stderr line and exit code 2
+    (Ctrl-C: 130, SIGTERM: 143, both after removing partial output and temporary copies)."""
     from .archive.tar_index import shared_decompression
 
     try:
-        with shared_decompression():  # a command that opens a gzip archive twice decompresses it once
+        with _sigterm_cleans_up(), shared_decompression():  # a command that opens a gzip archive twice decompresses it once
             code = app(args=argv, prog_name="shardwise", standalone_mode=False)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
@@ -339,9 +367,10 @@ def run(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"shardwise: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("shardwise: interrupted; no partial output was left behind (an s3:// output being replaced is gone or incomplete)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        how = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"shardwise: {how}; no partial output was left behind (an s3:// output being replaced is gone or incomplete)", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:

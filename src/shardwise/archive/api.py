@@ -18,12 +18,12 @@ import dataclasses
 import importlib
 import os
 import shutil
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..atomic import process_temporary_folder
 from ..errors import FormatError, LayoutError, OptionError
 from ..plan import plan_output
 from ..dtypes import name_of, parse_cast_dtype
@@ -291,7 +291,7 @@ def _artifact_folder(artifacts_dir: str | os.PathLike | None, *, needed: bool) -
         return folder, False
     if not needed:
         return None, False
-    return Path(tempfile.mkdtemp(prefix="shardwise-artifacts-")), True
+    return Path(process_temporary_folder("shardwise-artifacts-")), True  # swept by a later restore if this process is killed
 
 
 def _build(cls: type, config: dict, label: str) -> Any:

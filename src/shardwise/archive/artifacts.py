@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import FormatError, OptionError
+from .tar_index import normalize_name, unsafe_name
 
 __all__ = ["NEMO_PREFIX", "HASHED_PREFIX", "PlannedArtifact", "config_value", "make_artifact", "folder_entries", "plan_artifacts", "references", "resolve_references", "set_config_value"]
 
@@ -123,13 +124,18 @@ def references(config: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 def resolve_references(config: Any, folder: Path | None, label: str) -> Any:
-    """A copy of ``config`` with each ``nemo:X`` replaced by the path ``folder/X`` (which must exist)."""
+    """A copy of ``config`` with each ``nemo:X`` replaced by the path ``folder/X`` (which must exist);
+    FormatError for an ``X`` that could name a path outside ``folder`` (absolute, ``..``)."""
     if isinstance(config, dict):
         return {k: resolve_references(v, folder, label) for k, v in config.items()}
     if isinstance(config, list):
         return [resolve_references(v, folder, label) for v in config]
     if isinstance(config, str) and config.startswith(NEMO_PREFIX):
-        path = folder / config[len(NEMO_PREFIX):] if folder is not None else None
+        name = normalize_name(config[len(NEMO_PREFIX):])
+        reason = unsafe_name(name)
+        if reason:
+            raise FormatError(f"{label}: the config refers to {config}, a member name that {reason}; refusing it")
+        path = folder / name if folder is not None and name else None
         if path is None or not path.exists():
             raise FormatError(f"{label}: the config refers to {config}, which the archive does not hold")
         return str(path)

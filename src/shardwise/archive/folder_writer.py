@@ -20,6 +20,7 @@ from typing import Callable
 from ..atomic import fsync_dir, fsync_file
 from ..background import write_streaming
 from ..errors import FormatError, ShardwiseError
+from .tar_index import member_path
 from .tar_writer import MemberSink, MemberWriter, WrittenMember
 
 __all__ = ["FolderWriter", "FILE_LANES"]
@@ -49,15 +50,22 @@ class FolderWriter(MemberWriter):
         self._unsynced: list[Path] = []
         self._lock = threading.Lock()
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: str, *, folder: bool = False) -> Path | None:
+        """Where member ``name`` goes, resolved under ``root`` (:func:`member_path`); None for the
+        root folder itself. FormatError for a name given twice or one that could leave ``root``."""
         with self._lock:
-            if name in self._names:
+            key = name + "/" if folder else name
+            if key in self._names:
                 raise FormatError(f"member {name!r} written twice")
-            self._names.add(name)
-        return self.root / name
+            self._names.add(key)
+        if folder and not name:
+            return None
+        return member_path(self.root, name, str(self.root), folder=folder)
 
     def add_dir(self, name: str) -> None:
-        self._path(name + "/").mkdir(parents=True, exist_ok=True)
+        path = self._path(name, folder=True)
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
 
     def add_stream(self, name: str, produce: Callable[[MemberSink], None]) -> WrittenMember:
         """Create file ``name`` whose bytes ``produce(sink)`` writes; returns its size and CRC-32."""

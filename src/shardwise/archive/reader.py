@@ -24,9 +24,9 @@ from ..tensors import FileTensorSource
 from .artifacts import references
 from .layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, ArchiveLayout, detect_layout, parse_rank_folder
 from .manifest import read_manifest
-from .tar_index import TarIndex, TarMember, open_tar, unsafe_reason
+from .tar_index import TarIndex, TarMember, member_path, open_tar, unsafe_reason
 
-__all__ = ["Archive", "read_yaml_config", "write_members"]
+__all__ = ["Archive", "read_yaml_config", "check_members", "write_members"]
 
 _MAX_CONFIG = 64 << 20
 
@@ -180,26 +180,39 @@ class Archive:
         self.close()
 
 
+def check_members(index: TarIndex, members: list[TarMember]) -> None:
+    """FormatError naming the first of ``members`` that is unsafe to extract (:func:`unsafe_reason`:
+    an absolute path once normalised, ``..``, the root stored as a file, links, devices and other
+    special files); checks names only, so it may run before the target exists."""
+    for member in members:
+        reason = unsafe_reason(member)
+        if reason:
+            raise FormatError(f"{index.label}: refusing member {member.raw_name!r}: it {reason}; nothing was written")
+
+
 def write_members(index: TarIndex, members: list[TarMember], dest: Path, relname: Callable[[TarMember], str] | None = None) -> dict[str, int]:
     """Write folder and file ``members`` under ``dest`` (at ``relname(member)``, default their names).
 
-    Every member is checked first: absolute paths, ``..``, links, devices and other special files
-    are refused with FormatError before anything is written, so nothing lands outside ``dest``.
+    Every member is checked first (:func:`check_members`), and every destination is resolved
+    under ``dest`` (:func:`~shardwise.archive.tar_index.member_path`: no absolute path, no ``..``,
+    no symbolic link on the way), before anything is written, so nothing lands outside ``dest``.
     Each file is written under a temporary name, fsynced and renamed into place, so a file of the
     same name (the same artifact restored before into the caller's ``artifacts_dir``) is replaced
     whole, and a link there is replaced rather than followed. Returns each written file's CRC-32
     by member name, for checking against a manifest.
     """
+    check_members(index, members)
+    targets = []
     for member in members:
-        reason = unsafe_reason(member)
-        if reason:
-            raise FormatError(f"{index.label}: refusing member {member.raw_name!r}: it {reason}; nothing was written")
+        name = relname(member) if relname else member.name
+        if member.kind == "dir" and not name:
+            continue  # the archive root: dest itself
+        targets.append((member, member_path(dest, name, index.label, folder=member.kind == "dir")))
     crcs = {}
-    for member in members:
-        target = dest / (relname(member) if relname else member.name)
+    for member, target in targets:
         if member.kind == "dir":
             target.mkdir(parents=True, exist_ok=True)
-        elif member.kind == "file":
+        else:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.shardwise-part")
             try:

@@ -6,10 +6,15 @@ Gzip-compressed archives (``.nemo`` files written before NeMo 1.7) have no such 
 decompressed once into a temporary uncompressed tar (see :func:`open_tar`), which costs disk
 space equal to the archive and is deleted on close. Inside :func:`shared_decompression` (one CLI
 command) every open of the same archive reuses one copy, deleted when the block ends: a command
-opens an archive more than once (to detect what it holds, then to read it).
+opens an archive more than once (to detect what it holds, then to read it). The copy is named for
+the process that made it: the CLI removes it on SIGTERM as on Ctrl-C, and copies of a process
+killed outright are swept by the next decompression. A copy may not inflate past
+:data:`MAX_GZIP_RATIO` times the archive, nor an archive hold more than :data:`MAX_MEMBERS`
+members (each limit can be raised through an environment variable).
 
 Names are normalised the way NeMo writes them and tar reads them: ``./model_config.yaml`` and
-``model_config.yaml`` are the same member, stored as ``model_config.yaml``.
+``model_config.yaml`` are the same member, stored as ``model_config.yaml``
+(:func:`normalize_name`); :func:`member_path` is the one way a name becomes a path to write.
 """
 
 from __future__ import annotations
@@ -18,22 +23,59 @@ import contextlib
 import contextvars
 import gzip
 import os
-import shutil
 import tarfile
-import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path
 
-from ..atomic import write_all
+from ..atomic import process_temporary_file, write_all
 from ..checksum import crc32
-from ..errors import FormatError
+from ..errors import FormatError, OptionError
 from ..formats.region import Region
+from ..units import format_bytes
 
-__all__ = ["TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_reason"]
+__all__ = [
+    "TarMember", "TarIndex", "open_tar", "shared_decompression", "looks_like_tar", "normalize_name", "unsafe_name", "unsafe_reason",
+    "member_path", "archive_limit", "MAX_MEMBERS", "MAX_GZIP_RATIO",
+]
 
 _BLOCK = 512
+
+# Limits on the work and disk a hostile archive can cause. No real checkpoint comes near them:
+# they exist because 2 million members took 291 s to index, and a 2 MB gzip archive inflated to a
+# 2 GiB temporary copy. Each can be raised through its environment variable.
+
+# Members indexed before giving up: a header takes 75-200 us to parse, so this bounds the walk to
+# seconds. A NeMo archive holds a few members per TP x PP rank
+# (about a thousand at TP=8 x PP=64); a distributed checkpoint two files per writing rank, so
+# about 10,000 for the largest jobs: this is five times that.
+MAX_MEMBERS = 50_000
+MAX_MEMBERS_ENV = "SHARDWISE_MAX_ARCHIVE_MEMBERS"
+
+# How many times its compressed size a gzip archive may inflate to. Floating-point weights shrink
+# by less than 2x under gzip; only data that is nearly all zeros, such as a bomb, shrinks by
+# hundreds (gzip's ceiling is about 1032x).
+MAX_GZIP_RATIO = 100
+MAX_GZIP_RATIO_ENV = "SHARDWISE_MAX_GZIP_RATIO"
+# Up to this inflated size any ratio is allowed: small archives (a config, a tokenizer, the tar's
+# zero padding) compress far better than weights, and a temporary copy this size costs nothing.
+GZIP_ANY_RATIO_BYTES = 64 << 20
+
+
+
+def archive_limit(variable: str, default: int) -> int:
+    """The limit set by environment ``variable`` (a positive whole number), else ``default``."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise OptionError(f"{variable}={value!r}: must be a positive whole number")
+    return limit
 
 
 @dataclass(frozen=True)
@@ -50,30 +92,69 @@ class TarMember:
 
 
 def normalize_name(raw: str) -> str:
-    """``./a/b/`` -> ``a/b``; the root ``.`` or ``./`` -> ``""``. Does not judge safety (see unsafe_reason)."""
+    """The one name of a member, as tar extracts it: ``./a//b/./c/`` -> ``a/b/c``; the root ``.`` or ``./`` -> ``""``.
+
+    Leading ``./`` are dropped, then empty and ``.`` segments, so names that extract to the same
+    path are the same member (and a second copy of one is a duplicate). A name that still starts
+    with ``/`` once its ``./`` are gone (``.//etc/x``) keeps one leading ``/``, so that
+    :func:`unsafe_name` refuses it as absolute; ``..`` is kept for the same reason. Does not judge
+    safety itself.
+    """
     name = raw
     while name.startswith("./"):
         name = name[2:]
-    name = name.rstrip("/")
-    return "" if name == "." else name
+    lead = "/" if name.startswith("/") else ""
+    return lead + "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why the relative path ``name`` (a normalised member name) could lead outside the folder it
+    is written under, else None."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if "\\" in name:
+        return "has a backslash in its path"
+    if any(part == ".." for part in name.split("/")):
+        return "has '..' in its path"
+    if "\0" in name:
+        return "has a NUL byte in its name"
+    return None
 
 
 def unsafe_reason(member: TarMember) -> str | None:
-    """Why extracting ``member`` could write outside the target folder or create a special file, else None."""
-    raw = member.raw_name
-    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
-        return "has an absolute path"
-    if "\\" in raw:
-        return "has a backslash in its path"
-    if any(part == ".." for part in PurePosixPath(raw).parts):
-        return "has '..' in its path"
-    if "\0" in raw:
-        return "has a NUL byte in its name"
+    """Why extracting ``member`` could write outside the target folder or create a special file, else
+    None. Judges the normalised name, the one extraction writes to (not the raw one)."""
+    reason = unsafe_name(member.name)
+    if reason:
+        return reason
+    if not member.name and member.kind != "dir":
+        return "is the archive root ('.') stored as a file, not a folder"
     if member.kind in ("symlink", "hardlink"):
         return f"is a {member.kind} (to {member.linkname!r})"
     if member.kind == "other":
         return "is a device, fifo or other special file"
     return None
+
+
+def member_path(root: Path, name: str, label: str, *, folder: bool = False) -> Path:
+    """``root / name``, the one way a member (or a name derived from one) becomes a path to write.
+
+    FormatError when ``name`` is empty (``root`` itself), could leave ``root`` (:func:`unsafe_name`),
+    or passes through a symbolic link that exists under ``root`` (a link planted in a reused
+    folder such as ``restore_from``'s ``artifacts_dir`` would carry the write elsewhere): every
+    parent is checked, and the entry itself when ``folder`` (it will hold files). A link at a
+    file's own name is allowed: writers replace it by rename, never write through it.
+    """
+    reason = unsafe_name(name) if name else "names the target folder itself"
+    if reason:
+        raise FormatError(f"{label}: refusing to write {name!r} under {root}: it {reason}")
+    parts = name.split("/")
+    path = root
+    for depth, part in enumerate(parts, 1):
+        path = path / part
+        if (depth < len(parts) or folder) and path.is_symlink():
+            raise FormatError(f"{label}: refusing to write {name!r}: {path} is a symbolic link, which would carry the write outside {root}")
+    return path
 
 
 def _kind(info: tarfile.TarInfo) -> str:
@@ -123,7 +204,13 @@ class TarIndex:
         end = 0
         try:
             with tarfile.open(self.path, "r:") as tar:
-                for info in tar:
+                limit = archive_limit(MAX_MEMBERS_ENV, MAX_MEMBERS)
+                for count, info in enumerate(tar, 1):
+                    if count > limit:
+                        raise FormatError(
+                            f"{self.label}: holds more than {limit} members, far more than any checkpoint archive; "
+                            f"refusing to index it (set {MAX_MEMBERS_ENV} to raise the limit)"
+                        )
                     member = TarMember(
                         normalize_name(info.name), info.name, _kind(info), info.size if info.isreg() else 0,
                         info.offset_data, info.mode, info.linkname,
@@ -254,11 +341,19 @@ def _identity(st: os.stat_result) -> tuple:
 
 
 def _gunzip(path: str) -> str:
-    """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it)."""
-    fd, temp = tempfile.mkstemp(prefix="shardwise-gunzip-", suffix=".tar")
+    """A decompressed copy of the gzip file ``path`` in a new temporary file (the caller removes it).
+
+    The copy is named for this process, and copies left by processes that no longer exist are
+    removed first (:func:`~shardwise.atomic.process_temporary_file`).
+    FormatError when the data inflates past :data:`MAX_GZIP_RATIO` times the compressed size
+    (beyond :data:`GZIP_ANY_RATIO_BYTES`): decompression stops there and the copy is removed.
+    """
+    ratio = archive_limit(MAX_GZIP_RATIO_ENV, MAX_GZIP_RATIO)
+    compressed = os.path.getsize(path)
+    fd, temp = process_temporary_file("shardwise-gunzip-", ".tar")
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(path, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+            _inflate(src, out, max(GZIP_ANY_RATIO_BYTES, ratio * compressed), path, ratio)
     except (OSError, EOFError, zlib.error) as e:
         os.unlink(temp)
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
@@ -268,6 +363,19 @@ def _gunzip(path: str) -> str:
         os.unlink(temp)
         raise
     return temp
+
+
+def _inflate(src, out, limit: int, path: str, ratio: int) -> None:
+    """Copy the decompressed stream ``src`` to ``out``; FormatError once more than ``limit`` bytes come."""
+    done = 0
+    while chunk := src.read(1 << 20):
+        done += len(chunk)
+        if done > limit:
+            raise FormatError(
+                f"{path}: inflates to more than {format_bytes(limit)}, over {ratio} times its compressed size; refusing it "
+                f"as a decompression bomb (set {MAX_GZIP_RATIO_ENV} to allow a higher ratio)"
+            )
+        out.write(chunk)
 
 
 def _index_temporary(temp: str, path: str, *, temporary: bool) -> TarIndex:

@@ -18,7 +18,7 @@ from ..background import write_streaming
 from ..errors import FormatError, OptionError
 from .layout import MANIFEST_NAME, detect_layout
 from .manifest import check_crc, manifest_bytes, read_manifest
-from .reader import write_members
+from .reader import check_members, write_members
 from .tar_index import open_tar
 from .tar_writer import TarWriter
 from ..storage import accepts_urls
@@ -32,8 +32,10 @@ def unpack(archive: str | os.PathLike, folder: str | os.PathLike, *, overwrite: 
     with open_tar(archive) as index:
         manifest = read_manifest(index)
         expected = {m["name"]: m.get("crc32") for m in manifest["members"]} if manifest else {}
+        members = list(index.members.values())
+        check_members(index, members)  # before the staging folder: a refused archive leaves the output's parent untouched
         with atomic_output(folder, is_dir=True, overwrite=overwrite) as stage:
-            crcs = write_members(index, list(index.members.values()), stage)
+            crcs = write_members(index, members, stage)
             for name, crc in crcs.items():
                 check_crc(index, name, crc, expected.get(name))
     return list(crcs)
