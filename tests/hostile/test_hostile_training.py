@@ -250,3 +250,11 @@ def test_zero_convert_never_reads_a_file_its_manifest_names_outside_the_tag(tmp_
         module.zero_convert(src, tmp_path / "out", to_full=False, dp=2)
     assert secret.resolve() not in read
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_convert_of_a_tag_with_a_deeply_nested_manifest_is_one_line_exit_2(tmp_path, cli):
+    src = _zero_tag(tmp_path / "in", _zero1({0: {"exp_avg": torch.zeros(4)}}, 4))
+    (src / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    result = cli("zero-convert", src, tmp_path / "out", "--to-full")
+    assert result.code == 2 and result.err.count("\n") == 1 and MANIFEST in result.err, result
+    assert not (tmp_path / "out").exists()

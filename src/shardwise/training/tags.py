@@ -19,7 +19,7 @@ from .layout import DONE, MANIFEST, MARKER, manifest_entries, manifest_problem
 
 __all__ = ["Tag", "make_tag", "list_tags", "tags_to_remove", "next_sequence", "default_tag", "UNREADABLE"]
 
-UNREADABLE = object()  # what a tag's manifest reader passes to make_tag for a file that is not JSON
+UNREADABLE = object()  # what a tag's manifest reader passes to make_tag for a file that is not a JSON object
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,13 @@ class Tag:
 
 
 def _manifest(path: Path):
-    """The parsed manifest of the tag at ``path``: None without one, UNREADABLE when it is not JSON (or nests too deeply)."""
+    """The parsed manifest of the tag at ``path``: None without one, UNREADABLE when it is not a JSON object."""
     file = path / MANIFEST
     if not file.is_file():
         return None
     try:
         return read_json_object(file, "manifest")
-    except (FormatError, RecursionError):
+    except FormatError:
         return UNREADABLE
 
 
@@ -61,12 +61,12 @@ def _sizes_match(manifest: dict, size_of) -> bool:
 
 def make_tag(name: str, path, manifest, done: bool, size_of, mtime: float, listing: dict | None = None) -> Tag:
     """A Tag from what was found: its parsed manifest (None when there is none, UNREADABLE when it is
-    not JSON; any other shape is checked here), whether ``done`` exists, ``size_of(relative name)``
+    not a JSON object; any other shape is checked here), whether ``done`` exists, ``size_of(relative name)``
     (None when missing) and the mtime of ``done`` (else the marker). A damaged manifest makes the
     tag incomplete and unordered (``damage`` says why), never an error."""
     damage = None
     if manifest is not None:
-        damage = "its manifest is not JSON" if manifest is UNREADABLE else manifest_problem(manifest, ENCODINGS)
+        damage = "it is not a JSON object" if manifest is UNREADABLE else manifest_problem(manifest, ENCODINGS)
         if damage is not None:
             manifest = None
     complete = done and damage is None and (manifest is None or _sizes_match(manifest, size_of))
