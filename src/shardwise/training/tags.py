@@ -63,7 +63,7 @@ def make_tag(name: str, path, manifest, done: bool, size_of, mtime: float, listi
     """A Tag from what was found: its parsed manifest (None when there is none, UNREADABLE when it is
     not a JSON object; any other shape is checked here), whether ``done`` exists, ``size_of(relative name)``
     (None when missing) and the mtime of ``done`` (else the marker). A damaged manifest makes the
-    tag incomplete and unordered (``damage`` says why), never an error."""
+    tag incomplete, ordered by time after every tag with a sequence (``damage`` says why), never an error."""
     damage = None
     if manifest is not None:
         damage = "it is not a JSON object" if manifest is UNREADABLE else manifest_problem(manifest, ENCODINGS)

@@ -12,10 +12,11 @@ Inputs are checked before anything is converted: every optimizer file present fo
 0..D-1 of every (ep, tp, pp) cell (or one ``full_`` file per cell), the same D everywhere, the
 sizes and CRC-32s of the input's manifest when it has one. Files are unpickled with
 ``torch.load(weights_only=True)`` (tensors, containers, numbers, ``torch.Size``) after
-shardwise's restricted reader accepted them, unless ``trust_pickle``. Only files inside ``src`` are
-read: manifest names that leave it (absolute, ``..``, through a symbolic link) are refused, and so
-are states whose tensors declare more bytes than the file stores (see :mod:`.zero1`). Peak memory is about three times one cell's optimizer state (its DP files, the
-merged state, the new shards). xser optimizer files (``.tensors`` folders) are refused for now.
+shardwise's restricted reader accepted them, unless ``trust_pickle``. Only files inside ``src``
+are read: manifest names that leave it (absolute, ``..``, through a symbolic link) are refused,
+and so are states whose tensors declare more bytes than the file stores (see :mod:`.zero1`).
+Peak memory is about three times one cell's optimizer state (its DP files, the merged state,
+the new shards). xser optimizer files (``.tensors`` folders) are refused for now.
 
 >>> zero_convert("ckpts/step_100", "ckpts_dp8/step_100", to_full=False, dp=8)  # doctest: +SKIP
 ZeroConvertResult(path=PosixPath('ckpts_dp8/step_100'), ...)
