@@ -11,11 +11,14 @@ __all__ = ["read_json_object", "document_bytes"]
 
 
 def read_json_object(path: Path, what: str) -> dict:
-    """The JSON object in ``path``; FormatError naming the file and ``what`` it should be otherwise."""
+    """The JSON object in ``path``; FormatError naming the file and ``what`` it should be otherwise
+    (also for nesting deeper than Python's recursion limit, which no real document reaches)."""
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} nests too deeply to read") from None
     if not isinstance(document, dict):
         raise FormatError(f"{path}: {what} is not a JSON object")
     return document

@@ -163,11 +163,12 @@ def load_checkpoint(
     Collective under torch.distributed: the leader picks the tag for every rank. Each rank checks
     the files it reads against the manifest first (size and CRC-32; ``verify=False`` checks sizes
     only): a damaged file is an IntegrityError naming it, and with ``tag=None`` the newest complete
-    checkpoint is never silently passed over for an older one. A ZeRO-1 optimizer state saved at
+    checkpoint is never silently passed over for an older one; a tag whose manifest is damaged is
+    skipped with a warning naming it. A ZeRO-1 optimizer state saved at
     another DP size is merged and re-split for this one; model weights saved at another TP/PP are
 resharded for this rank (Llama family, through the layout engine; ``model_config``, an HF
 config dict or config.json, is needed unless the save recorded one). Files are unpickled with
-    ``torch.load(weights_only=True)`` unless ``trust_pickle``. ``model`` takes ``load_state_dict``
+    ``torch.load(weights_only=True)`` after shardwise's restricted reader accepted them, unless ``trust_pickle``. ``model`` takes ``load_state_dict``
     (with ``strict``) or is a dict updated in place; ``optimizer`` and ``scheduler`` likewise.
     """
     _wait_for_pending_save()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from ..distributed import ParallelCoords
 from .layout import SCHEDULER, USER_CONTENT, model_file, optim_file
 
-__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "replace_tensors", "SnapshotBuffers", "spread", "tensors_in"]
+__all__ = ["FileWrite", "files_to_write", "state_bytes", "snapshot", "replace_tensors", "SnapshotBuffers", "spread", "tensors_in", "tensor_uses"]
 
 
 @dataclass
@@ -37,23 +37,24 @@ class FileWrite:
     parts: int = 1
 
 
-def _walk(obj: Any):
+def tensor_uses(obj: Any):
+    """Every tensor of a (nested) state, once per place it is found (dict values, list and tuple items)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for value in obj.values():
-            yield from _walk(value)
+            yield from tensor_uses(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _walk(value)
+            yield from tensor_uses(value)
 
 
 def tensors_in(obj: Any) -> list:
     """The tensors of a (nested) state in traversal order (dict order, then list order), each once."""
     seen: dict[int, Any] = {}
-    for tensor in _walk(obj):
+    for tensor in tensor_uses(obj):
         seen.setdefault(id(tensor), tensor)
     return list(seen.values())
 

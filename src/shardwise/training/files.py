@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +130,62 @@ def _reason(error: Exception) -> str:
     return ((pointed or lines)[0].split(". ")[0] if lines else type(error).__name__)[:160]
 
 
+def _screen(source: Path | Region, f) -> None:
+    """Refuse, before ``torch.load`` unpickles anything, what shardwise's restricted reader refuses.
+
+    :func:`~shardwise.formats.torch_pickle.read_torch_pickle` reads the pickle (``f`` is open on the
+    same bytes) under shardwise's allow-list and structure limits, which torch's ``weights_only``
+    loader lacks (a self-sharing tuple as a dict key makes it hash for 2^80 steps). Files whose
+    pickle torch would find elsewhere than that reader are refused too (:func:`_one_pickle`), so the
+    pickle checked is the pickle torch loads. Raises FormatError or UnsafeCheckpointError naming the file.
+    """
+    from ..formats.torch_pickle import read_torch_pickle
+
+    label = str(source.label if isinstance(source, Region) else source)
+    try:
+        _one_pickle(f, label)
+        read_torch_pickle(source)
+    except FormatError as e:  # worded as torch.load's failures are, the reader's reason kept
+        reason = str(e).removeprefix(f"{label}: ")
+        raise FormatError(f"{label}: not a readable torch file, or truncated ({reason})") from None
+
+
+def _one_pickle(f, label) -> None:
+    """FormatError unless torch's reader and shardwise's must pick the same pickle in the file open as ``f``.
+
+    They disagree on a zip with two members of one name (torch takes the first, Python's zipfile the
+    last) or several ``data.pkl`` (torch takes the one in the first member's folder), and on a
+    legacy pickle that is also a tar header (torch then reads its pre-1.0 tar format).
+    """
+    head = f.read(tarfile.BLOCKSIZE)
+    f.seek(0)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(f) as archive:  # leaves ``f`` open
+                names = [info.filename for info in archive.infolist()]
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise FormatError(f"{label}: its zip directory cannot be read ({e})") from None
+        finally:
+            f.seek(0)
+        pickles = [n for n in names if n.endswith("data.pkl")]
+        if len(set(names)) != len(names) or len(pickles) != 1:
+            raise FormatError(f"{label}: refused: the zip archive holds duplicate member names or not exactly one data.pkl (readers disagree on which counts)")
+        return
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return
+    raise FormatError(f"{label}: refused: the file is both a pickle and a tar archive (readers disagree on which pickle counts)")
+
+
 def torch_load(path: Path | Region, trust_pickle: bool, mapped: bool = False, allowed: tuple = ()) -> Any:
     """``torch.load`` on CPU, ``weights_only`` unless ``trust_pickle``: tensors, containers and numbers
     load, any other class is refused (UnsafeCheckpointError) before anything runs; unreadable or
     truncated files are a FormatError; both name the file (a :class:`Region`: its label) in one line.
+
+    Without ``trust_pickle`` the file is first read by shardwise's restricted reader (:func:`_screen`):
+    what that reader refuses (globals off its allow-list, structures built to hang or exhaust
+    memory) never reaches ``torch.load``; what it accepts loads exactly as ``torch.load`` gives it.
 
     ``mapped`` returns tensors backed by a private map of the file (no copy now, copy-on-write
     later): for states that are copied into place right away, as ``Module.load_state_dict`` does.
@@ -154,6 +208,8 @@ def torch_load(path: Path | Region, trust_pickle: bool, mapped: bool = False, al
             if not looks_like_torch(f.read(16)):  # garbage would otherwise read as a pickle refused for its opcodes
                 raise FormatError(f"{path}: not a readable torch file, or damaged (it starts as neither a zip archive nor a torch pickle)")
             f.seek(0)
+            if not trust_pickle:
+                _screen(path if region is None else region, f)
             return torch.load(path if region is None else f, map_location="cpu", weights_only=not trust_pickle, mmap=mapped and region is None)
     except FormatError:
         raise

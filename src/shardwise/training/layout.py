@@ -18,12 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import FormatError
 
 __all__ = [
     "MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "MANIFEST_FORMAT", "MANIFEST_VERSION",
     "OPTIMIZER_KINDS", "RankFile", "rank_file_name", "manifest_entries", "model_file", "optim_file", "full_optim_file", "parse_rank_file", "manifest_document",
+    "checked_file_entries", "manifest_problem", "is_inside",
 ]
 
 MARKER = "checkpoint"
@@ -86,14 +88,59 @@ def manifest_entries(manifest: dict | None) -> dict[str, dict]:
 
 def checked_file_entries(manifest: dict, path: Path) -> dict[str, dict]:
     """:func:`manifest_entries` of a manifest whose ``files`` must be well formed: a list of
-    ``{name, size, crc32}`` entries, crc32 as hex text; FormatError naming ``path`` otherwise."""
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(
-        isinstance(f, dict) and isinstance(f.get("name"), str) and type(f.get("size")) is int and isinstance(f.get("crc32"), str)
-        and _is_hex(f["crc32"]) for f in files
-    ):
-        raise FormatError(f"{path}: the manifest's 'files' is not a list of {{name, size, crc32}} entries")
+    ``{name, size, crc32}`` entries, crc32 as hex text, every name inside the tag; FormatError naming ``path`` otherwise."""
+    if not _files_ok(manifest.get("files")):
+        raise FormatError(f"{path}: the manifest's {_BAD_FILES}")
     return manifest_entries(manifest)
+
+
+_BAD_FILES = "'files' is not a list of {name, size, crc32} entries naming files inside the tag"
+
+
+def _files_ok(files: Any) -> bool:
+    return isinstance(files, list) and all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and is_inside(f["name"]) and _is_count(f.get("size"))
+        and isinstance(f.get("crc32"), str) and _is_hex(f["crc32"]) for f in files
+    )
+
+
+def is_inside(name: str) -> bool:
+    """True for a relative ``/``-separated name that stays inside its folder: not absolute, no ``..``,
+    ``.`` or empty parts, no backslash or NUL (a manifest naming ``/etc/passwd`` or ``../x`` is damaged)."""
+    return bool(name) and "\\" not in name and "\0" not in name and all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def _layout_ok(layout: Any) -> bool:
+    return (
+        isinstance(layout, dict) and all(_is_count(layout.get(axis), 1) for axis in ("tp", "pp", "dp"))
+        and layout.get("optimizer") in OPTIMIZER_KINDS and ("ep" not in layout or _is_count(layout["ep"], 1))
+    )
+
+
+def manifest_problem(document: Any, encodings: tuple[str, ...]) -> str | None:
+    """Why ``document`` (parsed JSON) cannot be a tag's manifest, or None when it can.
+
+    A usable manifest is an object of this ``format`` whose ``files`` are well formed (see
+    :func:`checked_file_entries`), whose ``sequence`` (when given) is a whole number >= 1, whose
+    ``layout`` (when given) holds ``tp``, ``pp``, ``dp`` >= 1 and one of OPTIMIZER_KINDS, and whose
+    ``encoding`` (when given) is one of ``encodings``. Everything that reads a tag's manifest relies
+    on this, so a flipped bit makes the tag damaged rather than an error for the whole folder.
+    """
+    if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+        return f"not a {MANIFEST_FORMAT} manifest"
+    if not _files_ok(document.get("files")):
+        return _BAD_FILES
+    if "sequence" in document and not _is_count(document["sequence"], 1):
+        return "its 'sequence' is not a whole number of at least 1"
+    if "layout" in document and not _layout_ok(document["layout"]):
+        return f"its 'layout' does not give tp, pp, dp >= 1 and an optimizer of {', '.join(OPTIMIZER_KINDS)}"
+    if "encoding" in document and document["encoding"] not in encodings:
+        return f"its 'encoding' is not one of {', '.join(encodings)}"
+    return None
 
 
 def _is_hex(text: str) -> bool:

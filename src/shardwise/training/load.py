@@ -23,7 +23,7 @@ from ..errors import FormatError, IntegrityError, LayoutError, ShardwiseError
 from .encodings import read_state, stored_name
 from .files import check_against, check_file, file_crc32, torch_load
 from .group import Group
-from .layout import SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
+from .layout import MANIFEST, SCHEDULER, USER_CONTENT, full_optim_file, model_file, optim_file, parse_rank_file
 from .tags import Tag, list_tags
 from ..storage.mirror import Scratch
 from ..storage.urls import url_text
@@ -32,21 +32,32 @@ __all__ = ["load_states", "saved_layout", "read_file"]
 
 
 def _choose(root: Path | str, tags: list[Tag], tag: str | None) -> Tag:
-    """The tag to load among ``tags`` (those of ``root``, oldest first): ``tag``, or the newest complete one."""
+    """The tag to load among ``tags`` (those of ``root``, oldest first): ``tag``, or the newest complete one.
+
+    Tags with a damaged manifest are passed over, each named in a warning; they never stop the
+    newest good tag from loading.
+    """
     if tag is not None:
         for t in tags:
             if t.name == tag:
+                if t.damage is not None:
+                    raise IntegrityError(f"{t.path}/{MANIFEST}: checkpoint is damaged: {t.damage}")
                 if not t.complete:
                     raise IntegrityError(f"{t.path}: checkpoint is incomplete (no done marker, or files shorter than its manifest says)")
                 return t
         raise FormatError(f"{root}/{tag}: no such checkpoint")
     complete = [t for t in tags if t.complete]
-    if not complete:
+    chosen = complete[-1] if complete else None
+    instead = f"loading {chosen.name} instead" if chosen else "no complete checkpoint is left"
+    for t in tags:
+        if t.damage is not None:
+            warnings.warn(f"{t.path}/{MANIFEST}: skipped, the manifest is damaged ({t.damage}); {instead}", stacklevel=4)
+    if chosen is None:
         raise FormatError(f"{root}: holds no complete checkpoint")
-    for t in tags[tags.index(complete[-1]) + 1:]:
-        if t.done:
-            warnings.warn(f"{t.path}: marked done but its files do not match its manifest; loading {complete[-1].name} instead", stacklevel=4)
-    return complete[-1]
+    for t in tags[tags.index(chosen) + 1:]:
+        if t.done and t.damage is None:
+            warnings.warn(f"{t.path}: marked done but its files do not match its manifest; {instead}", stacklevel=4)
+    return chosen
 
 
 def saved_layout(tag: Tag) -> dict:

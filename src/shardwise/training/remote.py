@@ -33,8 +33,8 @@ from ..jsonfile import document_bytes
 from ..storage.transfer import download_all, listing, read_json_object, remove_in_order, upload_all
 from ..storage.urls import Remote, join
 from .encodings import state_name
-from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, parse_rank_file
-from .tags import Tag, make_tag
+from .layout import DONE, MANIFEST, MARKER, parse_rank_file
+from .tags import UNREADABLE, Tag, make_tag
 
 __all__ = ["RemoteRoot", "list_remote_tags", "remove_tag", "begin_tag", "upload_files", "commit_tag", "discard_tag", "fetch_for_rank", "files_for_rank"]
 
@@ -56,9 +56,13 @@ def _mtime(info: dict) -> float:
     return float(stamp) if isinstance(stamp, (int, float)) else 0.0
 
 
-def _read_manifest(remote: Remote) -> dict:
-    document = read_json_object(remote.fs, remote.path)
-    return document if document is not None and document.get("format") == MANIFEST_FORMAT else {"broken": True}
+def _read_manifest(remote: Remote):
+    """The parsed manifest object at ``remote`` (its shape is checked by :func:`.tags.make_tag`), or UNREADABLE."""
+    try:
+        document = read_json_object(remote.fs, remote.path)
+    except RecursionError:
+        return UNREADABLE
+    return UNREADABLE if document is None else document
 
 
 def list_remote_tags(root: RemoteRoot) -> list[Tag]:

@@ -34,7 +34,7 @@ from .assign import FileWrite
 from .encodings import fold_entries, stored_name, write_part
 from .group import Group, first_failure
 from .layout import DONE, MANIFEST, MARKER, manifest_document, model_file, optim_file
-from .tags import Tag, list_tags, next_sequence, tags_to_remove
+from .tags import Tag, default_tag, list_tags, next_sequence, tags_to_remove
 
 __all__ = ["SavePlan", "begin", "write_files", "finish", "remove_tag"]
 
@@ -76,7 +76,7 @@ def begin(group: Group, root: Path | str, tag: str | None, encoding: str, layout
         where = remote_tags.RemoteRoot(url)
         tags = remote_tags.list_remote_tags(where)
         sequence = next_sequence(tags)
-        name = tag or f"checkpoint_{sequence}"
+        name = tag or default_tag(sequence)
         _check_tag(name)
         remote_tags.begin_tag(where, name, tags, manifest_document(name, sequence, encoding, layout, []))
         return SavePlan(root, name, sequence, None, encoding, layout, num_kept_ckpts, model_config, where)
@@ -84,7 +84,7 @@ def begin(group: Group, root: Path | str, tag: str | None, encoding: str, layout
     def decide() -> SavePlan:
         root.mkdir(parents=True, exist_ok=True)
         sequence = next_sequence(list_tags(root))
-        name = tag or f"checkpoint_{sequence}"
+        name = tag or default_tag(sequence)
         _check_tag(name)
         remove_stale_stages(root)
         stage = staging_name(root / name)

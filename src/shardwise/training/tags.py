@@ -14,15 +14,19 @@ from pathlib import Path
 
 from ..errors import FormatError
 from ..jsonfile import read_json_object
-from .layout import DONE, MANIFEST, MANIFEST_FORMAT, MARKER, manifest_entries
+from .encodings import ENCODINGS
+from .layout import DONE, MANIFEST, MARKER, manifest_entries, manifest_problem
 
-__all__ = ["Tag", "make_tag", "list_tags", "tags_to_remove", "next_sequence"]
+__all__ = ["Tag", "make_tag", "list_tags", "tags_to_remove", "next_sequence", "default_tag", "UNREADABLE"]
+
+UNREADABLE = object()  # what a tag's manifest reader passes to make_tag for a file that is not a JSON object
 
 
 @dataclass(frozen=True)
 class Tag:
     """One checkpoint directory: ``complete`` when its ``done`` marker exists and every file the
-    manifest lists has the listed size (checksums are checked on load, not here)."""
+    manifest lists has the listed size (checksums are checked on load, not here). ``damage`` says
+    why its manifest is unusable (a damaged tag is incomplete, its ``manifest`` None)."""
 
     name: str
     path: Path
@@ -32,6 +36,7 @@ class Tag:
     manifest: dict | None
     order_key: tuple
     listing: dict | None = None  # remote tags: every file's size by relative name (one listing serves all checks)
+    damage: str | None = None
 
     @functools.cached_property
     def entries(self) -> dict[str, dict]:
@@ -39,29 +44,35 @@ class Tag:
         return manifest_entries(self.manifest)
 
 
-def _manifest(path: Path) -> dict | None:
+def _manifest(path: Path):
+    """The parsed manifest of the tag at ``path``: None without one, UNREADABLE when it is not a JSON object."""
     file = path / MANIFEST
     if not file.is_file():
         return None
     try:
-        document = read_json_object(file, "manifest")
+        return read_json_object(file, "manifest")
     except FormatError:
-        return {"broken": True}
-    return document if document.get("format") == MANIFEST_FORMAT else {"broken": True}
+        return UNREADABLE
 
 
 def _sizes_match(manifest: dict, size_of) -> bool:
-    return all(size_of(entry["name"]) == entry["size"] for entry in manifest.get("files", []))
+    return all(size_of(entry["name"]) == entry["size"] for entry in manifest["files"])
 
 
-def make_tag(name: str, path, manifest: dict | None, done: bool, size_of, mtime: float, listing: dict | None = None) -> Tag:
-    """A Tag from what was found: its manifest (``{"broken": True}`` when unreadable), whether ``done``
-    exists, ``size_of(relative name)`` (None when missing) and the mtime of ``done`` (else the marker)."""
-    broken = manifest is not None and manifest.get("broken")
-    complete = done and not broken and (manifest is None or _sizes_match(manifest, size_of))
-    sequence = manifest.get("sequence") if manifest and not broken and isinstance(manifest.get("sequence"), int) else None
+def make_tag(name: str, path, manifest, done: bool, size_of, mtime: float, listing: dict | None = None) -> Tag:
+    """A Tag from what was found: its parsed manifest (None when there is none, UNREADABLE when it is
+    not a JSON object; any other shape is checked here), whether ``done`` exists, ``size_of(relative name)``
+    (None when missing) and the mtime of ``done`` (else the marker). A damaged manifest makes the
+    tag incomplete, ordered by time after every tag with a sequence (``damage`` says why), never an error."""
+    damage = None
+    if manifest is not None:
+        damage = "it is not a JSON object" if manifest is UNREADABLE else manifest_problem(manifest, ENCODINGS)
+        if damage is not None:
+            manifest = None
+    complete = done and damage is None and (manifest is None or _sizes_match(manifest, size_of))
+    sequence = manifest.get("sequence") if manifest is not None else None
     order_key = (0, sequence, mtime) if sequence is not None else (1, 0, mtime)
-    return Tag(name, path, done, complete, sequence, None if broken else manifest, order_key, listing)
+    return Tag(name, path, done, complete, sequence, manifest, order_key, listing, damage)
 
 
 def _read_tag(path: Path) -> Tag:
@@ -89,8 +100,19 @@ def list_tags(root: Path) -> list[Tag]:
     return sorted(tags, key=lambda t: t.order_key)
 
 
+def default_tag(sequence: int) -> str:
+    """The name of a tag saved without one."""
+    return f"checkpoint_{sequence}"
+
+
 def next_sequence(tags: list[Tag]) -> int:
-    return 1 + max((t.sequence for t in tags if t.sequence is not None), default=0)
+    """The sequence of the next save: after every tag's, and one whose :func:`default_tag` no tag
+    has (a damaged manifest hides its tag's sequence; its folder must not be saved over)."""
+    sequence = 1 + max((t.sequence for t in tags if t.sequence is not None), default=0)
+    names = {t.name for t in tags}
+    while default_tag(sequence) in names:
+        sequence += 1
+    return sequence
 
 
 def tags_to_remove(tags: list[Tag], keep: int | None, current: str) -> list[Tag]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import FormatError, LayoutError
+from .assign import tensor_uses
 
 __all__ = ["is_zero1_state", "merge_zero1", "split_zero1", "SHARDED_KEYS"]
 
@@ -36,6 +37,26 @@ SHARDED_KEYS = ("base_state", "sharded_master_weights")  # {param_idx: per-param
 def is_zero1_state(obj: Any) -> bool:
     """True for a ZeRO-1 optimizer state dict (it has ``base_state`` and ``shape_info``)."""
     return isinstance(obj, dict) and isinstance(obj.get("base_state"), dict) and isinstance(obj.get("shape_info"), dict)
+
+
+def _check_backed(state: dict, source: str) -> None:
+    """FormatError unless the tensors of ``state`` declare no more bytes than the storages behind them hold.
+
+    A pickle may describe views that repeat their storage (stride 0), many views of one storage or
+    one tensor in many places: a 2 KB file whose merge or split would write GiB, or fail allocating
+    them. Real optimizer states hold each tensor's bytes once, so what the input stores bounds what is written.
+    """
+    stored: dict[int, int] = {}
+    declared = 0
+    for tensor in tensor_uses(state):  # each place counts: merging and splitting copy each one
+        storage = tensor.untyped_storage()
+        stored[storage.data_ptr()] = max(stored.get(storage.data_ptr(), 0), storage.nbytes())
+        declared += tensor.numel() * tensor.element_size()
+    if declared > sum(stored.values()):
+        raise FormatError(
+            f"{source}: its tensors declare {declared:,} bytes but the file stores {sum(stored.values()):,} "
+            f"(views that repeat their storage); refusing to write them out in full"
+        )
 
 
 def _rows(n: int, dp: int) -> int:
@@ -86,6 +107,7 @@ def merge_zero1(shards: list[dict], source: str) -> dict:
     for r, state in enumerate(shards):
         if not is_zero1_state(state):
             raise FormatError(f"{source}: DP rank {r} holds no ZeRO-1 optimizer state (no base_state and shape_info)")
+        _check_backed(state, f"{source} (DP rank {r})")
     dp, first = len(shards), shards[0]
     shapes = _shapes(first, source)
     for r, state in enumerate(shards[1:], 1):
@@ -151,6 +173,7 @@ def split_zero1(full: dict, dp: int, source: str, only: int | None = None) -> li
         raise LayoutError(f"{source}: cannot split a ZeRO-1 state over DP={dp!r}; DP must be at least 1")
     if not is_zero1_state(full):
         raise FormatError(f"{source}: holds no ZeRO-1 optimizer state (no base_state and shape_info)")
+    _check_backed(full, source)
     shapes = _shapes(full, source)
     wanted = range(dp) if only is None else [only]
 

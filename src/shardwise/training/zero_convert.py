@@ -11,9 +11,12 @@ output appears atomically, complete or not at all. TP, PP and EP stay as they ar
 Inputs are checked before anything is converted: every optimizer file present for DP ranks
 0..D-1 of every (ep, tp, pp) cell (or one ``full_`` file per cell), the same D everywhere, the
 sizes and CRC-32s of the input's manifest when it has one. Files are unpickled with
-``torch.load(weights_only=True)`` (tensors, containers, numbers, ``torch.Size``) unless
-``trust_pickle``. Peak memory is about three times one cell's optimizer state (its DP files, the
-merged state, the new shards). xser optimizer files (``.tensors`` folders) are refused for now.
+``torch.load(weights_only=True)`` (tensors, containers, numbers, ``torch.Size``) after
+shardwise's restricted reader accepted them, unless ``trust_pickle``. Only files inside ``src``
+are read: manifest names that leave it (absolute, ``..``, through a symbolic link) are refused,
+and so are states whose tensors declare more bytes than the file stores (see :mod:`.zero1`).
+Peak memory is about three times one cell's optimizer state (its DP files, the merged state,
+the new shards). xser optimizer files (``.tensors`` folders) are refused for now.
 
 >>> zero_convert("ckpts/step_100", "ckpts_dp8/step_100", to_full=False, dp=8)  # doctest: +SKIP
 ZeroConvertResult(path=PosixPath('ckpts_dp8/step_100'), ...)
@@ -90,8 +93,7 @@ def zero_convert(
     manifest = _read_manifest(src)
     listed = manifest_entries(manifest)
     cells = _optim_cells(src / OPTIM)
-    for name, entry in listed.items():
-        check_file(src / name, entry, verify=name.startswith(f"{OPTIM}/"))
+    _check_listed(src, listed)
     old = manifest or {}
     old_layout = old["layout"] if isinstance(old.get("layout"), dict) else {}
     src_dp = cells.dp or (old_layout["dp"] if type(old_layout.get("dp")) is int and old_layout["dp"] >= 1 else 1)
@@ -143,11 +145,25 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise FormatError(f"{src}: no such checkpoint folder" if not src.exists() else f"{src}: not a folder; give a checkpoint tag folder")
     if not (src / MARKER).is_file():
         raise FormatError(f"{src}: not a checkpoint tag (no '{MARKER}' marker file); give the tag folder that holds model/ and optim/")
+    if (src / OPTIM).is_symlink():
+        raise FormatError(f"{src / OPTIM}: a symbolic link; zero-convert reads only files inside the checkpoint folder")
     if not (src / OPTIM).is_dir():
         raise FormatError(f"{src}: has no {OPTIM}/ folder, so there is no optimizer state to convert")
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise OptionError(f"{dst}: the output must not be the input {src}, inside it, or a folder that holds it")
+
+
+def _check_listed(src: Path, listed: dict) -> None:
+    """Every file the manifest lists (names already checked to be relative, without ``..``) exists
+    inside ``src`` with its size, and optim/ files with their CRC-32; FormatError for one that a
+    symbolic link places outside the tag, which is never read."""
+    root = src.resolve()
+    for name, entry in listed.items():
+        path = src / name
+        if root not in path.resolve().parents:
+            raise FormatError(f"{path}: a symbolic link out of the checkpoint folder; zero-convert reads only files inside it")
+        check_file(path, entry, verify=name.startswith(f"{OPTIM}/"))
 
 
 def _read_manifest(src: Path) -> dict | None:
