@@ -373,6 +373,25 @@ MAX_NODES = 1_000_000  # far above any real checkpoint's object count (~10 per t
 # the hashing a pickle can cause within a few microseconds per opcode, the cost of reading the opcode.
 MAX_KEY_NODES = 1_000
 _HASHING_CONSTRUCTORS = {dict: "pairs", collections.OrderedDict: "pairs", set: "items", frozenset: "items"}
+# Work the calls of a pickle (REDUCE, NEWOBJ, OBJ, INST, BUILD) may do, counted as the items and
+# characters of the containers and strings handed to them, per byte of input. A real pickle hands
+# over what it has just spelled out, at least a byte per item; one that hands a large object over
+# again and again through the memo (list(big), _codecs.encode(big), 2 bytes a copy) copies
+# quadratically and fills memory. The floor covers tiny pickles.
+CALL_WORK_PER_BYTE = 8
+CALL_WORK_FLOOR = 1 << 20
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+def _remaining_bytes(file) -> int:
+    """Bytes from ``file``'s position to its end (0 when it cannot seek)."""
+    try:
+        here = file.tell()
+        end = file.seek(0, 2)
+        file.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return max(0, end - here)
 
 
 class RestrictedUnpickler(pickle._Unpickler):
@@ -386,8 +405,9 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     Built on the pure-Python unpickler so that every opcode can be checked: the memo is a dict, a
     tuple or frozenset expanding to more than :data:`MAX_NODES` nodes is refused as it is built,
-    and a key or set item expanding to more than :data:`MAX_KEY_NODES` nodes is refused before it
-    is hashed (FormatError naming ``path``). Not thread-safe; one instance per load.
+    a key or set item expanding to more than :data:`MAX_KEY_NODES` nodes is refused before it is
+    hashed, and calls may do :data:`CALL_WORK_PER_BYTE` units of work per byte from ``file``'s
+    position to its end (FormatError naming ``path``). Not thread-safe; one instance per load.
     """
 
     dispatch = pickle._Unpickler.dispatch.copy()
@@ -403,6 +423,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         self._trust = trust
         self._persistent = persistent_load
         self._sizes: dict[int, tuple[Any, int]] = {}  # id -> (tuple or frozenset, kept alive so ids stay unique; its size)
+        self._work_left = CALL_WORK_PER_BYTE * _remaining_bytes(file) + CALL_WORK_FLOOR
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 0-2 pickles name Python 2 globals (__builtin__.long, copy_reg); map them as pickle does
@@ -457,8 +478,23 @@ class RestrictedUnpickler(pickle._Unpickler):
                     f"{MAX_KEY_NODES:,} nodes (a hashing bomb); real keys are names, numbers and short tuples"
                 )
 
-    def _check_call(self, func: Any, args: Any) -> None:
-        """Before ``func(*args)``: the keys a dict/set constructor would hash pass :meth:`_check_keys`."""
+    def _charge(self, values: Any) -> None:
+        """Count what a call or BUILD is handed (``values``: its arguments) against the work budget."""
+        if not isinstance(values, (tuple, list, dict)):
+            return
+        values = values.values() if isinstance(values, dict) else values
+        self._work_left -= len(values) + sum(len(v) for v in values if isinstance(v, _SIZED))
+        if self._work_left < 0:
+            raise FormatError(
+                f"{self._path}: refused to load: the pickle's calls copy more than {CALL_WORK_PER_BYTE} items per byte "
+                "of the file (a large object handed over again and again through the memo: a copying bomb)"
+            )
+
+    def _check_call(self, func: Any, args: Any, kwargs: Any = None) -> None:
+        """Before ``func(*args, **kwargs)``: charge the work, and the keys a dict/set constructor
+        would hash pass :meth:`_check_keys`."""
+        self._charge(args)
+        self._charge(kwargs)
         target = func._fn if isinstance(func, _Guarded) else func
         how = next((v for k, v in _HASHING_CONSTRUCTORS.items() if target is k), None)
         if how is None or not isinstance(args, (tuple, list)):
@@ -514,12 +550,16 @@ class RestrictedUnpickler(pickle._Unpickler):
         self._check_top()
 
     def _load_newobj_ex(self) -> None:
-        cls, args = self.stack[-3], self.stack[-2]
+        cls, args, kwargs = self.stack[-3:]
         if not isinstance(cls, type):
             raise pickle.UnpicklingError("NEWOBJ_EX class argument isn't a type object")
-        self._check_call(cls, args)
+        self._check_call(cls, args, kwargs)
         pickle._Unpickler.load_newobj_ex(self)
         self._check_top()
+
+    def _load_build(self) -> None:
+        self._charge(self.stack[-1:])  # the state: an inst's __dict__ is updated item by item
+        pickle._Unpickler.load_build(self)
 
     def _instantiate(self, klass, args):  # OBJ and INST
         self._check_call(klass, args)
@@ -539,6 +579,7 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.REDUCE[0]] = _load_reduce
     dispatch[pickle.NEWOBJ[0]] = _load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    dispatch[pickle.BUILD[0]] = _load_build
     del _op, _load
 
 

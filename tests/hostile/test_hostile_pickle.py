@@ -156,6 +156,16 @@ def test_a_huge_memo_index_costs_one_entry_not_gigabytes(tmp_path):
     assert (result.code, result.out.strip()) == (0, "{'w': 1}"), result
 
 
+def test_a_large_list_copied_again_and_again_through_the_memo_is_refused(tmp_path):
+    # list(big) 20,000 times over, 7 bytes a copy: 16 GB of copies from a 240 KB pickle
+    big = pickle.EMPTY_LIST + pickle.BINPUT + b"\x01" + pickle.MARK + pickle.NONE * 100_000 + pickle.APPENDS + pickle.POP
+    copy = pickle.BINGET + b"\x00" + pickle.BINGET + b"\x01" + pickle.TUPLE1 + pickle.REDUCE + pickle.APPEND
+    data = pickle.PROTO + b"\x02" + pickle.GLOBAL + b"builtins\nlist\n" + pickle.BINPUT + b"\x00" + pickle.POP
+    data += big + pickle.EMPTY_LIST + copy * 20_000 + pickle.STOP
+    bomb = torch_zip(tmp_path / "copies.pt", data)
+    assert_refused(shardwise("inspect", bomb, memory=MEMORY_LIMIT), str(bomb), "copying bomb")
+
+
 def deflated_zip(path: Path, name: str, head: bytes, mebibytes_of_zeros: int, declared: int | None = None) -> Path:
     """A zip whose one deflated member inflates to ``head`` and then zeros, built in milliseconds
     (one fully flushed block of zeros, repeated); its directory says it holds ``declared`` bytes."""
