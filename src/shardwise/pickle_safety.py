@@ -24,6 +24,7 @@ import _compat_pickle
 import collections
 import datetime
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -372,6 +373,10 @@ MAX_NODES = 1_000_000  # far above any real checkpoint's object count (~10 per t
 # words). Real keys and set items are strings, numbers and tuples of a few of them; this bound keeps
 # the hashing a pickle can cause within a few microseconds per opcode, the cost of reading the opcode.
 MAX_KEY_NODES = 1_000
+# Python's int hashes are not randomised: ints that differ by a multiple of this modulus hash alike,
+# so a pickle of n such keys makes a dict take n**2 steps (20,000 keys, 260 KB: 10 s). Ints inside
+# (-modulus, modulus) never collide beyond -1/-2; real keys (indices, ids) are well inside.
+_HASH_MODULUS = sys.hash_info.modulus
 _HASHING_CONSTRUCTORS = {dict: "pairs", collections.OrderedDict: "pairs", set: "items", frozenset: "items"}
 # Work the calls of a pickle (REDUCE, NEWOBJ, OBJ, INST, BUILD) may do, counted as the items and
 # characters of the containers and strings handed to them, per byte of input. A real pickle hands
@@ -381,6 +386,13 @@ _HASHING_CONSTRUCTORS = {dict: "pairs", collections.OrderedDict: "pairs", set: "
 CALL_WORK_PER_BYTE = 8
 CALL_WORK_FLOOR = 1 << 20
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+def _has_colliding_int(key: Any) -> bool:
+    """Whether ``key`` (at most MAX_KEY_NODES nodes: checked first) holds an int at or beyond the hash modulus."""
+    if type(key) is int:
+        return not -_HASH_MODULUS < key < _HASH_MODULUS
+    return type(key) in (tuple, frozenset) and any(map(_has_colliding_int, key))
 
 
 def _remaining_bytes(file) -> int:
@@ -470,12 +482,18 @@ class RestrictedUnpickler(pickle._Unpickler):
         return size
 
     def _check_keys(self, keys) -> None:
-        """Refuse before hashing any of ``keys`` that would cost more than MAX_KEY_NODES steps."""
+        """Refuse, before hashing, any of ``keys`` that would cost more than MAX_KEY_NODES steps or
+        holds an int whose hash can be made to collide with others (outside ±_HASH_MODULUS)."""
         for key in keys:
             if self._size(key) > MAX_KEY_NODES:
                 raise FormatError(
                     f"{self._path}: refused to load: a dict key or set item of the pickle is a structure of more than "
                     f"{MAX_KEY_NODES:,} nodes (a hashing bomb); real keys are names, numbers and short tuples"
+                )
+            if _has_colliding_int(key):
+                raise FormatError(
+                    f"{self._path}: refused to load: a dict key or set item of the pickle holds an integer beyond "
+                    f"±{_HASH_MODULUS:,}, whose hash can be chosen to collide with others (a hash-flooding bomb)"
                 )
 
     def _charge(self, values: Any) -> None:
