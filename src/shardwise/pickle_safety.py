@@ -38,6 +38,7 @@ __all__ = [
     "PickledObject",
     "to_plain",
     "iter_tensors",
+    "describe",
 ]
 
 
@@ -115,6 +116,31 @@ class TypeRef:
     qualname: str
 
 
+def describe(value: Any, depth: int = 2) -> str:
+    """A short text for an unpickled value in an error message, in bounded work whatever it holds.
+
+    ``repr`` is not safe here: a pickle can share lists into a structure whose repr doubles with
+    every level (``l = [l, l]`` eighty times over). At most 6 items per container, ``depth`` levels.
+
+    >>> describe([1, [2, [3, [4]]], "x" * 50])
+    "[1, [2, [...]], 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'...]"
+    """
+    if value is None or type(value) in (bool, float):
+        return repr(value)
+    if type(value) is int:
+        return repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if type(value) is str:
+        return repr(value[:30]) + ("..." if len(value) > 30 else "")
+    if type(value) in (list, tuple):
+        if depth == 0:
+            return "[...]" if type(value) is list else "(...)"
+        items = ", ".join(describe(item, depth - 1) for item in value[:6]) + (", ..." if len(value) > 6 else "")
+        return f"[{items}]" if type(value) is list else f"({items})"
+    if isinstance(value, type):
+        return f"<class {getattr(value, 'type_name', value.__qualname__)}>"
+    return f"<{type(value).__name__}>"
+
+
 # -- stand-ins for the allowed globals ---------------------------------------------------------
 def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**62
@@ -134,7 +160,7 @@ def _view(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: str)
         and all(map(_is_count, stride))
     ):
         raise pickle.UnpicklingError(
-            f"invalid tensor view: offset {storage_offset!r:.40}, shape {size!r:.60}, stride {stride!r:.60}"
+            f"invalid tensor view: offset {describe(storage_offset)}, shape {describe(size)}, stride {describe(stride)}"
         )
     return LazyTensor(storage, storage_offset, tuple(size), tuple(stride), dtype)
 
@@ -200,7 +226,7 @@ def _reconstructor(cls, base, state):
         # protocol 0/1 pickle a bare object() this way; a state would reach bytes.__new__(bytes, 10**12)
         # or frozenset.__new__ (hashing) past every check
         return base.__new__(cls)
-    raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not allowed")
+    raise pickle.UnpicklingError(f"copyreg._reconstructor of {describe(cls)} is not allowed")
 
 
 def _codecs_encode(text, encoding="utf-8"):

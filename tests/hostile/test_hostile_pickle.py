@@ -139,6 +139,18 @@ def test_a_hashing_bomb_in_dcp_metadata_ends_in_one_line_not_a_hang(tmp_path):
     assert_refused(shardwise("inspect", folder), ".metadata", "hashing bomb")
 
 
+def test_a_self_sharing_list_as_a_tensor_shape_is_described_not_printed(tmp_path):
+    # l = [l, l] eighty times over: the error message once printed its repr, 2**80 lists long
+    level = pickle.EMPTY_LIST + (pickle.BINGET + b"\x00" + pickle.APPEND) * 2 + pickle.BINPUT + b"\x00" + pickle.POP
+    shared = pickle.EMPTY_LIST + pickle.BINPUT + b"\x00" + pickle.POP + level * LEVELS + (pickle.BINGET + b"\x00") * 2
+    storage = pickle.MARK + pickle.SHORT_BINUNICODE + b"\x07storage" + pickle.GLOBAL + b"torch\nFloatStorage\n"
+    storage += pickle.SHORT_BINUNICODE + b"\x010" + pickle.SHORT_BINUNICODE + b"\x03cpu" + pickle.BININT1 + b"\x01" + pickle.TUPLE + pickle.BINPERSID
+    data = pickle.PROTO + b"\x02" + pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage
+    data += pickle.BININT1 + b"\x00" + shared + pickle.TUPLE + pickle.REDUCE + pickle.STOP
+    (line,) = read_in_child(torch_zip(tmp_path / "shape.pt", data, {"0": bytes(4)}))
+    assert line.startswith("refused") and "invalid tensor view" in line and len(line) < 400, line
+
+
 def test_int_keys_chosen_to_collide_are_refused_before_the_dict_floods(tmp_path):
     # ints 1 + k * modulus all hash to 1: 100,000 of them make a dict take 5e9 steps (minutes)
     modulus = sys.hash_info.modulus
