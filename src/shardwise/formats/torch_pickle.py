@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 
 from .. import dtypes
 from ..errors import FormatError, UnsafeCheckpointError
-from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, storage_ref
+from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, describe, storage_ref
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
 from .region import Region, as_region, open_region
 from .lightning import is_lightning, select_weights, training_state
@@ -87,7 +87,7 @@ class TorchPickle:
         try:
             start, length = self._storage_offsets[lazy.storage.key]
         except KeyError:
-            raise FormatError(f"{self.path}: tensor '{name}' refers to storage {lazy.storage.key!r}, which the file lacks") from None
+            raise FormatError(f"{self.path}: tensor '{name}' refers to storage {describe(lazy.storage.key)}, which the file lacks") from None
         info = TensorInfo(name, lazy.shape, lazy.dtype)
         entry = StoredTensor.make(info, self.region.path, self.region.start + start + lazy.storage_offset * row.itemsize, lazy.strides)
         self._expansion += max(0, info.nbytes - entry.span)
@@ -100,7 +100,7 @@ class TorchPickle:
         if lazy.storage_offset * row.itemsize + entry.span > length:
             raise FormatError(
                 f"{self.path}: file is truncated or corrupted: tensor '{name}' needs "
-                f"{lazy.storage_offset * row.itemsize + entry.span} bytes of storage {lazy.storage.key!r}, "
+                f"{lazy.storage_offset * row.itemsize + entry.span} bytes of storage {describe(lazy.storage.key)}, "
                 f"which holds {length}"
             )
         return entry
@@ -234,13 +234,13 @@ def _read_legacy(region: Region, trust: bool) -> TorchPickle:
             ref = refs.get(key)
             header = _pread(f, pos, 8)
             if len(header) < 8:
-                raise FormatError(f"{path}: file is truncated: storage {key!r} is missing")
+                raise FormatError(f"{path}: file is truncated: storage {describe(key)} is missing")
             (numel,) = struct.unpack("<q", header)
             itemsize = dtypes.dtype(ref.dtype).itemsize if ref is not None and ref.dtype else 1
             offsets[key] = (pos + 8, numel * itemsize)
             pos += 8 + numel * itemsize
             if pos > file_size:
-                raise FormatError(f"{path}: file is truncated: storage {key!r} ends past the end of the file")
+                raise FormatError(f"{path}: file is truncated: storage {describe(key)} ends past the end of the file")
     return TorchPickle(region, root, offsets, frozenset(seen))
 
 
