@@ -11,7 +11,11 @@ no ``__setstate__`` of a third-party class runs. Any other global raises
 back to importing it (the ``--trust-pickle`` opt-in).
 
 This is stricter than ``torch.load(weights_only=True)``: the same tensors and containers load,
-but nothing is imported to do so.
+but nothing is imported to do so. It is also bounded: the memo is a dict (a memo index costs one
+entry, however large), no tuple or frozenset may expand to more than :data:`MAX_NODES` nodes, and
+nothing whose expansion exceeds :data:`MAX_KEY_NODES` is hashed, so a pickle whose keys are
+self-sharing tuples (``t = (t, t)`` eighty times over, 167 bytes) is refused instead of hashed for
+2**80 steps.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import _compat_pickle
 import collections
 import datetime
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,6 +38,7 @@ __all__ = [
     "PickledObject",
     "to_plain",
     "iter_tensors",
+    "describe",
 ]
 
 
@@ -110,23 +116,51 @@ class TypeRef:
     qualname: str
 
 
+def describe(value: Any, depth: int = 2) -> str:
+    """A short text for an unpickled value in an error message, in bounded work whatever it holds.
+
+    ``repr`` is not safe here: a pickle can share lists into a structure whose repr doubles with
+    every level (``l = [l, l]`` eighty times over). At most 6 items per container, ``depth`` levels.
+
+    >>> describe([1, [2, [3, [4]]], "x" * 50])
+    "[1, [2, [...]], 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'...]"
+    """
+    if value is None or type(value) in (bool, float):
+        return repr(value)
+    if type(value) is int:
+        return repr(value) if value.bit_length() <= 64 else f"<int of {value.bit_length()} bits>"
+    if type(value) is str:
+        return repr(value[:30]) + ("..." if len(value) > 30 else "")
+    if type(value) in (list, tuple):
+        if depth == 0:
+            return "[...]" if type(value) is list else "(...)"
+        items = ", ".join(describe(item, depth - 1) for item in value[:6]) + (", ..." if len(value) > 6 else "")
+        return f"[{items}]" if type(value) is list else f"({items})"
+    if isinstance(value, type):
+        return f"<class {getattr(value, 'type_name', value.__qualname__)}>"
+    return f"<{type(value).__name__}>"
+
+
 # -- stand-ins for the allowed globals ---------------------------------------------------------
 def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**62
 
 
+_MAX_DIMS = 64  # torch refuses tensors of more dimensions; a LazyTensor's hash walks its shape
+
+
 def _view(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: str) -> LazyTensor:
-    """A LazyTensor after checking that offset, shape and strides are non-negative ints of one rank."""
+    """A LazyTensor after checking that offset, shape and strides are non-negative ints of one rank (at most 64)."""
     if not (
         _is_count(storage_offset)
         and isinstance(size, (tuple, list))
         and isinstance(stride, (tuple, list))
-        and len(size) == len(stride)
+        and len(size) == len(stride) <= _MAX_DIMS
         and all(map(_is_count, size))
         and all(map(_is_count, stride))
     ):
         raise pickle.UnpicklingError(
-            f"invalid tensor view: offset {storage_offset!r:.40}, shape {size!r:.60}, stride {stride!r:.60}"
+            f"invalid tensor view: offset {describe(storage_offset)}, shape {describe(size)}, stride {describe(stride)}"
         )
     return LazyTensor(storage, storage_offset, tuple(size), tuple(stride), dtype)
 
@@ -148,7 +182,15 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
+    """A tensor subclass (``Parameter``) as torch pickles it: ``func(*args)`` rebuilds the tensor;
+    ``func`` must be one of the tensor rebuilders above (anything else could reach a constructor
+    past the unpickler's checks)."""
+    if not (isinstance(func, _Guarded) and func._fn in _TENSOR_REBUILDERS and isinstance(args, tuple)):
+        raise pickle.UnpicklingError("_rebuild_from_type_v2 expects a tensor rebuild function and its arguments")
     return func(*args)
+
+
+_TENSOR_REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
 
 
 def _record_class(qualname: str) -> type:
@@ -180,9 +222,11 @@ def _reconstructor(cls, base, state):
     """copyreg._reconstructor for protocol 0/1 pickles, limited to allow-listed classes."""
     if isinstance(cls, type) and issubclass(cls, (PickledObject, _StandinDict)):
         return cls.__new__(cls)
-    if cls in _SAFE_BUILTIN_TYPES and base in _SAFE_BUILTIN_TYPES:
-        return base.__new__(cls, state)
-    raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not allowed")
+    if cls in _SAFE_BUILTIN_TYPES and base in _SAFE_BUILTIN_TYPES and state is None:
+        # protocol 0/1 pickle a bare object() this way; a state would reach bytes.__new__(bytes, 10**12)
+        # or frozenset.__new__ (hashing) past every check
+        return base.__new__(cls)
+    raise pickle.UnpicklingError(f"copyreg._reconstructor of {describe(cls)} is not allowed")
 
 
 def _codecs_encode(text, encoding="utf-8"):
@@ -193,7 +237,10 @@ def _codecs_encode(text, encoding="utf-8"):
 
 
 def path_from_parts(*parts):
-    return "/".join(str(p) for p in parts).replace("//", "/")
+    """``pathlib.PurePath(*parts)`` as a string; parts must be strings (str() of a structure can grow exponentially)."""
+    if not all(isinstance(p, str) for p in parts):
+        raise pickle.UnpicklingError("a pickled path has parts that are not strings")
+    return "/".join(parts).replace("//", "/")
 
 
 def torch_size(dims=()):
@@ -202,7 +249,9 @@ def torch_size(dims=()):
 
 
 def _torch_device(kind, index=None):
-    return f"{kind}:{index}" if index is not None else str(kind)
+    if not isinstance(kind, str) or not (index is None or type(index) is int):
+        raise pickle.UnpicklingError("torch.device() is only allowed on a name and an index")
+    return f"{kind}:{index}" if index is not None else kind
 
 
 def _numpy_scalar(dtype, data=None):
@@ -345,7 +394,45 @@ def _guard(key: tuple[str, str], value: Any) -> Any:
     return _Guarded(value, type_name=".".join(key))
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+MAX_NODES = 1_000_000  # far above any real checkpoint's object count (~10 per tensor), far below a bomb
+# What one hash may cost, in nodes with shared references expanded (a tuple's items, an int's 64-bit
+# words). Real keys and set items are strings, numbers and tuples of a few of them; this bound keeps
+# the hashing a pickle can cause within a few microseconds per opcode, the cost of reading the opcode.
+MAX_KEY_NODES = 1_000
+# Python's int hashes are not randomised: ints that differ by a multiple of this modulus hash alike,
+# so a pickle of n such keys makes a dict take n**2 steps (20,000 keys, 260 KB: 10 s). Ints inside
+# (-modulus, modulus) never collide beyond -1/-2; real keys (indices, ids) are well inside.
+_HASH_MODULUS = sys.hash_info.modulus
+_HASHING_CONSTRUCTORS = {dict: "pairs", collections.OrderedDict: "pairs", set: "items", frozenset: "items"}
+# Work the calls of a pickle (REDUCE, NEWOBJ, OBJ, INST, BUILD) may do, counted as the items and
+# characters of the containers and strings handed to them, per byte of input. A real pickle hands
+# over what it has just spelled out, at least a byte per item; one that hands a large object over
+# again and again through the memo (list(big), _codecs.encode(big), 2 bytes a copy) copies
+# quadratically and fills memory. The floor covers tiny pickles.
+CALL_WORK_PER_BYTE = 8
+CALL_WORK_FLOOR = 1 << 20
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
+
+
+def _has_colliding_int(key: Any) -> bool:
+    """Whether ``key`` (at most MAX_KEY_NODES nodes: checked first) holds an int at or beyond the hash modulus."""
+    if type(key) is int:
+        return not -_HASH_MODULUS < key < _HASH_MODULUS
+    return type(key) in (tuple, frozenset) and any(map(_has_colliding_int, key))
+
+
+def _remaining_bytes(file) -> int:
+    """Bytes from ``file``'s position to its end (0 when it cannot seek)."""
+    try:
+        here = file.tell()
+        end = file.seek(0, 2)
+        file.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return max(0, end - here)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that only resolves allow-listed globals, each to an inert stand-in.
 
     ``persistent_load`` receives torch's storage records; the caller maps them to
@@ -353,7 +440,15 @@ class RestrictedUnpickler(pickle.Unpickler):
     qualified name of every global the pickle names. With ``trust=True`` unknown globals are
     imported as the standard unpickler would (executing whatever they do); torch tensors still load
     lazily.
+
+    Built on the pure-Python unpickler so that every opcode can be checked: the memo is a dict, a
+    tuple or frozenset expanding to more than :data:`MAX_NODES` nodes is refused as it is built,
+    a key or set item expanding to more than :data:`MAX_KEY_NODES` nodes is refused before it is
+    hashed, and calls may do :data:`CALL_WORK_PER_BYTE` units of work per byte from ``file``'s
+    position to its end (FormatError naming ``path``). Not thread-safe; one instance per load.
     """
+
+    dispatch = pickle._Unpickler.dispatch.copy()
 
     def __init__(
         self, file, *, path: str, persistent_load: Callable[[Any], Any] | None = None, trust: bool = False, seen: set[str] | None = None,
@@ -365,6 +460,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._path = path
         self._trust = trust
         self._persistent = persistent_load
+        self._sizes: dict[int, tuple[Any, int]] = {}  # id -> (tuple or frozenset, kept alive so ids stay unique; its size)
+        self._work_left = CALL_WORK_PER_BYTE * _remaining_bytes(file) + CALL_WORK_FLOOR
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 0-2 pickles name Python 2 globals (__builtin__.long, copy_reg); map them as pickle does
@@ -389,22 +486,161 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError("unexpected persistent id in a plain pickle")
         return self._persistent(pid)
 
+    # -- sizes: what hashing (or printing) a value walks, shared references counted each time -----
+    def _size(self, obj: Any) -> int:
+        """Nodes in ``obj`` with shared references expanded: tuples and frozensets 1 + their items'
+        sizes (remembered per object, so each is summed once), ints one per 64-bit word, others 1."""
+        kind = type(obj)
+        if kind is int:
+            return 1 + obj.bit_length() // 64
+        if kind is not tuple and kind is not frozenset:
+            return 1
+        known = self._sizes.get(id(obj))
+        if known is not None:
+            return known[1]
+        size = 1 + sum(map(self._size, obj))
+        if size > MAX_NODES:
+            raise FormatError(
+                f"{self._path}: refused to load: the pickle builds a {kind.__name__} of more than {MAX_NODES:,} nodes "
+                "out of shared references (a hashing bomb); no real checkpoint holds one"
+            )
+        self._sizes[id(obj)] = (obj, size)
+        return size
+
+    def _check_keys(self, keys) -> None:
+        """Refuse, before hashing, any of ``keys`` that would cost more than MAX_KEY_NODES steps or
+        holds an int whose hash can be made to collide with others (outside ±_HASH_MODULUS)."""
+        for key in keys:
+            if self._size(key) > MAX_KEY_NODES:
+                raise FormatError(
+                    f"{self._path}: refused to load: a dict key or set item of the pickle is a structure of more than "
+                    f"{MAX_KEY_NODES:,} nodes (a hashing bomb); real keys are names, numbers and short tuples"
+                )
+            if _has_colliding_int(key):
+                raise FormatError(
+                    f"{self._path}: refused to load: a dict key or set item of the pickle holds an integer beyond "
+                    f"±{_HASH_MODULUS:,}, whose hash can be chosen to collide with others (a hash-flooding bomb)"
+                )
+
+    def _charge(self, values: Any) -> None:
+        """Count what a call or BUILD is handed (``values``: its arguments) against the work budget."""
+        if not isinstance(values, (tuple, list, dict)):
+            return
+        values = values.values() if isinstance(values, dict) else values
+        self._work_left -= len(values) + sum(len(v) for v in values if isinstance(v, _SIZED))
+        if self._work_left < 0:
+            raise FormatError(
+                f"{self._path}: refused to load: the pickle's calls copy more than {CALL_WORK_PER_BYTE} items per byte "
+                "of the file (a large object handed over again and again through the memo: a copying bomb)"
+            )
+
+    def _check_call(self, func: Any, args: Any, kwargs: Any = None) -> None:
+        """Before ``func(*args, **kwargs)``: charge the work, and the keys a dict/set constructor
+        would hash pass :meth:`_check_keys`."""
+        self._charge(args)
+        self._charge(kwargs)
+        target = func._fn if isinstance(func, _Guarded) else func
+        how = next((v for k, v in _HASHING_CONSTRUCTORS.items() if target is k), None)
+        if how is None or not isinstance(args, (tuple, list)):
+            return
+        for arg in args:
+            if isinstance(arg, (dict, str, bytes)):
+                continue  # a dict's keys were checked as they went in; strings iterate into characters
+            items = list(arg) if isinstance(arg, (tuple, list, set, frozenset)) else ()
+            if how == "pairs":
+                items = [pair[0] for pair in items if isinstance(pair, (tuple, list)) and pair]
+            self._check_keys(items)
+
+    def _check_top(self) -> None:
+        """Size what an opcode or call just pushed, if it is a tuple or frozenset."""
+        self._size(self.stack[-1])
+
+    def _load_tuple_checked(self, load: Callable) -> None:
+        load(self)
+        self._check_top()
+
+    def _load_frozenset(self) -> None:
+        self._check_keys(self.stack)  # the items after the mark
+        pickle._Unpickler.load_frozenset(self)
+        self._check_top()
+
+    def _load_dict(self) -> None:
+        self._check_keys(self.stack[0::2])
+        pickle._Unpickler.load_dict(self)
+
+    def _load_setitem(self) -> None:
+        self._check_keys(self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)
+
+    def _load_setitems(self) -> None:
+        self._check_keys(self.stack[0::2])
+        pickle._Unpickler.load_setitems(self)
+
+    def _load_additems(self) -> None:
+        self._check_keys(self.stack)
+        pickle._Unpickler.load_additems(self)
+
+    def _load_reduce(self) -> None:
+        self._check_call(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_reduce(self)
+        self._check_top()
+
+    def _load_newobj(self) -> None:
+        cls, args = self.stack[-2], self.stack[-1]
+        if not isinstance(cls, type):
+            raise pickle.UnpicklingError("NEWOBJ class argument isn't a type object")
+        self._check_call(cls, args)
+        pickle._Unpickler.load_newobj(self)
+        self._check_top()
+
+    def _load_newobj_ex(self) -> None:
+        cls, args, kwargs = self.stack[-3:]
+        if not isinstance(cls, type):
+            raise pickle.UnpicklingError("NEWOBJ_EX class argument isn't a type object")
+        self._check_call(cls, args, kwargs)
+        pickle._Unpickler.load_newobj_ex(self)
+        self._check_top()
+
+    def _load_build(self) -> None:
+        self._charge(self.stack[-1:])  # the state: an inst's __dict__ is updated item by item
+        pickle._Unpickler.load_build(self)
+
+    def _instantiate(self, klass, args):  # OBJ and INST
+        self._check_call(klass, args)
+        super()._instantiate(klass, args)
+        self._check_top()
+
+    for _op, _load in [
+        (pickle.TUPLE, pickle._Unpickler.load_tuple), (pickle.TUPLE1, pickle._Unpickler.load_tuple1),
+        (pickle.TUPLE2, pickle._Unpickler.load_tuple2), (pickle.TUPLE3, pickle._Unpickler.load_tuple3),
+    ]:
+        dispatch[_op[0]] = lambda self, load=_load: self._load_tuple_checked(load)
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+    dispatch[pickle.BUILD[0]] = _load_build
+    del _op, _load
+
 
 def storage_ref(pid: Any, path: str) -> StorageRef:
     """Turn torch's persistent id ``('storage', storage_class, key, location, numel[, view])`` into a StorageRef."""
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-        raise FormatError(f"{path}: unexpected persistent id {pid!r:.80} in torch pickle")
-    storage_class = pid[1]
+        raise FormatError(f"{path}: unexpected persistent id (a {type(pid).__name__}) in torch pickle")
+    storage_class, key, numel = pid[1], pid[2], pid[4]
     if not isinstance(storage_class, StorageClassRef):
-        raise FormatError(f"{path}: storage of unsupported type {storage_class!r:.80}")
-    return StorageRef(str(pid[2]), storage_class.dtype, int(pid[4]))
+        raise FormatError(f"{path}: storage of unsupported type {type(storage_class).__name__}")
+    if not isinstance(key, str) or not _is_count(numel):
+        raise FormatError(f"{path}: storage record with a key of type {type(key).__name__} and a size of type {type(numel).__name__}")
+    return StorageRef(key, storage_class.dtype, numel)
 
 
 class StructureError(ValueError):
     """An unpickled structure is cyclic or too large to walk (a "billion laughs" pickle)."""
-
-
-MAX_NODES = 1_000_000  # far above any real checkpoint's object count (~10 per tensor), far below a bomb
 
 
 class _Walk:

@@ -345,7 +345,7 @@ def read_metadata(where: "str | os.PathLike | DcpFiles", *, trust: bool = False)
         with open_region(region) as f:
             root = _MetadataUnpickler(f, path, trust).load()
         return _checked(root, files)
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, FormatError):  # the unpickler's refusals name the file already
         raise
     except _Bad as e:
         raise FormatError(f"{path}: not a readable DCP checkpoint: {e}") from None

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable
 
 from .. import dtypes
 from ..errors import FormatError, UnsafeCheckpointError
-from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, storage_ref
+from ..pickle_safety import LazyTensor, RestrictedUnpickler, StorageRef, StructureError, describe, storage_ref
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
 from .region import Region, as_region, open_region
 from .lightning import is_lightning, select_weights, training_state
@@ -38,7 +38,15 @@ __all__ = [
 ]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_MAX_VIEW_EXPANSION = 2**30  # broadcast (stride 0) views may repeat their storage, up to this size
+# data.pkl holds ~100 bytes per tensor plus the rest of the saved object: a few MB for the largest
+# models, tens of MB for pickled optimizer or loop states. Ten times that still fits in memory with
+# the objects unpickled from it; a deflated member declaring more (a zip bomb: 1 MB inflating to
+# GBs) is refused before it is inflated. Legacy files are read in place, bounded by their size.
+MAX_PICKLE_BYTES = 256 << 20
+# Bytes that views with stride 0 or overlapping strides (torch.expand) may add to a file's output,
+# all tensors together: converting materialises them, so a 62 KB file of such views could otherwise
+# declare a terabyte. Expanded buffers in real state dicts (position ids, masks) are a few MB at most.
+MAX_VIEW_EXPANSION = 256 << 20
 _ALIGNMENT = 64
 
 
@@ -70,25 +78,29 @@ class TorchPickle:
         self.root = root
         self.globals_seen = globals_seen  # every global the pickle names (so xser references are found without a walk)
         self._storage_offsets = storage_offsets  # key -> (byte offset in the region, byte length)
+        self._expansion = 0  # bytes the views located so far add beyond what they read (see MAX_VIEW_EXPANSION)
 
     def stored(self, lazy: LazyTensor, name: str) -> StoredTensor:
-        """Where ``lazy``'s elements are; FormatError if its view reaches past its storage."""
+        """Where ``lazy``'s elements are; FormatError if its view reaches past its storage, or if the
+        views located so far expand their storage bytes by more than MAX_VIEW_EXPANSION together."""
         row = dtypes.dtype(lazy.dtype)
         try:
             start, length = self._storage_offsets[lazy.storage.key]
         except KeyError:
-            raise FormatError(f"{self.path}: tensor '{name}' refers to storage {lazy.storage.key!r}, which the file lacks") from None
+            raise FormatError(f"{self.path}: tensor '{name}' refers to storage {describe(lazy.storage.key)}, which the file lacks") from None
         info = TensorInfo(name, lazy.shape, lazy.dtype)
         entry = StoredTensor.make(info, self.region.path, self.region.start + start + lazy.storage_offset * row.itemsize, lazy.strides)
-        if not entry.contiguous and info.nbytes > max(length, _MAX_VIEW_EXPANSION):
+        self._expansion += max(0, info.nbytes - entry.span)
+        if self._expansion > MAX_VIEW_EXPANSION:
             raise FormatError(
-                f"{self.path}: tensor '{name}' is a view that expands {length} bytes of storage "
-                f"to {info.nbytes} bytes; refusing to materialise it"
+                f"{self.path}: tensor '{name}' is a view that expands {entry.span:,} bytes of storage to {info.nbytes:,}; "
+                f"the file's expanded views would add {self._expansion:,} bytes, more than the {MAX_VIEW_EXPANSION:,} "
+                "shardwise materialises from a file (re-save it with the tensors made contiguous)"
             )
         if lazy.storage_offset * row.itemsize + entry.span > length:
             raise FormatError(
                 f"{self.path}: file is truncated or corrupted: tensor '{name}' needs "
-                f"{lazy.storage_offset * row.itemsize + entry.span} bytes of storage {lazy.storage.key!r}, "
+                f"{lazy.storage_offset * row.itemsize + entry.span} bytes of storage {describe(lazy.storage.key)}, "
                 f"which holds {length}"
             )
         return entry
@@ -161,10 +173,7 @@ def _read_zip(region: Region, trust: bool) -> TorchPickle:
             refs.setdefault(ref.key, ref)
             return ref
 
-        try:
-            data = archive.read(pkl)
-        except zipfile.BadZipFile as e:
-            raise FormatError(f"{path}: corrupted archive member data.pkl ({e})") from None
+        data = _read_pickle_member(archive, members[pkl], path)
         seen: set[str] = set()
         root = RestrictedUnpickler(io.BytesIO(data), path=path, persistent_load=persistent, trust=trust, seen=seen).load()
         offsets = {key: locate(key) for key in refs}
@@ -172,6 +181,27 @@ def _read_zip(region: Region, trust: bool) -> TorchPickle:
             if start + length > region.size:
                 raise FormatError(f"{path}: file is truncated: storage data/{key} ends past the end of the file")
     return TorchPickle(region, root, offsets, frozenset(seen))
+
+
+def _read_pickle_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
+    """The bytes of ``data.pkl``, refused (FormatError) past MAX_PICKLE_BYTES before anything is inflated.
+
+    Reads exactly the declared size: ``archive.read`` would inflate a whole deflate stream before
+    cutting it to a (lying, small) declared size; a short or altered stream fails its CRC check.
+    """
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise FormatError(
+            f"{path}: {info.filename} declares {info.file_size:,} bytes of pickle, more than the {MAX_PICKLE_BYTES:,} "
+            "any real checkpoint needs (a zip bomb?); it was not inflated"
+        )
+    try:
+        with archive.open(info) as member:
+            data = member.read(info.file_size)
+            if len(data) < info.file_size:
+                raise zipfile.BadZipFile(f"{len(data):,} bytes where {info.file_size:,} were declared")
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"{path}: corrupted archive member {info.filename} ({e})") from None
+    return data
 
 
 def _read_legacy(region: Region, trust: bool) -> TorchPickle:
@@ -204,13 +234,13 @@ def _read_legacy(region: Region, trust: bool) -> TorchPickle:
             ref = refs.get(key)
             header = _pread(f, pos, 8)
             if len(header) < 8:
-                raise FormatError(f"{path}: file is truncated: storage {key!r} is missing")
+                raise FormatError(f"{path}: file is truncated: storage {describe(key)} is missing")
             (numel,) = struct.unpack("<q", header)
             itemsize = dtypes.dtype(ref.dtype).itemsize if ref is not None and ref.dtype else 1
             offsets[key] = (pos + 8, numel * itemsize)
             pos += 8 + numel * itemsize
             if pos > file_size:
-                raise FormatError(f"{path}: file is truncated: storage {key!r} ends past the end of the file")
+                raise FormatError(f"{path}: file is truncated: storage {describe(key)} ends past the end of the file")
     return TorchPickle(region, root, offsets, frozenset(seen))
 
 
