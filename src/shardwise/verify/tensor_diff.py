@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..formats import open_checkpoint
+from ..reshard.integrity import archive_files, checked_while_read
 from ..progress import NO_PROGRESS, Progress
 from ..tensors import FileTensorSource, TensorInfo, tensor_bytes, tensor_from_bytes
 from ..units import CHUNK_BYTES
@@ -83,7 +84,10 @@ def diff(
     """
     report = DiffReport(os.fspath(a), os.fspath(b), atol=atol, rtol=rtol)
     tolerant = atol is not None or rtol is not None
-    with _open_side(a, trust_pickle, config) as ca, _open_side(b, trust_pickle, config) as cb:
+    with _open_side(a, trust_pickle, config) as ca, _open_side(b, trust_pickle, config) as cb, \
+            checked_while_read([*_listed(ca), *_listed(cb)]) as verdict:
+        _check_copies(ca)
+        _check_copies(cb)
         names_a, names_b = ca.tensors.keys(), set(cb.tensors.keys())
         report.missing = [n for n in names_a if n not in names_b]
         report.extra = sorted(names_b.difference(names_a))
@@ -100,6 +104,7 @@ def diff(
                     report.mismatches.append(mismatch)
         finally:
             progress.finish()
+        verdict()
     return report
 
 
@@ -108,6 +113,21 @@ def _open_side(path, trust_pickle: bool, config):
 
     view = open_layout_checkpoint(path, config=config, trust_pickle=trust_pickle)
     return view if view is not None else open_checkpoint(path, trust_pickle=trust_pickle)
+
+
+def _listed(side) -> list:
+    """The files of one side that a shardwise manifest lists (with CRC-32s): a sharded model's, or a plain archive's."""
+    model = getattr(side.tensors, "model", None)
+    if model is not None:
+        return list(model.listed)
+    return archive_files(side.archive) if getattr(side, "archive", None) is not None else []
+
+
+def _check_copies(side) -> None:
+    """A sharded side's replicas and padding rows, which its canonical tensors do not read (IntegrityError if they disagree)."""
+    model = getattr(side.tensors, "model", None)
+    if model is not None:
+        model.check_copies()
 
 
 def _describe(info: TensorInfo) -> dict:
