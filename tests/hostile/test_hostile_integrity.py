@@ -236,3 +236,37 @@ def test_inspect_checks_sizes_against_the_manifest_and_says_checksums_are_not_re
         f.write(b"\0")
     result = cli("inspect", path)
     assert result.code == 2 and _named(file, _one_line(result.err)), result
+
+
+def test_unread_copies_lists_replicas_and_padding_but_not_the_copies_that_are_read():
+    from shardwise.layout.tiles import Tile, TiledTensor, invert, unread_copies, whole
+    from shardwise.tensors import TensorInfo
+
+    norm, embed = TensorInfo("norm", (4,), "float32"), TensorInfo("embed", (3, 2), "float32")
+    padded = TensorInfo("embed", (2, 2), "float32")
+    plan = {
+        0: [whole(norm, "norm"), TiledTensor(padded, (Tile(0, 0, 2, 2, "embed", 0, 0),))],
+        1: [whole(norm, "norm"), TiledTensor(padded, (Tile(0, 0, 1, 2, "embed", 2, 0), Tile(1, 0, 1, 2, None)))],
+    }
+    unread = unread_copies(plan, invert(plan, {"norm": norm, "embed": embed}))
+    assert list(unread) == [1]
+    by_name = {t.info.name: t.tiles for t in unread[1]}
+    assert by_name == {"norm": (Tile(0, 0, 4, 1, (0, "norm"), 0, 0),), "embed": (Tile(1, 0, 1, 2, None),)}
+
+
+def test_an_unsharded_archive_damaged_under_its_manifest_is_refused_by_diff_and_convert(cli, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from shardwise.formats import open_checkpoint
+
+    save_file({"a.weight": torch.randn(64, 32), "b.bias": torch.randn(32)}, tmp_path / "plain.safetensors")
+    archive = tmp_path / "plain.nemo"
+    assert cli("convert", tmp_path / "plain.safetensors", archive, "--to", "archive").code == 0
+    with open_checkpoint(archive) as ckpt:
+        entry = ckpt.tensors.stored("a.weight")
+    _flip(entry.path, entry.offset + 5)
+    result = cli("diff", archive, tmp_path / "plain.safetensors")
+    assert result.code == 2 and "model_weights.ckpt" in _one_line(result.err), result
+    result = cli("convert", archive, tmp_path / "out.safetensors")  # (--to dcp is checked the same way; its torch.distributed import takes seconds)
+    assert result.code == 2 and "CRC-32" in _one_line(result.err) and not (tmp_path / "out.safetensors").exists(), result

@@ -15,6 +15,7 @@ made a file unreadable is reported as damage.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ..formats.region import Region
 from ..training.files import check_against
 from ..units import CHUNK_BYTES
 
-__all__ = ["ListedFile", "listed_files", "archive_files", "checked_while_read"]
+__all__ = ["ListedFile", "listed_files", "archive_files", "files_of", "checked_while_read"]
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -66,6 +67,15 @@ def archive_files(archive) -> list[ListedFile]:
         member = index.get(entry["name"])
         listed.append(ListedFile(Region(index.path, member.offset, member.size, f"{index.label}:{member.raw_name}"), entry))
     return listed
+
+
+def files_of(view) -> list[ListedFile]:
+    """The listed files of an opened checkpoint: a canonical view's model's (sharded; see
+    :mod:`~shardwise.reshard.canonical`), or a :class:`~shardwise.formats.Checkpoint`'s archive's; none otherwise."""
+    model = getattr(view.tensors, "model", None)
+    if model is not None:
+        return list(model.listed)
+    return archive_files(view.archive) if getattr(view, "archive", None) is not None else []
 
 
 def listed_files(folder: Path, manifest: dict | None, under: list[Path] | None = None) -> list[ListedFile]:
@@ -126,21 +136,35 @@ class _Check:
 
 
 def _region_crc32(region: Region, stop: threading.Event) -> int:
-    """CRC-32 of ``region``'s bytes, read in chunks into one reused buffer (0 when stopped early)."""
+    """CRC-32 of ``region``'s bytes, a 16 MiB map of the file's pages at a time (0 when stopped early).
+
+    Maps, not reads: the pages are those the conversion maps too, and CRC-ing them in place measured
+    about 4x faster here than ``preadv`` into a buffer (the copy dominates). A filesystem that cannot
+    map is read instead. A file truncated under the map kills the process with SIGBUS, as for the
+    conversion's own maps; its size was checked just before.
+    """
     crc, done = 0, 0
-    buffer = memoryview(bytearray(min(CHUNK_BYTES, max(region.size, 1))))
     fd = os.open(region.path, os.O_RDONLY)
     try:
+        if os.fstat(fd).st_size < region.start + region.size:
+            raise IntegrityError(f"{region.label}: truncated (the manifest lists {region.size} bytes)")
         while done < region.size and not stop.is_set():
-            view = buffer[:min(len(buffer), region.size - done)]
-            n = os.preadv(fd, [view], region.start + done)
-            if n == 0:
-                raise IntegrityError(f"{region.label}: truncated while being read (the manifest lists {region.size} bytes)")
-            crc = crc32(view[:n], crc)
+            n = min(CHUNK_BYTES, region.size - done)
+            crc = crc32(_chunk(fd, region.start + done, n), crc)
             done += n
     finally:
         os.close(fd)
     return crc
+
+
+def _chunk(fd: int, offset: int, length: int) -> memoryview:
+    """Bytes ``offset:offset+length`` of ``fd``, mapped (unmapped when the view is dropped) or, where mapping fails, read."""
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, offset + length - aligned, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=aligned)
+    except OSError:  # some FUSE mounts cannot map
+        return memoryview(os.pread(fd, length, offset))
+    return memoryview(mapping)[offset - aligned:]
 
 
 @contextlib.contextmanager
