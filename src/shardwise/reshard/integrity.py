@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from ..checksum import crc32
-from ..errors import FormatError, IntegrityError, LayoutError
+from ..errors import FormatError, IntegrityError
 from ..formats.region import Region
 from ..training.files import check_against
 from ..units import CHUNK_BYTES
@@ -173,9 +173,10 @@ def checked_while_read(files: list[ListedFile]) -> Iterator[Callable[[], None]]:
 
     Yields ``verdict()``: call it before committing anything made from the files; it waits for
     the CRCs and raises IntegrityError naming the first damaged file. When the block raises an
-    error that damaged bytes can cause (FormatError, LayoutError, IntegrityError), the verdict is
-    given first, so damage is reported as damage. Leaving the block stops the thread. Memory: one
-    16 MiB buffer. Thread safety: the block's thread only.
+    error that damaged bytes cause while being read (FormatError, IntegrityError), the verdict is
+    given first, so damage is reported as damage (option and layout errors are not kept waiting
+    for a pass over the files). Leaving the block stops the thread. Memory: one 16 MiB map at a
+    time. Thread safety: the block's thread only.
 
     >>> with checked_while_read(listed_files(folder, manifest)) as verdict:  # doctest: +SKIP
     ...     convert(...); verdict(); commit(...)
@@ -183,7 +184,7 @@ def checked_while_read(files: list[ListedFile]) -> Iterator[Callable[[], None]]:
     check = _Check(files)
     try:
         yield check.verdict
-    except (FormatError, LayoutError, IntegrityError):
+    except (FormatError, IntegrityError):
         check.verdict()
         raise
     finally:
