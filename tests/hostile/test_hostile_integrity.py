@@ -263,3 +263,12 @@ def test_an_unsharded_archive_damaged_under_its_manifest_is_refused_by_diff_and_
     assert result.code == 2 and "model_weights.ckpt" in _one_line(result.err), result
     result = cli("convert", archive, tmp_path / "out.safetensors")  # (--to dcp is checked the same way; its torch.distributed import takes seconds)
     assert result.code == 2 and "CRC-32" in _one_line(result.err) and not (tmp_path / "out.safetensors").exists(), result
+
+
+def test_a_manifest_that_lists_one_file_many_times_is_refused_before_any_checksum(cli, built, tmp_path):
+    path = _copy(built, "nxdt", tmp_path)
+    document = json.loads((path / "shardwise.json").read_text())
+    document["members"] = [document["members"][0]] * 100_000  # checked 100,000 times, this would read the shard 100,000 times
+    (path / "shardwise.json").write_text(json.dumps(document))
+    result = cli("diff", path, built["hf"])
+    assert result.code == 2 and "more than once" in _one_line(result.err), result

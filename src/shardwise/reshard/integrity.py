@@ -47,12 +47,12 @@ def _entries(manifest: dict, label: str) -> list[dict]:
     if entries is None:
         return []
     if not isinstance(entries, list):
-        raise FormatError(f"{label}: the manifest's file list is not a list")
+        raise IntegrityError(f"{label}: the manifest's file list is not a list (the manifest is damaged)")
     for entry in entries:
         crc = entry.get("crc32") if isinstance(entry, dict) else None
         if not (isinstance(entry.get("name") if isinstance(entry, dict) else None, str) and type(entry.get("size")) is int
                 and isinstance(crc, str) and len(crc) == 8 and _HEX.issuperset(crc)):
-            raise FormatError(f"{label}: malformed manifest entry {str(entry)[:80]} (a name, a size and a CRC-32 of 8 hex digits are needed)")
+            raise IntegrityError(f"{label}: malformed manifest entry {str(entry)[:80]} (a name, a size and a CRC-32 of 8 hex digits are needed)")
     return entries
 
 
@@ -66,6 +66,18 @@ def archive_files(archive) -> list[ListedFile]:
     for entry in _entries(archive.manifest, archive.path):
         member = index.get(entry["name"])
         listed.append(ListedFile(Region(index.path, member.offset, member.size, f"{index.label}:{member.raw_name}"), entry))
+    return _once(listed, archive.path)
+
+
+def _once(listed: list[ListedFile], label: str) -> list[ListedFile]:
+    """``listed`` unchanged; IntegrityError when it names a file twice (a manifest listing one big file a
+    million times would make its check read the file a million times)."""
+    seen = set()
+    for item in listed:
+        key = (item.region.path, item.region.start)
+        if key in seen:
+            raise IntegrityError(f"{label}: the manifest lists {item.region.label} more than once (the manifest is damaged)")
+        seen.add(key)
     return listed
 
 
@@ -82,8 +94,9 @@ def listed_files(folder: Path, manifest: dict | None, under: list[Path] | None =
     """The files of ``folder``'s ``manifest`` (only those inside one of the folders ``under``, when given),
     each found with the size the manifest lists.
 
-    IntegrityError naming the file when one is missing or has another size; FormatError when an
-    entry is malformed or names a path outside ``folder`` (nothing outside is ever read).
+    IntegrityError naming the file when one is missing or has another size, and naming the
+    manifest when an entry is malformed, repeated or names a path outside ``folder`` (nothing
+    outside is ever read).
     """
     if manifest is None:
         return []
@@ -91,7 +104,7 @@ def listed_files(folder: Path, manifest: dict | None, under: list[Path] | None =
     for entry in _entries(manifest, str(folder / "shardwise.json")):
         relpath = PurePosixPath(entry["name"])
         if relpath.is_absolute() or ".." in relpath.parts or not relpath.parts:
-            raise FormatError(f"{folder}: the manifest names {entry['name']!r}, which is not a file inside the folder")
+            raise IntegrityError(f"{folder}: the manifest names {entry['name']!r}, which is not a file inside the folder (the manifest is damaged)")
         path = folder / relpath
         if under is not None and not any(path.is_relative_to(u) for u in under):
             continue
@@ -100,7 +113,7 @@ def listed_files(folder: Path, manifest: dict | None, under: list[Path] | None =
         size = path.stat().st_size
         check_against(path, entry, size, None)
         listed.append(ListedFile(Region(str(path), 0, size, str(path)), entry))
-    return listed
+    return _once(listed, str(folder / "shardwise.json"))
 
 
 class _Check:
