@@ -271,9 +271,11 @@ def convert(
         if value is not None:
             raise OptionError(f"{name} applies to --to archive only")
     cast = parse_cast_dtype(dtype) if dtype else None
+    from .reshard.integrity import checked_while_read, files_of
+
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     given_config = read_config(Path(config)) if config is not None else None  # refuse a bad config before writing anything
-    with open_checkpoint(src, trust_pickle=trust_pickle) as ckpt:
+    with open_checkpoint(src, trust_pickle=trust_pickle) as ckpt, checked_while_read(files_of(ckpt)) as verdict:
         if ckpt.archive is not None:
             from .archive.convert import check_unsharded
 
@@ -304,6 +306,7 @@ def convert(
                     _copy_companions(ckpt, stage, config)
                 if plan.format == "hf":
                     finish_hf_folder(stage, cast=cast.name if cast else None)
+                verdict()  # a source damaged under its manifest leaves nothing behind
         finally:
             progress.finish()
     files = tuple(f.relpath for f in plan.files) + ((plan.index_name,) if plan.index_name else ())
@@ -316,10 +319,11 @@ def _convert_to_dcp(src, dst: Path, *, dtype, overwrite: bool, trust_pickle: boo
     """``--to dcp``: the source's full tensors (sharded layouts merged lazily) as a one-file DCP folder."""
     from .formats.dcp_write import write_dcp_folder
     from .reshard.canonical import open_layout_checkpoint
+    from .reshard.integrity import checked_while_read, files_of
 
     cast = parse_cast_dtype(dtype) if dtype else None
     view = open_layout_checkpoint(src, trust_pickle=trust_pickle) or open_checkpoint(src, trust_pickle=trust_pickle)
-    with view:
+    with view, checked_while_read(files_of(view)) as verdict:
         if getattr(view, "archive", None) is not None:
             from .archive.convert import check_unsharded
 
@@ -331,6 +335,7 @@ def _convert_to_dcp(src, dst: Path, *, dtype, overwrite: bool, trust_pickle: boo
         try:
             with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
                 files = write_dcp_folder(stage, [t.out for t in planned.values()], lambda info, out: streamer.write(planned[info.name], out))
+                verdict()
         finally:
             progress.finish()
     return ConvertResult(str(dst), "dcp", tuple(files), len(planned), plan.total_bytes, time.perf_counter() - started)

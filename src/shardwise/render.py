@@ -75,6 +75,8 @@ def render_inspect(summary: dict, *, show_all: bool = False) -> None:
             head.add_row("artifact", f"{artifact['name']} ({size}) <- {used}")
         manifest = archive["manifest"]
         head.add_row("manifest", f"{manifest['format']} v{manifest['version']} ({manifest['created_by']})" if manifest else "none (not written by shardwise)")
+    if summary.get("integrity"):
+        head.add_row("integrity", summary["integrity"])
     console.print(head)
 
     tensors = summary["tensors"]

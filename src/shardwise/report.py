@@ -17,7 +17,8 @@ __all__ = ["describe", "inspect_path"]
 
 
 def describe(ckpt: Checkpoint) -> dict:
-    """The ``inspect --json`` object: format, counts, dtypes, tensors, config, layout and extras."""
+    """The ``inspect --json`` object: format, counts, dtypes, tensors, config, layout and extras
+    (:func:`inspect_path` adds ``parallel`` and ``integrity``, what was checked against a manifest)."""
     infos = ckpt.infos()
     return {
         "path": ckpt.path,
@@ -60,11 +61,13 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config:
     """
     from .reshard.containers import find_shards
     from .reshard.convert import layout_route, shards_need_engine
+    from .reshard.integrity import archive_files
 
     shards = find_shards(Path(path), trust_pickle=trust_pickle) if Path(path).is_dir() else None
     if shards is not None:  # found once: described, then (when the engine reads them) handed to the layout summary
         try:
             summary = describe(_shards_checkpoint(shards))
+            summary["integrity"] = _integrity(shards.manifest, len(shards.listed))
             route = shards if shards_need_engine(shards) else None
         except BaseException:
             shards.close()
@@ -74,9 +77,19 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False, config:
     else:
         with open_checkpoint(path, trust_pickle=trust_pickle) as ckpt:
             summary = describe(ckpt)
+            manifest = ckpt.archive.manifest if ckpt.archive is not None else None
+            summary["integrity"] = _integrity(manifest, len(archive_files(ckpt.archive)) if manifest is not None else 0)
         route = layout_route(path, "hf", {}, trust_pickle=trust_pickle)
     summary["parallel"] = _parallel_summary(route, config, trust_pickle) if route is not None else None
     return summary
+
+
+def _integrity(manifest: dict | None, files: int) -> str:
+    """What inspect checked against the manifest: sizes only (a stat each; a damaged size is an
+    IntegrityError before this is reached). CRC-32s need every byte read, which inspect does not do."""
+    if manifest is None:
+        return "no shardwise manifest: nothing to check the files against"
+    return f"sizes of the {files} files the manifest lists match it; CRC-32s not verified (inspect reads headers only; diff and convert verify them)"
 
 
 def _shards_checkpoint(shards) -> Checkpoint:

@@ -101,6 +101,7 @@ def write_archive(
     unpacked: bool = False,
     manifest_extra: dict | None = None,
     lanes: int = 1,
+    before_commit: Callable[[], None] | None = None,
 ) -> list[WrittenMember]:
     """Write the archive ``dst`` atomically; returns the regular members written (with CRC-32s).
 
@@ -110,7 +111,8 @@ def write_archive(
     ``manifest_extra`` adds top-level entries (such as ``parallel``) to ``shardwise.json``.
     ``lanes`` > 1 writes that many rank files of an unpacked archive at once
     (:meth:`~shardwise.archive.folder_writer.FolderWriter.add_streams`): every shard's
-    ``write_tensor`` must then be safe to call from several threads.
+    ``write_tensor`` must then be safe to call from several threads. ``before_commit()`` runs when
+    everything is written and may raise to discard it (a conversion's check of its source).
     """
     if weights_format not in WEIGHTS_MEMBER:
         raise OptionError(f"weights format {weights_format!r}: choose torch (model_weights.ckpt, NeMo's default) or safetensors")
@@ -151,6 +153,8 @@ def write_archive(
                 fill(FolderWriter(stage))
             else:
                 write_streaming(stage, lambda sink: fill(TarWriter(sink)), mode="w+b")
+            if before_commit is not None:
+                before_commit()
     finally:
         progress.finish()
     return written

@@ -13,7 +13,9 @@ Because a tiling is data, everything else follows without per-layout code:
 - :func:`compose` turns two layouts into a direct shard-to-shard plan, so resharding never
   builds a full tensor (:func:`read_through` is its step: tiles of a tiled source become tiles
   of that source's sources);
-- :func:`coalesce` merges neighbouring tiles, so contiguous runs become single byte copies.
+- :func:`coalesce` merges neighbouring tiles, so contiguous runs become single byte copies;
+- :func:`unread_copies` names what :func:`invert` leaves unread (replicas, padding), so a
+  checker can compare those bytes with the copy that is read, or with zeros.
 
 Sources are opaque hashable references (a canonical tensor name, or ``(shard, name)``).
 """
@@ -27,7 +29,7 @@ from typing import Callable, Hashable, Iterable
 from ..errors import LayoutError
 from ..tensors import TensorInfo
 
-__all__ = ["Tile", "TiledTensor", "matrix_shape", "whole", "invert", "compose", "read_through", "coalesce", "check_cover", "assemble"]
+__all__ = ["Tile", "TiledTensor", "matrix_shape", "whole", "invert", "compose", "read_through", "coalesce", "check_cover", "assemble", "unread_copies"]
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -147,6 +149,28 @@ def compose(target: dict[Hashable, list[TiledTensor]], inverse: list[TiledTensor
     """
     by_name = {t.info.name: t.tiles for t in inverse}
     return {shard: [read_through(tensor, by_name.__getitem__) for tensor in tensors] for shard, tensors in target.items()}
+
+
+def unread_copies(shards: dict[Hashable, list[TiledTensor]], inverse: list[TiledTensor]) -> dict[Hashable, list[TiledTensor]]:
+    """The stored rectangles that reading through ``inverse`` never touches, per shard. Pure.
+
+    ``shards`` is a layout's plan (tiles naming canonical tensors), ``inverse`` its :func:`invert`
+    (tiles naming ``(shard, stored name)``). Each stored tensor holding such rectangles is listed
+    with only those tiles: a replica's tile names the copy that is read in its place, a padding
+    tile has ``src`` None (zeros). A stored tensor that is itself the copy read is not listed.
+
+    >>> unread_copies({1: [norm_on_rank_1]}, invert(plan, canonical))  # doctest: +SKIP
+    {1: [TiledTensor(norm_on_rank_1.info, (Tile(0, 0, 64, 1, (0, "norm"), 0, 0),))]}
+    """
+    composed = compose(shards, inverse)
+    out: dict[Hashable, list[TiledTensor]] = {}
+    for shard, tensors in composed.items():
+        for tensor in tensors:
+            itself = (shard, tensor.info.name)
+            unread = tuple(t for t in tensor.tiles if (t.src, t.src_row, t.src_col) != (itself, t.row, t.col))
+            if unread:
+                out.setdefault(shard, []).append(replace(tensor, tiles=unread))
+    return out
 
 
 def read_through(tensor: TiledTensor, tiles_of: Callable[[Hashable], "tuple[Tile, ...] | None"]) -> TiledTensor:

@@ -31,6 +31,7 @@ from ..models.clip_configs import nemo_clip_config
 from ..progress import NO_PROGRESS, Progress
 from .clip_model import MODEL_KIND, ClipModel, clip_source_kind, open_clip_model
 from .convert import hf_companions, plan_size, write_archive
+from .integrity import checked_while_read
 from .nemo_config import nemo_precision, vocab_multiple_of
 from .write import write_hf
 
@@ -106,7 +107,7 @@ def convert_clip(
     cast = parse_cast_dtype(dtype).name if dtype else None
     if style not in (None, "mcore"):
         raise OptionError(f"--style {style}: CLIP archives are Megatron-core (mcore) archives")
-    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle, kind=kind) as model:
+    with open_clip_model(src, arch=arch, trust_pickle=trust_pickle, kind=kind) as model, checked_while_read(model.listed) as verdict:
         if keep_layout and model.container not in ("archive", "nemo-dir"):
             raise OptionError(f"{src}: is an unsharded {model.container} CLIP; reshard works on CLIP archives, use convert --to archive --tp N")
         to = to or (model.container if keep_layout else None)
@@ -121,13 +122,13 @@ def convert_clip(
                 raise OptionError("--tp, --pp and --weights-format do not apply to --to hf (HF folders are unsharded safetensors)")
             tensors = model.inverse()
             files = write_hf(dst, tensors, streamer, overwrite=overwrite,
-                             add_files=lambda stage: hf_companions(model, stage, hf_config, warnings, cast, True))
+                             add_files=lambda stage: hf_companions(model, stage, hf_config, warnings, cast, True), before_commit=verdict)
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
         else:
             tp = tp or (model.tp if keep_layout else 1)
             check_clip_tp(model.dims, tp, pp or 1)
             encoding = weights_format or (model.encoding if keep_layout and model.encoding in ("torch", "safetensors") else "torch")
-            files, count, total = _write_archive(model, dst, to, tp, streamer, hf_config, encoding, overwrite)
+            files, count, total = _write_archive(model, dst, to, tp, streamer, hf_config, encoding, overwrite, verdict)
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
 
 
@@ -139,8 +140,10 @@ def _main_dtype(model: ClipModel):
     return max(totals, key=totals.get)
 
 
-def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool):
-    """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes)."""
+def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: TileStreamer, hf_config: dict, encoding: str, overwrite: bool,
+                   before_commit):
+    """The Megatron-core archive (or unpacked folder) of ``model`` at ``tp``: (files, tensor count, bytes);
+    ``before_commit()`` runs once it is written (the source's CRC verdict)."""
     multiple = vocab_multiple_of(model.nemo_config, model.dims.vocab)
     padded = padded_vocab(model.dims.vocab, multiple, tp)
     plan = compose(clip_shard_plan(model.dims, model.canonical, tp, padded), model.inverse())
@@ -151,5 +154,6 @@ def _write_archive(model: ClipModel, dst: Path, to: str, tp: int, streamer: Tile
         "layout": {"style": "mcore", "tp": tp, "pp": 1, "vocab_multiple": multiple, "padded_vocab": padded},
         "dims": model.dims.as_dict(), "config": hf_config,
     }
-    files = write_archive(model, dst, to, plan, streamer, hf_config, config, tp=tp, pp=1, parallel=parallel, weights_format=encoding, overwrite=overwrite)
+    files = write_archive(model, dst, to, plan, streamer, hf_config, config, tp=tp, pp=1, parallel=parallel, weights_format=encoding,
+                          overwrite=overwrite, before_commit=before_commit)
     return (files, *plan_size(plan))

@@ -68,6 +68,8 @@ class ClipModel(PlannedModel):
     encoding: str = "torch"
     warnings: list[str] = field(default_factory=list)
     generation_config: dict | None = None  # CLIP has none; named for the companion-file helpers shared with Llama
+    files: dict[Shard, str] = field(default_factory=dict)
+    listed: list = field(default_factory=list)  # the files the manifest lists, for their CRC-32s (.integrity.ListedFile)
     _closers: list = field(default_factory=list)
 
     def stored(self, tp_rank: int, tower: str, role: str, layer: int | None = None):
@@ -163,7 +165,7 @@ def _identity(label: str, container: str, dims: ClipDims, source: FileTensorSour
         raise LayoutError(f"{label}: holds {len(extra)} tensor(s) a CLIP of this configuration does not have, e.g. {stored_as.get(extra[0], extra[0])}")
     canonical = {name: source.info(name) for name in expected}
     plan = {(0, 0): [whole(info, name) for name, info in canonical.items()]}
-    return ClipModel(label, container, dims, 1, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source))
+    return ClipModel(label, container, dims, 1, hf_config, canonical, plan, {(0, 0): source}, encoding=_kind(source), files={(0, 0): label})
 
 
 def _kind(source: FileTensorSource) -> str:
@@ -288,6 +290,7 @@ def _open_mcore(shards: Shards) -> ClipModel:
         check_shard(shards.files[shard], tensors, stored[shard], model="a Megatron-core CLIP", hint="check the archive's model_config.yaml")
     return ClipModel(
         label, shards.container, dims, tp, hf_config, canonical, plan, dict(shards.sources), nemo_config=nemo,
-        archive=shards.archive, encoding=encoding_of(label, shards.sources), warnings=warnings, _closers=list(shards.closers),
+        archive=shards.archive, encoding=encoding_of(label, shards.sources), warnings=warnings, files=dict(shards.files),
+        listed=shards.listed, _closers=list(shards.closers),
     )
 

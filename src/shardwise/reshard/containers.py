@@ -39,6 +39,7 @@ from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
 from ..tensors import FileTensorSource
 from ..training.layout import parse_rank_file, rank_file_name
+from .integrity import archive_files, listed_files
 
 __all__ = ["Shards", "find_shards", "nxdt_file_name", "CONTAINERS", "read_folder_manifest", "encoding_of"]
 
@@ -65,6 +66,7 @@ class Shards:
     hf_config: dict | None = None
     closers: list = field(default_factory=list)
     config_file: str = CONFIG_NAME  # how messages name the NeMo config that nemo_config came from
+    listed: list = field(default_factory=list)  # the files its manifest lists, sizes checked (ListedFile, .integrity)
 
     @property
     def tp(self) -> int:
@@ -121,8 +123,10 @@ def find_shards(path: Path, *, trust_pickle: bool = False) -> Shards | None:
     nxdt = _nxdt_files(path)
     if nxdt:
         folder = path if (path / MANIFEST_NAME).is_file() or not (path.parent / MANIFEST_NAME).is_file() else path.parent
+        manifest = read_folder_manifest(folder)
+        listed = listed_files(folder, manifest, under=sorted({file.parent for file in nxdt.values()}))  # a tag's optimizer files are not read
         sources = {key: _open(file, trust_pickle) for key, file in nxdt.items()}
-        return Shards(path, "nxdt", sources, {k: str(v) for k, v in nxdt.items()}, manifest=read_folder_manifest(folder))
+        return Shards(path, "nxdt", sources, {k: str(v) for k, v in nxdt.items()}, manifest=manifest, listed=listed)
     if (path / CONFIG_NAME).is_file():
         return _nemo_dir_shards(path, trust_pickle)
     return None
@@ -180,12 +184,13 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
             if member is not None and member.kind == "file":
                 hf_config = json.loads(archive.index.read(member))
         manifest = archive.manifest
+        listed = archive_files(archive)
     except BaseException:
         archive.close()
         raise
     return Shards(
         path, "archive", sources, files, manifest=manifest,
-        nemo_config=archive.model_config, archive=archive, hf_config=hf_config, closers=[archive],
+        nemo_config=archive.model_config, archive=archive, hf_config=hf_config, closers=[archive], listed=listed,
     )
 
 
@@ -203,9 +208,10 @@ def _nemo_dir_shards(folder: Path, trust_pickle: bool) -> Shards:
     for candidate in folder.glob("*config.json"):
         hf_config = read_config(candidate)
         break
+    manifest = read_folder_manifest(folder)
     return Shards(
         folder, "nemo-dir", sources, files,
-        manifest=read_folder_manifest(folder), nemo_config=read_model_config(folder / CONFIG_NAME), hf_config=hf_config,
+        manifest=manifest, nemo_config=read_model_config(folder / CONFIG_NAME), hf_config=hf_config, listed=listed_files(folder, manifest),
     )
 
 

@@ -12,13 +12,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
 from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, parse_rank_folder
 from ..atomic import check_output_free, fsync_file, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
-from ..errors import LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
+from ..errors import IntegrityError, LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
 from ..formats.hf_conventions import GENERATION_CONFIG, config_for_dtype, finish_hf_folder, hf_json
 from ..jsonfile import read_json_object
 from ..layout.sharding import ShardedLayout, shard_plan
@@ -28,6 +29,7 @@ from ..models.llama import STYLES
 from ..progress import NO_PROGRESS, Progress
 from ..units import parse_size
 from .containers import CONTAINERS, Shards, find_shards
+from .integrity import checked_while_read
 from .model import ShardedModel, open_model
 from .nemo_config import hf_config_from_nemo, nemo_llama_config, nemo_precision, vocab_multiple_of
 from .write import parallel_manifest, write_hf, write_nemo, write_nxdt
@@ -60,8 +62,8 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
         return path if to == "archive" and config.get("model_type") in MODEL_TYPES else None
     try:
         shards = find_shards(path, trust_pickle=trust_pickle)
-    except UnsafeCheckpointError:
-        raise  # sharded after all: the refusal (and its --trust-pickle hint) is the message to give
+    except (UnsafeCheckpointError, IntegrityError):
+        raise  # sharded after all: the refusal (and its --trust-pickle hint), or the damage its manifest shows, is the message to give
     except (OSError, ShardwiseError):
         if forced or (to in CONTAINERS and path.is_dir() and looks_like_torch_dist(path)):
             raise  # mcore names copied as they are would not be a model container
@@ -186,7 +188,7 @@ def convert_layout(
         if isinstance(src, Shards):
             src.close()
         raise
-    with open_model(src, config=config, trust_pickle=trust_pickle, expect=expect) as source:
+    with open_model(src, config=config, trust_pickle=trust_pickle, expect=expect) as source, checked_while_read(source.listed) as verdict:
         if keep_layout and source.encoding == "dcp":
             raise OptionError(
                 f"{label}: is a distributed checkpoint of global tensors, which loads at any TP/PP as it is (Megatron reshards it when loading); "
@@ -212,7 +214,7 @@ def convert_layout(
             complete = full_state_file is None  # NxD's checkpoint.pt + config.json stays as NxD writes it
             files = write_hf(dst, tensors, streamer, add_files=lambda stage: hf_companions(source, stage, hf_config, warnings, cast, complete),
                              overwrite=overwrite, max_shard_size=parse_size(max_shard_size) if max_shard_size else None, single_file=full_state_file,
-                             xser=encoding == "xser")
+                             xser=encoding == "xser", before_commit=verdict)
             count, total = len(tensors), sum(t.info.nbytes for t in tensors)
             layout = source.layout
         else:
@@ -220,11 +222,11 @@ def convert_layout(
             plan = compose(shard_plan(source.dims, source.canonical, layout), source.inverse())
             parallel = parallel_manifest(to, layout, source.dims, hf_config, encoding, _generation_config(source) if to == "nxdt" else None)
             if to == "nxdt":
-                files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite, encoding=encoding)
+                files = write_nxdt(dst, plan, streamer, parallel, overwrite=overwrite, encoding=encoding, before_commit=verdict)
                 if source.container != "nxdt" and (source.checkpoint is None or source.checkpoint.tokenizer_files):
                     warnings.append(f"{dst}: nxdt folders hold weights only; tokenizer files were not copied")
             else:
-                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite)
+                files = _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, encoding, overwrite, verdict)
             count, total = plan_size(plan)
     return ConvertResult(str(dst), to, tuple(files), count, total, time.perf_counter() - started, tuple(warnings))
 
@@ -249,22 +251,23 @@ def _no_layout_options(*values) -> None:
         raise OptionError("--tp, --pp, --style, --qkv-linear, --fuse-qkv and --kv-size-multiplier do not apply to --to hf (HF folders are unsharded)")
 
 
-def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite) -> list[str]:
+def _write_nemo(source, dst, to, plan, streamer, layout, parallel, hf_config, weights_format, overwrite, before_commit) -> list[str]:
     precision = nemo_precision(streamer.out_dtype(next(iter(source.canonical.values())).dtype))
     config = nemo_llama_config(source.dims, hf_config, tp=layout.tp, pp=layout.pp, vocab_multiple=layout.vocab_multiple or 1, precision=precision)
     return write_archive(source, dst, to, plan, streamer, hf_config, config, tp=layout.tp, pp=layout.pp, parallel=parallel,
-                         weights_format=weights_format, overwrite=overwrite)
+                         weights_format=weights_format, overwrite=overwrite, before_commit=before_commit)
 
 
 def write_archive(source, dst: Path, to: str, plan: dict, streamer: TileStreamer, hf_config: dict, config: dict, *, tp: int, pp: int,
-                  parallel: dict, weights_format: str, overwrite: bool) -> list[str]:
+                  parallel: dict, weights_format: str, overwrite: bool, before_commit: Callable[[], None] | None = None) -> list[str]:
     """The archive (``to`` = ``archive``) or unpacked folder (``nemo-dir``) of ``plan``, with ``config`` as its
-    model_config.yaml and the source's companion files as artifacts (:func:`archive_artifacts`): the files written."""
+    model_config.yaml and the source's companion files as artifacts (:func:`archive_artifacts`): the files written.
+    ``before_commit()`` runs once everything is written and may raise to discard it (the source's CRC verdict)."""
     with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
         artifacts = archive_artifacts(source, Path(tmp), hf_config, config)
         return write_nemo(
             dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=pp, parallel=parallel,
-            weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite,
+            weights_format=weights_format, unpacked=(to == "nemo-dir"), overwrite=overwrite, before_commit=before_commit,
         )
 
 

@@ -24,6 +24,7 @@ from ..layout.tiles import TiledTensor
 from ..models.llama import CANONICAL, STYLES, LlamaDims, dims_from_hf_config
 from ..tensors import FileTensorSource, TensorInfo
 from .containers import Shards, encoding_of, find_shards
+from .integrity import archive_files
 from .nemo_config import dims_from_nemo_config
 from .planned import PlannedModel, check_shard, plan_with_stored_dtypes
 
@@ -60,7 +61,13 @@ class ShardedModel(PlannedModel):
     has_manifest: bool = False
     encoding: str = "torch"  # how the shards store tensors: torch, safetensors or xser
     config_file: str = CONFIG_NAME  # how messages name the NeMo config that nemo_config came from
+    listed: list = field(default_factory=list)  # the files the manifest lists, for their CRC-32s (.integrity.ListedFile)
     _closers: list = field(default_factory=list)
+
+    @property
+    def zero_padding(self) -> bool:
+        """Padding rows are zeros where shardwise wrote the checkpoint (its manifest records the layout)."""
+        return self.has_manifest
 
 
 
@@ -142,6 +149,7 @@ def _open_unsharded(path: Path, config, trust_pickle: bool, expect: dict) -> Sha
         ckpt.close()
         raise
     model.checkpoint = ckpt
+    model.listed = archive_files(ckpt.archive) if ckpt.archive is not None else []
     return model
 
 
@@ -184,6 +192,7 @@ def _open_sharded(shards: Shards, config, expect: dict) -> ShardedModel:
     )
     model.has_manifest = isinstance(parallel, dict)
     model.config_file = shards.config_file
+    model.listed = shards.listed
     if model.has_manifest and isinstance(parallel.get("generation_config"), dict):
         model.generation_config = parallel["generation_config"]
     return model

@@ -13,10 +13,11 @@ from dataclasses import replace
 from functools import cached_property
 from typing import Callable, Hashable
 
-from ..errors import LayoutError
-from ..layout.stream import TiledSource
-from ..layout.tiles import TiledTensor, invert, read_through
+from ..errors import IntegrityError, LayoutError
+from ..layout.stream import TiledSource, TileStreamer, read_tiled
+from ..layout.tiles import Tile, TiledTensor, invert, read_through, unread_copies
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
+from ..units import CHUNK_BYTES
 
 __all__ = ["PlannedModel", "plan_with_stored_dtypes", "check_shard"]
 
@@ -24,12 +25,16 @@ Plan = dict[Hashable, list[TiledTensor]]
 
 
 class PlannedModel:
-    """Methods for a dataclass with ``plan``, ``canonical``, ``shards`` and ``_closers`` fields. Close it to release files."""
+    """Methods for a dataclass with ``plan``, ``canonical``, ``shards``, ``files`` and ``_closers`` fields (and, when it
+    has them, ``listed`` and ``zero_padding``). Close it to release files."""
 
     plan: Plan
     canonical: dict[str, TensorInfo]
     shards: dict[Hashable, FileTensorSource]
+    files: dict[Hashable, str]  # shard -> how messages name its file
     _closers: list
+    listed: "list | tuple" = ()  # the files its manifest lists, for their CRC-32s (.integrity.ListedFile); read-only here
+    zero_padding = False  # whether the layout's padding rows are zeros (they are where shardwise wrote them)
 
     def inverse(self) -> list[TiledTensor]:
         """Each canonical tensor as tiles of ``(shard, stored name)``; where a shard's tensors are
@@ -66,6 +71,25 @@ class PlannedModel:
             entry = replace(entry, info=replace(entry.info, shape=grid))
         return source, entry
 
+    def check_copies(self) -> int:
+        """Read every stored byte that :meth:`inverse` does not (see :func:`~shardwise.layout.tiles.unread_copies`):
+        each replica must hold the bytes of the copy read in its place and, when ``zero_padding``
+        (the layout says padding is zeros: shardwise wrote it), each padding row must be zeros.
+
+        IntegrityError naming the shard's file (``files[shard]``) and the tensor otherwise; returns
+        the bytes checked. A checkpoint of tiled sources (DCP chunks of global tensors) holds no
+        replicas: nothing is read. Memory: about two chunks of one tile at a time.
+        """
+        if any(isinstance(source, TiledSource) for source in self.shards.values()):
+            return 0
+        streamer, checked = TileStreamer(self.lookup), 0
+        for shard, tensors in unread_copies(self.plan, invert(self.plan, self.canonical)).items():
+            for tensor in tensors:
+                for tile in tensor.tiles:
+                    if tile.src is not None or self.zero_padding:
+                        checked += _check_tile(streamer, (shard, tensor.info.name), tensor.info.dtype, tile, self.files)
+        return checked
+
     def close(self) -> None:
         for source in self.shards.values():
             source.close()
@@ -77,6 +101,28 @@ class PlannedModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_tile(streamer, itself: tuple[Hashable, str], dtype: str, tile: Tile, files: dict[Hashable, str]) -> int:
+    """Compare the rectangle ``tile`` covers in stored tensor ``itself`` with its source (zeros when None), a chunk of rows at a time."""
+    import torch
+
+    from ..dtypes import dtype as dtype_row
+
+    step = max(1, CHUNK_BYTES // max(1, tile.cols * dtype_row(dtype).itemsize))
+    for first in range(0, tile.rows, step):
+        rows = min(step, tile.rows - first)
+        info = TensorInfo(itself[1], (rows, tile.cols), dtype)
+        stored = read_tiled(streamer, TiledTensor(info, (Tile(0, 0, rows, tile.cols, itself, tile.row + first, tile.col),)))
+        expected = read_tiled(streamer, TiledTensor(info, (Tile(0, 0, rows, tile.cols, tile.src, tile.src_row + first, tile.src_col),)))
+        if not torch.equal(stored.view(torch.uint8), expected.view(torch.uint8)):
+            file, at = files[itself[0]], f"rows {tile.row + first}..{tile.row + first + rows - 1}"
+            if tile.src is None:
+                raise IntegrityError(f"{file}: {itself[1]} {at} are vocabulary padding, which is written as zeros, but they are not zeros (the file is damaged)")
+            raise IntegrityError(
+                f"{file}: {itself[1]} {at} are a copy of {tile.src[1]} in {files[tile.src[0]]}, but their bytes differ (the file is damaged)"
+            )
+    return tile.rows * tile.cols * dtype_row(dtype).itemsize
 
 
 def plan_with_stored_dtypes(make_plan: Callable[[dict[str, TensorInfo]], Plan], canonical: dict[str, TensorInfo],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from ..archive.folder_writer import FILE_LANES, FolderWriter
 from ..archive.layout import MANIFEST_NAME
@@ -89,11 +89,13 @@ def parallel_manifest(container: str, layout, dims, hf_config: dict, encoding: s
 
 def write_nxdt(
     dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, parallel: dict, *, overwrite: bool, encoding: str = "torch",
+    before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
     """``dst/model/dp_rank_00_tp_rank_TT_pp_rank_PP.pt`` per shard (flat dicts, as NxD writes) and ``dst/shardwise.json``.
 
     ``encoding`` ``xser`` writes each shard as NxD's ``save_xser`` does: a reference file, its
-    ``.pt.tensors/tensor_<i>.pt`` files and ``.pt.info.pt``.
+    ``.pt.tensors/tensor_<i>.pt`` files and ``.pt.info.pt``. ``before_commit()`` runs when
+    everything is written and may raise to discard it (the source's CRC verdict).
     """
     from .. import __version__
 
@@ -120,6 +122,8 @@ def write_nxdt(
             }
             writer.add_bytes(MANIFEST_NAME, document_bytes(document))
             writer.close()
+            if before_commit is not None:
+                before_commit()
     finally:
         streamer.progress.finish()
     return [m.name for m in writer.members]
@@ -127,26 +131,28 @@ def write_nxdt(
 
 def write_nemo(
     dst: Path, plan: dict[Shard, list[TiledTensor]], streamer: TileStreamer, *, config: dict, artifacts, tp: int, pp: int,
-    parallel: dict, weights_format: str, unpacked: bool, overwrite: bool,
+    parallel: dict, weights_format: str, unpacked: bool, overwrite: bool, before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
-    """An archive (or, ``unpacked``, a nemo-dir folder) with NeMo's rank folders and a manifest carrying ``parallel``."""
+    """An archive (or, ``unpacked``, a nemo-dir folder) with NeMo's rank folders and a manifest carrying ``parallel``;
+    ``before_commit``: see :func:`write_nxdt`."""
     per_thread = _StreamerPerThread(streamer)
     shards = [ArchiveShard(t, p, tuple(out_infos(tensors, streamer)), _writer_for(tensors, per_thread)) for (t, p), tensors in plan.items()]
     written = write_archive(
         dst, config=config, shards=shards, tp=tp, pp=pp, weights_format=weights_format, artifacts=artifacts,
         overwrite=overwrite, progress=streamer.progress, unpacked=unpacked, manifest_extra={"parallel": parallel}, lanes=FILE_LANES,
+        before_commit=before_commit,
     )
     return [m.name for m in written]
 
 
 def write_hf(
     dst: Path, tensors: list[TiledTensor], streamer: TileStreamer, *, add_files, overwrite: bool, max_shard_size: int | None = None,
-    single_file: str | None = None, xser: bool = False,
+    single_file: str | None = None, xser: bool = False, before_commit: Callable[[], None] | None = None,
 ) -> list[str]:
     """An HF folder: safetensors shards named and indexed as ``save_pretrained`` does, then ``add_files(stage)``.
 
     ``single_file`` writes all tensors to one torch file of that name instead (NxD's ``checkpoint.pt``),
-    with ``xser`` as an xser reference file plus its tensor files.
+    with ``xser`` as an xser reference file plus its tensor files. ``before_commit``: see :func:`write_nxdt`.
     """
     infos = out_infos(tensors, streamer)
     plan = plan_output(infos, to="hf", max_shard_size=max_shard_size)
@@ -158,7 +164,10 @@ def write_hf(
     try:
         with atomic_output(dst, is_dir=True, overwrite=overwrite) as stage:
             if xser:
-                return _write_xser_file(stage, single_file, infos, _writer_for(tensors, streamer)) + list(add_files(stage))
+                written = _write_xser_file(stage, single_file, infos, _writer_for(tensors, streamer)) + list(add_files(stage))
+                if before_commit is not None:
+                    before_commit()
+                return written
             for planned in plan.files:
                 file_infos = [p.out for p in planned.tensors]
                 write = _writer_for([by_name[i.name] for i in file_infos], streamer)
@@ -167,6 +176,8 @@ def write_hf(
             if plan.index_name:
                 write_index(stage / plan.index_name, plan)
             extra = add_files(stage)
+            if before_commit is not None:
+                before_commit()
     finally:
         streamer.progress.finish()
     return [f.relpath for f in plan.files] + ([plan.index_name] if plan.index_name else []) + list(extra)

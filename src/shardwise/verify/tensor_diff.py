@@ -6,6 +6,13 @@ dtypes and bytes match (so ``-0.0`` differs from ``0.0``, and NaN payloads count
 NaNs equal to NaNs and infinities equal to themselves, and accepts different dtypes (so a bf16
 copy can be checked against its fp32 original). Bytes are compared chunk by chunk; a value
 comparison runs only where bytes differ or dtypes differ, also chunk by chunk.
+
+A sharded checkpoint is also checked on its own, since its canonical tensors read one copy of
+each stored rectangle: every replica (norms on every TP rank, repeated KV heads, a tied copy) must
+equal the copy read, vocabulary padding rows must be zeros where shardwise wrote them, and every
+file its manifest lists must have the manifest's CRC-32 (computed on a background thread while
+the comparison reads the same files). Such damage is an IntegrityError naming the file (``diff``
+exits 2): the checkpoint is bad input, not a difference between two sound checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..formats import open_checkpoint
+from ..reshard.integrity import checked_while_read, files_of
 from ..progress import NO_PROGRESS, Progress
 from ..tensors import FileTensorSource, TensorInfo, tensor_bytes, tensor_from_bytes
 from ..units import CHUNK_BYTES
@@ -76,14 +84,19 @@ def diff(
     Sharded and Megatron-style checkpoints (nxdt folders, sharded archives, nemo-dir) are compared
     through their canonical HuggingFace-named tensors, merged lazily one at a time, so checkpoints
     of different layouts compare equal when they hold the same model. ``config`` is the HF
-    config.json for sharded checkpoints that do not carry one.
+    config.json for sharded checkpoints that do not carry one. IntegrityError naming the file when
+    either side is damaged (see module docstring): a replica or padding row that disagrees, or a
+    file whose CRC-32 is not its manifest's.
 
     >>> shardwise.diff("model.safetensors", "model.pt").equal  # doctest: +SKIP
     True
     """
     report = DiffReport(os.fspath(a), os.fspath(b), atol=atol, rtol=rtol)
     tolerant = atol is not None or rtol is not None
-    with _open_side(a, trust_pickle, config) as ca, _open_side(b, trust_pickle, config) as cb:
+    with _open_side(a, trust_pickle, config) as ca, _open_side(b, trust_pickle, config) as cb, \
+            checked_while_read([*files_of(ca), *files_of(cb)]) as verdict:
+        _check_copies(ca)
+        _check_copies(cb)
         names_a, names_b = ca.tensors.keys(), set(cb.tensors.keys())
         report.missing = [n for n in names_a if n not in names_b]
         report.extra = sorted(names_b.difference(names_a))
@@ -100,6 +113,7 @@ def diff(
                     report.mismatches.append(mismatch)
         finally:
             progress.finish()
+        verdict()
     return report
 
 
@@ -108,6 +122,13 @@ def _open_side(path, trust_pickle: bool, config):
 
     view = open_layout_checkpoint(path, config=config, trust_pickle=trust_pickle)
     return view if view is not None else open_checkpoint(path, trust_pickle=trust_pickle)
+
+
+def _check_copies(side) -> None:
+    """A sharded side's replicas and padding rows, which its canonical tensors do not read (IntegrityError if they disagree)."""
+    model = getattr(side.tensors, "model", None)
+    if model is not None:
+        model.check_copies()
 
 
 def _describe(info: TensorInfo) -> dict:
