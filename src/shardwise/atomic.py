@@ -25,6 +25,7 @@ from .errors import OutputExistsError
 __all__ = [
     "atomic_output", "durable_close", "fsync_dir", "fsync_file", "staging_name", "remove_stale_stages", "write_all",
     "write_text_durably", "start_writeback", "commit_stage", "discard_stage", "process_temporary_file", "process_temporary_folder",
+    "temporary_folder",
 ]
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
@@ -61,6 +62,18 @@ def process_temporary_file(prefix: str, suffix: str = "") -> tuple[int, str]:
 def process_temporary_folder(prefix: str) -> str:
     """``tempfile.mkdtemp`` named and swept as :func:`process_temporary_file` names and sweeps files."""
     return tempfile.mkdtemp(prefix=_sweep_temporaries(prefix, ""))
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str) -> Iterator[Path]:
+    """``tempfile.TemporaryDirectory`` named and swept as :func:`process_temporary_folder`: removed when
+    the block ends (also on an exception or the CLI's SIGTERM), and by a later call with the same
+    ``prefix`` when this process was killed before it could remove it."""
+    path = Path(process_temporary_folder(prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _sweep_temporaries(prefix: str, suffix: str) -> str:

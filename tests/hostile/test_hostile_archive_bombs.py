@@ -140,3 +140,33 @@ def test_restore_from_names_its_artifact_folder_for_its_process_and_sweeps_those
         assert restored.artifacts_dir.parent == temp_dir and restored.artifacts_dir.name.startswith(f"shardwise-artifacts-{os.getpid()}-")
         assert not stale.exists()
     assert listing(temp_dir) == []
+
+
+def test_a_gnu_sparse_member_is_refused_before_anything_is_written(cli, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data, kind in (("a.bin", b"x" * 1024, tarfile.GNUTYPE_SPARSE), ("model_config.yaml", b"a: 1\n", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "sparse.nemo"
+    archive.write_bytes(buffer.getvalue())
+    result = cli("unpack", archive, tmp_path / "out")
+    assert _one_error_line(result) and "sparse" in result.err and "a.bin" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_temporary_folders_of_killed_processes_are_swept_by_the_next_one(temp_dir):
+    from shardwise.atomic import temporary_folder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = temp_dir / f"shardwise-companions-{dead.pid}-abcd_123"
+    alive = temp_dir / f"shardwise-companions-{os.getpid()}-abcd_456"
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "tokenizer.json").write_bytes(b"{}")
+    with temporary_folder("shardwise-companions-") as mine:
+        assert mine.is_dir() and mine.name.startswith(f"shardwise-companions-{os.getpid()}-")
+        assert not stale.exists() and alive.exists()
+    assert listing(temp_dir) == sorted([alive.name, f"{alive.name}/tokenizer.json"])

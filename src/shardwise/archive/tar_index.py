@@ -131,6 +131,8 @@ def unsafe_reason(member: TarMember) -> str | None:
         return "is the archive root ('.') stored as a file, not a folder"
     if member.kind in ("symlink", "hardlink"):
         return f"is a {member.kind} (to {member.linkname!r})"
+    if member.kind == "sparse":
+        return "is a GNU sparse file, whose stored bytes are not its contents"
     if member.kind == "other":
         return "is a device, fifo or other special file"
     return None
@@ -158,6 +160,8 @@ def member_path(root: Path, name: str, label: str, *, folder: bool = False) -> P
 
 
 def _kind(info: tarfile.TarInfo) -> str:
+    if info.issparse():
+        return "sparse"  # its header's offset and size do not describe the bytes stored
     if info.isreg():
         return "file"
     if info.isdir():

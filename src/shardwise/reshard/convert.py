@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..archive.artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, make_artifact
 from ..archive.layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, parse_rank_folder
-from ..atomic import check_output_free, fsync_file, write_text_durably
+from ..atomic import check_output_free, fsync_file, temporary_folder, write_text_durably
 from ..dtypes import parse_cast_dtype
 from ..engine import ConvertResult
 from ..errors import IntegrityError, LayoutError, OptionError, ShardwiseError, UnsafeCheckpointError
@@ -263,7 +262,7 @@ def write_archive(source, dst: Path, to: str, plan: dict, streamer: TileStreamer
     """The archive (``to`` = ``archive``) or unpacked folder (``nemo-dir``) of ``plan``, with ``config`` as its
     model_config.yaml and the source's companion files as artifacts (:func:`archive_artifacts`): the files written.
     ``before_commit()`` runs once everything is written and may raise to discard it (the source's CRC verdict)."""
-    with tempfile.TemporaryDirectory(prefix="shardwise-artifacts-") as tmp:
+    with temporary_folder("shardwise-artifacts-") as tmp:
         artifacts = archive_artifacts(source, Path(tmp), hf_config, config)
         return write_nemo(
             dst, plan, streamer, config=config, artifacts=artifacts, tp=tp, pp=pp, parallel=parallel,
@@ -352,7 +351,7 @@ def _stored_companions(source: ShardedModel, tmp: Path) -> list[tuple[str, Path]
 
 def _generation_config(source: ShardedModel) -> dict | None:
     """The source's generation_config.json (among its companion files, or from its manifest), or None."""
-    with tempfile.TemporaryDirectory(prefix="shardwise-companions-") as tmp:
+    with temporary_folder("shardwise-companions-") as tmp:
         found = dict(_companion_entries(source, Path(tmp))).get(GENERATION_CONFIG)
         return read_json_object(found, "generation config") if found is not None else None
 
@@ -365,7 +364,7 @@ def hf_companions(source: ShardedModel, stage: Path, hf_config: dict, warnings: 
     generation_config.json is derived when the source had none (not even in its manifest).
     """
     written = []
-    with tempfile.TemporaryDirectory(prefix="shardwise-companions-") as tmp:
+    with temporary_folder("shardwise-companions-") as tmp:
         for name, path in _companion_entries(source, Path(tmp)):
             target = stage / name
             target.parent.mkdir(parents=True, exist_ok=True)

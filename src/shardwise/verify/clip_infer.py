@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..archive.artifacts import NEMO_PREFIX, config_value
+from ..atomic import temporary_folder
 from ..errors import FormatError, OptionError
 from ..reshard.clip_model import ClipModel, clip_source_kind, open_clip_model
 from ..storage import accepts_urls
@@ -116,7 +116,7 @@ def _tokenizer_folder(model: ClipModel, given: str | os.PathLike | None):
     if model.archive is None:  # an unpacked archive: the artifact is a folder next to model_config.yaml
         yield Path(model.path) / member
         return
-    with tempfile.TemporaryDirectory(prefix="shardwise-tokenizer-") as tmp:
+    with temporary_folder("shardwise-tokenizer-") as tmp:
         model.archive.extract([member], Path(tmp))
         yield Path(tmp) / member
 

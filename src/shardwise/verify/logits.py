@@ -15,12 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import errors
+from ..atomic import temporary_folder
 from ..errors import FormatError, LayoutError, OptionError, ShardwiseError
 from ..formats.hf import read_config
 from ..layout.sharding import stored_name, style_of
@@ -105,8 +105,7 @@ def verify_logits(
         layout, container = model.layout, model.container
     finally:
         model.close()
-    with tempfile.TemporaryDirectory(prefix="shardwise-verify-") as work:
-        work = Path(work)
+    with temporary_folder("shardwise-verify-") as work:
         torch.save(ids, work / "tokens.pt")
         spec = {
             "checkpoint": str(Path(ckpt).resolve()),
