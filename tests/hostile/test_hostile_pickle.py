@@ -258,3 +258,24 @@ def test_a_modest_expanded_view_still_loads(tmp_path):
     source = TorchFile(path)
     assert [source.info(name).shape for name in source.keys()] == [(4, 8), (4, 8)]
     assert source.stored("v0").strides == (0, 0)
+
+
+def test_a_file_naming_one_storage_hundreds_of_times_is_refused_while_tied_weights_load(tmp_path, monkeypatch):
+    import torch
+
+    from shardwise.errors import FormatError
+    from shardwise.formats import torch_pickle
+
+    monkeypatch.setattr(torch_pickle, "MAX_VIEW_EXPANSION", 1 << 20)  # keeps the bomb a few MiB
+    base = torch.zeros(1 << 16)  # 256 KiB of storage
+    tied = tmp_path / "tied.pt"
+    torch.save({"embed.weight": base, "lm_head.weight": base}, tied)
+    source = torch_pickle.TorchFile(tied)
+    assert [source.stored(name).path for name in source.keys()] == [str(tied)] * 2
+
+    bomb = tmp_path / "shared.pt"
+    torch.save({f"t{i}": base for i in range(64)}, bomb)  # 16 MiB declared by a 260 KiB file
+    with pytest.raises(FormatError, match="share storage too often"):
+        source = torch_pickle.TorchFile(bomb)
+        for name in source.keys():
+            source.stored(name)

@@ -47,6 +47,11 @@ MAX_PICKLE_BYTES = 256 << 20
 # all tensors together: converting materialises them, so a 62 KB file of such views could otherwise
 # declare a terabyte. Expanded buffers in real state dicts (position ids, masks) are a few MB at most.
 MAX_VIEW_EXPANSION = 256 << 20
+# Tensors may also share storage without stride 0: tied weights (an embedding and its output layer,
+# T5's four uses of one embedding) are whole views of one storage. All tensors of a file together
+# may declare at most this many times the file's size (plus MAX_VIEW_EXPANSION), so that a file
+# listing one large storage thousands of times is refused instead of becoming thousands of copies.
+MAX_SHARED_VIEWS_FACTOR = 4
 _ALIGNMENT = 64
 
 
@@ -79,10 +84,13 @@ class TorchPickle:
         self.globals_seen = globals_seen  # every global the pickle names (so xser references are found without a walk)
         self._storage_offsets = storage_offsets  # key -> (byte offset in the region, byte length)
         self._expansion = 0  # bytes the views located so far add beyond what they read (see MAX_VIEW_EXPANSION)
+        self._declared = 0  # bytes the tensors located so far declare (see MAX_SHARED_VIEWS_FACTOR)
 
     def stored(self, lazy: LazyTensor, name: str) -> StoredTensor:
-        """Where ``lazy``'s elements are; FormatError if its view reaches past its storage, or if the
-        views located so far expand their storage bytes by more than MAX_VIEW_EXPANSION together."""
+        """Where ``lazy``'s elements are; FormatError if its view reaches past its storage, if the
+        views located so far expand their storage bytes by more than MAX_VIEW_EXPANSION together, or
+        if the tensors located so far declare more than MAX_SHARED_VIEWS_FACTOR times the file's
+        size (plus MAX_VIEW_EXPANSION): storage shared that often can only be a bomb."""
         row = dtypes.dtype(lazy.dtype)
         try:
             start, length = self._storage_offsets[lazy.storage.key]
@@ -96,6 +104,14 @@ class TorchPickle:
                 f"{self.path}: tensor '{name}' is a view that expands {entry.span:,} bytes of storage to {info.nbytes:,}; "
                 f"the file's expanded views would add {self._expansion:,} bytes, more than the {MAX_VIEW_EXPANSION:,} "
                 "shardwise materialises from a file (re-save it with the tensors made contiguous)"
+            )
+        self._declared += info.nbytes
+        allowed = MAX_SHARED_VIEWS_FACTOR * self.region.size + MAX_VIEW_EXPANSION
+        if self._declared > allowed:
+            raise FormatError(
+                f"{self.path}: its tensors, up to '{name}', declare {self._declared:,} bytes, more than "
+                f"{MAX_SHARED_VIEWS_FACTOR} times the file's {self.region.size:,} bytes (plus {MAX_VIEW_EXPANSION:,}): "
+                "they share storage too often to be materialised (re-save it with each tensor's own storage)"
             )
         if lazy.storage_offset * row.itemsize + entry.span > length:
             raise FormatError(
