@@ -32,12 +32,12 @@ the stored prefix are weights, shown under the NeMo 1 names; the rest are counte
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Hashable
 
 from ..errors import FormatError
+from ..jsonfile import parse_json_object
 from ..layout.stream import TiledSource
 from ..layout.tiles import TiledTensor
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
@@ -72,13 +72,7 @@ def _read_json(files: DcpFiles) -> dict:
         raise FormatError(f"{path}: {region.size} bytes is too large for a backend description")
     with open_region(region) as f:
         raw = f.read()
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: holds a {type(value).__name__}, not a JSON object")
-    return value
+    return parse_json_object(raw, path, "the backend description")
 
 
 def read_backend(files: "str | os.PathLike | DcpFiles") -> dict:
