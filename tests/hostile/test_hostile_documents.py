@@ -15,7 +15,7 @@ import pytest
 
 from conftest import run_subprocess, tiny_llama
 from shardwise.errors import FormatError
-from shardwise.jsonfile import MAX_NESTING, parse_json, parse_yaml
+from shardwise import jsonfile
 
 HANG = 60  # seconds: each case takes about one
 DEEP = 100_000  # levels: far past Python's recursion limit, a few hundred kilobytes
@@ -101,18 +101,18 @@ def test_a_deeply_nested_safetensors_header_is_one_line_exit_2(tmp_path):
 
 
 def test_documents_nested_up_to_the_limit_are_read_and_deeper_ones_refused():
-    at_limit = b"[" * MAX_NESTING + b"]" * MAX_NESTING
-    assert parse_json(at_limit, "x.json", "config") is not None
-    assert parse_yaml(at_limit, "x.yaml", "config") is not None
+    at_limit = b"[" * jsonfile.MAX_NESTING + b"]" * jsonfile.MAX_NESTING
+    assert jsonfile.parse_json(at_limit, "x.json", "config") is not None
+    assert jsonfile.parse_yaml(at_limit, "x.yaml", "config") is not None
     with pytest.raises(FormatError, match="x.json: config nests more than"):
-        parse_json(b"[" + at_limit + b"]", "x.json", "config")
+        jsonfile.parse_json(b"[" + at_limit + b"]", "x.json", "config")
     with pytest.raises(FormatError, match="x.yaml: config nests more than"):
-        parse_yaml(b"[" + at_limit + b"]", "x.yaml", "config")
+        jsonfile.parse_yaml(b"[" + at_limit + b"]", "x.yaml", "config")
 
 
 def test_brackets_and_escaped_quotes_inside_json_strings_do_not_count_as_nesting():
     text = '{"a": "' + "[{" * 1000 + '\\"' + "[" * 1000 + '\\\\", "b": ["]]]", "\\\\"]}'
-    assert parse_json(text.encode(), "x.json", "config")["b"] == ["]]]", "\\"]
+    assert jsonfile.parse_json(text.encode(), "x.json", "config")["b"] == ["]]]", "\\"]
 
 
 def test_yaml_aliases_that_expand_past_the_limit_or_contain_themselves_are_refused():
@@ -120,7 +120,7 @@ def test_yaml_aliases_that_expand_past_the_limit_or_contain_themselves_are_refus
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
     )  # ten values, each level ten times the last: 10**9 once expanded, in a few hundred bytes
     with pytest.raises(FormatError, match="x.yaml: config expands .* to more than"):
-        parse_yaml(laughs, "x.yaml", "config")
+        jsonfile.parse_yaml(laughs, "x.yaml", "config")
     with pytest.raises(FormatError, match="alias \\*a refers to a collection that contains it"):
-        parse_yaml("a: &a [1, *a]", "x.yaml", "config")
-    assert parse_yaml("a: &a {b: 1}\nc: *a\nd:\n  <<: *a\n  e: 2\n", "x.yaml", "config") == {"a": {"b": 1}, "c": {"b": 1}, "d": {"b": 1, "e": 2}}
+        jsonfile.parse_yaml("a: &a [1, *a]", "x.yaml", "config")
+    assert jsonfile.parse_yaml("a: &a {b: 1}\nc: *a\nd:\n  <<: *a\n  e: 2\n", "x.yaml", "config") == {"a": {"b": 1}, "c": {"b": 1}, "d": {"b": 1, "e": 2}}
