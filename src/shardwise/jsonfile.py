@@ -78,8 +78,12 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _nested_too_deeply(what: str) -> str:
+    return f"is nested too deeply: more than {MAX_NESTING} levels, which no real {what} has (corrupted or hostile?)"
+
+
 def _too_deep(label: str, what: str) -> FormatError:
-    return FormatError(f"{label}: {what} nests more than {MAX_NESTING} levels deep, which no real {what} does (corrupted or hostile?)")
+    return FormatError(f"{label}: {what} {_nested_too_deeply(what)}")
 
 
 def parse_json(data: bytes | str, label: str, what: str, **hooks: Any) -> Any:
@@ -92,7 +96,7 @@ def parse_json(data: bytes | str, label: str, what: str, **hooks: Any) -> Any:
     >>> parse_json(b'{"a": [1]}', "config.json", "config")
     {'a': [1]}
     """
-    raw = data.encode("utf-8") if isinstance(data, str) else data
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data  # lone surrogates: json.loads reports them
     text = _text(data, label)
     if _json_nesting(raw) > MAX_NESTING:
         raise _too_deep(label, what)
@@ -138,7 +142,7 @@ def _yaml_problem(what: str, text: str) -> str | None:
             if isinstance(event, events.CollectionStartEvent):
                 stack.append([event.anchor, 0, 1])
                 if len(stack) > MAX_NESTING:
-                    return f"nests more than {MAX_NESTING} levels deep, which no real {what} does (corrupted or hostile?)"
+                    return _nested_too_deeply(what)
                 continue
             if isinstance(event, events.CollectionEndEvent):
                 anchor, height, nodes = stack.pop()
@@ -191,7 +195,7 @@ def parse_yaml(data: bytes | str, label: str, what: str) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise FormatError(f"{label}: {what} is not readable YAML ({getattr(e, 'problem', None) or type(e).__name__}{where})") from None
     except RecursionError:  # the scan bounds the nesting; this is the last line of defence
-        raise FormatError(f"{label}: {what} nests more than {MAX_NESTING} levels deep (corrupted or hostile?)") from None
+        raise _too_deep(label, what) from None
 
 
 def document_bytes(document: dict) -> bytes:

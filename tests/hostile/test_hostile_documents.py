@@ -71,20 +71,20 @@ def _rewrite_archive(archive: Path, out: Path, edit) -> Path:
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
 def test_a_deeply_nested_json_file_of_an_hf_folder_is_one_line_exit_2(hf_folder, tmp_path, name):
     folder = _copy_folder(hf_folder, tmp_path, name, DEEP_JSON)
-    _one_line_exit_2(run_subprocess("inspect", folder, timeout=HANG), str(folder / name), "nests more than")
+    _one_line_exit_2(run_subprocess("inspect", folder, timeout=HANG), str(folder / name), "nested too deeply")
 
 
 def test_a_deeply_nested_config_option_is_one_line_exit_2(hf_folder, tmp_path):
     config = tmp_path / "config.json"
     config.write_bytes(DEEP_JSON)
     result = run_subprocess("convert", hf_folder / "model.safetensors", tmp_path / "out", "--to", "hf", "--config", config, timeout=HANG)
-    _one_line_exit_2(result, str(config), "nests more than")
+    _one_line_exit_2(result, str(config), "nested too deeply")
     assert not (tmp_path / "out").exists()
 
 
 def test_a_deeply_nested_model_config_yaml_in_an_archive_is_one_line_exit_2(archive, tmp_path):
     edited = _rewrite_archive(archive, tmp_path / "deep.nemo", lambda name, data: DEEP_YAML if name.endswith("model_config.yaml") else data)
-    _one_line_exit_2(run_subprocess("inspect", edited, timeout=HANG), str(edited), "model_config.yaml", "nests more than")
+    _one_line_exit_2(run_subprocess("inspect", edited, timeout=HANG), str(edited), "model_config.yaml", "nested too deeply")
 
 
 def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, tmp_path):
@@ -97,16 +97,16 @@ def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, t
 def test_a_deeply_nested_safetensors_header_is_one_line_exit_2(tmp_path):
     path = tmp_path / "deep.safetensors"
     path.write_bytes(struct.pack("<Q", len(DEEP_JSON)) + DEEP_JSON)
-    _one_line_exit_2(run_subprocess("inspect", path, timeout=HANG), str(path), "nests more than")
+    _one_line_exit_2(run_subprocess("inspect", path, timeout=HANG), str(path), "nested too deeply")
 
 
 def test_documents_nested_up_to_the_limit_are_read_and_deeper_ones_refused():
     at_limit = b"[" * jsonfile.MAX_NESTING + b"]" * jsonfile.MAX_NESTING
     assert jsonfile.parse_json(at_limit, "x.json", "config") is not None
     assert jsonfile.parse_yaml(at_limit, "x.yaml", "config") is not None
-    with pytest.raises(FormatError, match="x.json: config nests more than"):
+    with pytest.raises(FormatError, match="x.json: config is nested too deeply"):
         jsonfile.parse_json(b"[" + at_limit + b"]", "x.json", "config")
-    with pytest.raises(FormatError, match="x.yaml: config nests more than"):
+    with pytest.raises(FormatError, match="x.yaml: config is nested too deeply"):
         jsonfile.parse_yaml(b"[" + at_limit + b"]", "x.yaml", "config")
 
 
