@@ -6,6 +6,7 @@ is a sparse file of the size the storage entries claim (nothing in it is read by
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from pathlib import Path
@@ -20,18 +21,18 @@ from safetensors import safe_open
 HANG = 20  # seconds: every case here finishes in about one; the unfixed code takes minutes (or years)
 
 
-def dcp_metadata(folder: Path, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Path:
-    """A DCP folder whose uint8 tensor ``model.w`` of ``shape`` is saved in ``chunks`` (offsets,
+def dcp_metadata(folder: Path, shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]], fqn: str = "model.w") -> Path:
+    """A DCP folder whose uint8 tensor ``fqn`` of ``shape`` is saved in ``chunks`` (offsets,
     sizes), each given a storage entry exactly as long as its elements (at least one byte)."""
     folder.mkdir()
     metas, storage, at = [], {}, 0
     for offsets, sizes in chunks:
         length = max(math.prod(sizes), 1)
         metas.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-        storage[MetadataIndex("model.w", torch.Size(offsets))] = _StorageInfo("__0_0.distcp", at, length)
+        storage[MetadataIndex(fqn, torch.Size(offsets))] = _StorageInfo("__0_0.distcp", at, length)
         at += length
     entry = TensorStorageMetadata(TensorProperties(dtype=torch.uint8), torch.Size(shape), metas)
-    metadata = Metadata({"model.w": entry}, planner_data={"model.w": ("model", "w")}, storage_data=storage)
+    metadata = Metadata({fqn: entry}, planner_data={fqn: tuple(fqn.split("."))}, storage_data=storage)
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     with open(folder / "__0_0.distcp", "wb") as f:
         f.truncate(at)
@@ -77,3 +78,12 @@ def test_thousands_of_overlapping_chunks_sharing_rows_are_refused_in_linear_time
     chunks = [((0, i), (1, 1)) for i in range(3, columns)] + [((0, 1), (1, 2)), ((0, 2), (1, 1))]
     folder = dcp_metadata(tmp_path / "ckpt", (1, columns), chunks)
     _one_line_exit_2(run_subprocess("inspect", folder, timeout=HANG), folder, "chunks overlap")
+
+
+def test_a_torch_dist_stack_of_2_to_the_40_empty_layers_is_refused_before_any_layer_is_made(tmp_path):
+    layers = 1 << 40  # a Megatron stacked key: one tensor per layer, none of them holding a byte
+    fqn = "decoder.layers.mlp.linear_fc1.weight"
+    folder = dcp_metadata(tmp_path / "ckpt", (layers, 0), [((0, 0), (layers, 0))], fqn=fqn)
+    backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+    (folder / "metadata.json").write_text(json.dumps(backend))
+    _one_line_exit_2(run_subprocess("inspect", folder, timeout=HANG), folder, f"stacked key '{fqn}' holds {layers} layers")

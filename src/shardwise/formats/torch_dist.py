@@ -51,6 +51,9 @@ _BACKEND = "torch_dist"
 _VERSIONS = (1,)
 _EXTRA_STATE = "_extra_state"
 _MAX_BACKEND_BYTES = 1 << 20
+# Layers of one stacked key: the deepest models have a few hundred. Each layer becomes tensors of its
+# own, and a stack without elements (shape (2**40, 0)) has no bytes that would bound their count.
+_MAX_LAYERS = 1 << 14
 NEMO2_PREFIX = ("module.", "model.")  # (stored, shown): NeMo 2's weights/ keys as the mcore names of NeMo 1's model_weights/
 
 
@@ -204,6 +207,8 @@ class TorchDistSource(TiledSource):
         where = self.dcp.metadata.files.path(METADATA)
         if not shape:
             raise FormatError(f"{where}: '{fqn}' is a stacked layer key but holds a 0-d tensor, not one tensor per layer")
+        if shape[0] > _MAX_LAYERS:
+            raise FormatError(f"{where}: stacked key '{fqn}' holds {shape[0]} layers; no model has more than {_MAX_LAYERS} (corrupted or hostile?)")
         known = self.stacked.setdefault(prefix, shape[0])
         if known != shape[0]:
             raise FormatError(f"{where}: stacked keys disagree on the layer count: '{first}' has {known} layers, '{fqn}' has {shape[0]}")
