@@ -1,7 +1,8 @@
 """Hostile JSON and YAML documents: whatever their nesting or aliases, one line naming the file, exit 2.
 
 Every document goes through :mod:`shardwise.jsonfile` (config.json, index files, archive members,
-``--config``, model_config.yaml, the safetensors header): these run a few of its callers end to end.
+``--config``, model_config.yaml, the safetensors header): these run a few of its callers end to end,
+in process (``cli`` returns the exit code and stderr; any exception but the project's would escape).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from conftest import run_subprocess, tiny_llama
 from shardwise.errors import FormatError
 from shardwise import jsonfile
 
-HANG = 60  # seconds: each case takes about one
+HANG = 60  # seconds, for the one subprocess (the archive conversion)
 DEEP = 100_000  # levels: far past Python's recursion limit, a few hundred kilobytes
 DEEP_JSON = b'{"a": ' + b"[" * DEEP + b"]" * DEEP + b"}"
 DEEP_YAML = b"a: " + b"[" * DEEP + b"]" * DEEP + b"\n"
@@ -69,35 +70,35 @@ def _rewrite_archive(archive: Path, out: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
-def test_a_deeply_nested_json_file_of_an_hf_folder_is_one_line_exit_2(hf_folder, tmp_path, name):
+def test_a_deeply_nested_json_file_of_an_hf_folder_is_one_line_exit_2(hf_folder, tmp_path, name, cli):
     folder = _copy_folder(hf_folder, tmp_path, name, DEEP_JSON)
-    _one_line_exit_2(run_subprocess("inspect", folder, timeout=HANG), str(folder / name), "nested too deeply")
+    _one_line_exit_2(cli("inspect", folder), str(folder / name), "nested too deeply")
 
 
-def test_a_deeply_nested_config_option_is_one_line_exit_2(hf_folder, tmp_path):
+def test_a_deeply_nested_config_option_is_one_line_exit_2(hf_folder, tmp_path, cli):
     config = tmp_path / "config.json"
     config.write_bytes(DEEP_JSON)
-    result = run_subprocess("convert", hf_folder / "model.safetensors", tmp_path / "out", "--to", "hf", "--config", config, timeout=HANG)
+    result = cli("convert", hf_folder / "model.safetensors", tmp_path / "out", "--to", "hf", "--config", config)
     _one_line_exit_2(result, str(config), "nested too deeply")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_deeply_nested_model_config_yaml_in_an_archive_is_one_line_exit_2(archive, tmp_path):
+def test_a_deeply_nested_model_config_yaml_in_an_archive_is_one_line_exit_2(archive, tmp_path, cli):
     edited = _rewrite_archive(archive, tmp_path / "deep.nemo", lambda name, data: DEEP_YAML if name.endswith("model_config.yaml") else data)
-    _one_line_exit_2(run_subprocess("inspect", edited, timeout=HANG), str(edited), "model_config.yaml", "nested too deeply")
+    _one_line_exit_2(cli("inspect", edited), str(edited), "model_config.yaml", "nested too deeply")
 
 
-def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, tmp_path):
+def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, tmp_path, cli):
     edited = _rewrite_archive(archive, tmp_path / "garbage.nemo", lambda name, data: b"\x00not json" if name.endswith("_config.json") else data)
-    result = run_subprocess("reshard", edited, tmp_path / "out.nemo", "--tp", "2", "--pp", "1", timeout=HANG)
+    result = cli("reshard", edited, tmp_path / "out.nemo", "--tp", "2", "--pp", "1")
     _one_line_exit_2(result, f"{edited}:", "_config.json: the HF config (hf_config_file) is not valid JSON")
     assert not (tmp_path / "out.nemo").exists()
 
 
-def test_a_deeply_nested_safetensors_header_is_one_line_exit_2(tmp_path):
+def test_a_deeply_nested_safetensors_header_is_one_line_exit_2(tmp_path, cli):
     path = tmp_path / "deep.safetensors"
     path.write_bytes(struct.pack("<Q", len(DEEP_JSON)) + DEEP_JSON)
-    _one_line_exit_2(run_subprocess("inspect", path, timeout=HANG), str(path), "nested too deeply")
+    _one_line_exit_2(cli("inspect", path), str(path), "nested too deeply")
 
 
 def test_documents_nested_up_to_the_limit_are_read_and_deeper_ones_refused():
