@@ -64,10 +64,11 @@ def cli(capsys):
     return invoke
 
 
-def run_subprocess(*args: str | os.PathLike, **kwargs) -> CliResult:
-    """Run ``python -m shardwise ARGS...`` as a user would; returns exit code, stdout and stderr."""
+def run_subprocess(*args: str | os.PathLike, timeout: float = 300, **kwargs) -> CliResult:
+    """Run ``python -m shardwise ARGS...`` as a user would; returns exit code, stdout and stderr.
+    ``timeout`` (seconds) bounds a run that could hang: subprocess.TimeoutExpired fails the test."""
     proc = subprocess.run(
-        [sys.executable, "-m", "shardwise", *map(os.fspath, args)], capture_output=True, text=True, timeout=300, **kwargs
+        [sys.executable, "-m", "shardwise", *map(os.fspath, args)], capture_output=True, text=True, timeout=timeout, **kwargs
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

@@ -227,9 +227,27 @@ def atomic_output(dst: str | os.PathLike, *, is_dir: bool, overwrite: bool = Fal
     try:
         yield stage
         commit_stage(stage, dst, overwrite, any_kind=any_kind)
+    except OSError as e:
+        discard_stage(stage)
+        raise naming_output(e, dst) from None
     except BaseException:
         discard_stage(stage)
         raise
+
+
+_OUTPUT_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # errors of writing, whichever file they come from
+
+
+def naming_output(error: OSError, dst: Path) -> OSError:
+    """``error`` naming output ``dst`` when it is a full disk, quota or file-size limit met while
+    writing it, which ``write`` reports without a file name; any other error as it is.
+
+    >>> str(naming_output(OSError(errno.ENOSPC, "No space left on device"), Path("out.safetensors")))
+    "[Errno 28] No space left on device (while writing it; nothing was left behind): 'out.safetensors'"
+    """
+    if error.filename is not None or error.errno not in _OUTPUT_FULL:
+        return error
+    return type(error)(error.errno, f"{error.strerror} (while writing it; nothing was left behind)", str(dst))
 
 
 def commit_stage(stage: Path, dst: Path, overwrite: bool, *, any_kind: bool = False) -> None:

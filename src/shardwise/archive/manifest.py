@@ -14,10 +14,9 @@ Example::
 
 from __future__ import annotations
 
-import json
 
 from ..errors import FormatError, IntegrityError
-from ..jsonfile import document_bytes
+from ..jsonfile import document_bytes, parse_json
 from .layout import MANIFEST_NAME
 from .tar_index import TarIndex
 from .tar_writer import WrittenMember
@@ -55,10 +54,7 @@ def read_manifest(index: TarIndex) -> dict | None:
     label = f"{index.label}:{member.raw_name}"
     if member.size > 64 << 20:
         raise FormatError(f"{label}: manifest of {member.size} bytes is implausibly large")
-    try:
-        document = json.loads(index.read(member))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{label}: manifest is not valid JSON ({e})") from None
+    document = parse_json(index.read(member), label, "manifest")
     if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT or not isinstance(document.get("members"), list):
         raise FormatError(f"{label}: not a shardwise manifest")
     if not isinstance(document.get("version"), int) or document["version"] > MANIFEST_VERSION:

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ..errors import FormatError, LayoutError
 from ..formats import MergedSource
 from ..formats.dcp import DcpFiles
 from ..formats.safetensors import SafetensorsFile
 from ..formats.torch_dist import TorchDistSource
 from ..formats.torch_pickle import TorchFile
+from ..jsonfile import parse_yaml
 from ..tensors import FileTensorSource
 from .artifacts import references
 from .layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, ArchiveLayout, detect_layout, parse_rank_folder
@@ -44,10 +43,7 @@ def read_model_config(path: Path) -> dict:
 
 def read_yaml_config(raw: bytes, label: str) -> dict:
     """A YAML config (safe loader: no Python objects are built) that must be a mapping."""
-    try:
-        config = yaml.safe_load(raw.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise FormatError(f"{label}: not a readable YAML config ({str(e).splitlines()[0]})") from None
+    config = parse_yaml(raw, label, "the YAML config")
     if config is None:
         return {}
     if not isinstance(config, dict):

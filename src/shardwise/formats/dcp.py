@@ -279,6 +279,15 @@ def _key_paths(planner_data: Any, entries: dict) -> dict[str, tuple] | None:
     return paths
 
 
+def _check_backed(fqn: str, dtype: str, chunk: DcpChunk) -> None:
+    """A chunk's storage entry has room for its elements: torch saves each chunk as an uncompressed
+    ``torch.save`` zip of at least its bytes. Checked here, so that the geometry a few bytes of
+    metadata declare (2**40 elements and as many tiles) is bounded by the data actually present."""
+    needed = math.prod(chunk.sizes) * dtypes.dtype(dtype).itemsize
+    if needed > chunk.length:
+        raise _Bad(f"chunk at {list(chunk.offsets)} of tensor {fqn!r} holds {needed} bytes, but its storage entry {chunk.file}[{chunk.offset}:{chunk.offset + chunk.length}] has only {chunk.length}")
+
+
 def _check_disjoint(chunks: list[DcpChunk]) -> None:
     """Every chunk and object has bytes of its own: metadata pointing two entries at the same bytes
     would make one tensor silently read another's."""
@@ -324,7 +333,9 @@ def _checked(root: Any, files: DcpFiles) -> DcpMetadata:
             info = storage.get((fqn, offsets))
             if info is None:
                 raise _Bad(f"chunk at {list(offsets)} of tensor {fqn!r} has no storage entry")
-            chunks.append(DcpChunk(offsets, sizes_, *_storage(info, files, sizes)))
+            chunk = DcpChunk(offsets, sizes_, *_storage(info, files, sizes))
+            _check_backed(fqn, dtype, chunk)
+            chunks.append(chunk)
         path = paths[fqn] if paths is not None else tuple(fqn.split(".", 1))  # unflattened: the first dotted component as the top-level key
         tensors[fqn] = DcpTensor(fqn, path, shape, dtype, tuple(chunks))
     _check_disjoint([*(c for t in tensors.values() for c in t.chunks), *objects.values()])
@@ -363,12 +374,16 @@ def chunk_tiles(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[i
 
     A chunk that spans the full extent of every dimension after some dimension ``k`` is, for each
     index of the dimensions between the first and ``k``, one contiguous run of columns: usually
-    one tile (row or column shards), more for chunks cut in several inner dimensions.
+    one tile (row or column shards), more for chunks cut in several inner dimensions. A chunk
+    without elements has no tiles (its declared extents are never enumerated); otherwise there
+    are at most as many tiles as it has elements, which :func:`read_metadata` bounds by its bytes.
     """
     from ..layout.tiles import Tile
 
     if not shape:
         return [Tile(0, 0, 1, 1, src)]
+    if not math.prod(sizes):
+        return []
     last = max([d for d in range(1, len(shape)) if sizes[d] != shape[d]], default=0)
     inner = math.prod(shape[last + 1:])
     width = (sizes[last] * inner) if last else math.prod(shape[1:])
@@ -378,7 +393,7 @@ def chunk_tiles(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[i
         col = sum((offsets[d] + i) * math.prod(shape[d + 1:]) for d, i in zip(middle, index)) + (offsets[last] * inner if last else 0)
         src_col = sum(i * math.prod(sizes[d + 1:]) for d, i in zip(middle, index))
         tiles.append(Tile(offsets[0], col, sizes[0], width, src, 0, src_col))
-    return [t for t in tiles if t.rows and t.cols]
+    return tiles
 
 
 # -- the tensor source ----------------------------------------------------------------------------------
@@ -391,21 +406,45 @@ def _weights(metadata: DcpMetadata) -> tuple[str | None, dict[str, DcpTensor]]:
     return None, {t.fqn: t for t in metadata.tensors.values()}
 
 
+_MAX_CORNER_GROWTH = 64  # 2**6: every chunk layout cut in up to 6 dimensions is checked in full; torch's grids stay near 2
+
+
 def _cover_problem(tensor: DcpTensor) -> str | None:
-    """Why ``tensor``'s chunks do not cover it exactly once (None when they do), checked on the
-    N-d boxes: pairwise disjoint and as many elements as the tensor (the boxes lie inside it).
-    A chunk cut through inner dimensions makes many tiles; checking those instead would be quadratic in them.
-    Chunks are swept along the first dimension, so only those sharing rows are compared (Megatron's
-    stacked layers make a chunk per layer and piece: thousands, each sharing rows with a few)."""
-    chunks = sorted(tensor.chunks, key=lambda c: c.offsets[:1])
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1:]:
-            if a.offsets and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
-                break
-            if all(oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a.offsets, a.sizes, b.offsets, b.sizes)) and math.prod(a.sizes) and math.prod(b.sizes):
-                return f"the chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
-    covered, total = sum(math.prod(c.sizes) for c in chunks), math.prod(tensor.shape)
-    return None if covered == total else f"the chunks hold {covered} of its {total} elements"
+    """Why ``tensor``'s chunks do not cover it exactly once (None when they do), in time linear in
+    the chunks (times the dimensions they are cut in), however many of them share rows.
+
+    The chunks (boxes inside the tensor, checked by :func:`read_metadata`) cover it exactly once
+    when the sum of their indicator functions is the tensor's. Indicators of boxes are equal
+    exactly when their signed corners are (each corner of a box counts +1 or -1 by how many of its
+    coordinates are upper ends), so the chunks' corners, less the tensor's, must all cancel. They
+    are cancelled one dimension at a time, which keeps them few for real layouts (a grid of chunks
+    cancels to the tensor's own corners at every step). A layout whose corners still grow past
+    ``_MAX_CORNER_GROWTH`` times the chunks is refused rather than checked at exponential cost.
+    """
+    boxes = [(c.offsets, c.sizes) for c in tensor.chunks if math.prod(c.sizes)]
+    covered, total = sum(math.prod(sizes) for _, sizes in boxes), math.prod(tensor.shape)
+    if covered != total:
+        return f"the chunks hold {covered} of its {total} elements"
+    if not total:
+        return None
+    cut = [d for d, extent in enumerate(tensor.shape) if any(sizes[d] != extent for _, sizes in boxes)]  # in the others every indicator is the tensor's
+    terms: dict[tuple, int] = {}
+    for offsets, sizes in boxes:
+        key = tuple((offsets[d], offsets[d] + sizes[d]) for d in cut)
+        terms[key] = terms.get(key, 0) + 1
+    whole = tuple((0, tensor.shape[d]) for d in cut)
+    terms[whole] = terms.get(whole, 0) - 1
+    for level in range(len(cut)):
+        corners: dict[tuple, int] = {}
+        for key, weight in terms.items():
+            lower, upper = key[level]
+            for end, sign in ((lower, weight), (upper, -weight)):
+                corner = (*key[:level], end, *key[level + 1:])
+                corners[corner] = corners.get(corner, 0) + sign
+        terms = {key: weight for key, weight in corners.items() if weight}
+        if len(terms) > _MAX_CORNER_GROWTH * (len(boxes) + 1):
+            return f"its {len(boxes)} chunks are cut too irregularly in {len(cut)} dimensions to check that they cover it exactly once"
+    return None if not any(terms.values()) else "some of its chunks overlap (they hold as many elements as it has, so others leave a gap)"
 
 
 class _LazyTiles(Mapping):

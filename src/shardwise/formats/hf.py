@@ -10,13 +10,12 @@ sentence-transformers module files) are the folder's other top-level regular fil
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
-from ..jsonfile import read_json_object
+from ..jsonfile import parse_json, read_json_object
 
 __all__ = ["FolderWeights", "find_weights", "read_index", "companion_files", "TOKENIZER_FILES", "is_weight_file"]
 
@@ -80,10 +79,7 @@ def _is_xser_info(path: Path) -> bool:
 
 def read_index(index_path: Path) -> tuple[Path, ...]:
     """The shard files an HF ``*.index.json`` names, in first-mention order, all checked to exist."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{index_path}: corrupted index: not valid JSON ({e})") from None
+    index = parse_json(index_path.read_bytes(), str(index_path), "the index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: corrupted index: no 'weight_map' object mapping tensor names to files")

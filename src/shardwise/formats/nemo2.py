@@ -24,7 +24,7 @@ writes ``io.json`` and one ``<attr>.yaml`` per attribute asked for, ``model`` in
 - ``context/io.json``: fiddle's JSON of the whole trainer context (not needed here, not read);
 - ``context/nemo_tokenizer/``: an HF tokenizer's files; ``context/artifacts/``: e.g. generation_config.json.
 
-model.yaml is read with ``yaml.safe_load``: ``_target_`` strings are data, nothing is imported or
+model.yaml is read with :func:`~shardwise.jsonfile.parse_yaml` (PyYAML's safe loader): ``_target_`` strings are data, nothing is imported or
 run. Nothing pickled (``common.pt``, pickled artifacts) is ever read. The vocabulary size is not in
 model.yaml (the embedding is padded to ``make_vocab_size_divisible_by`` x TP; a preset
 ``vocab_size`` is the padded row count); NeMo's HF exporter takes it from the tokenizer, and so
@@ -33,11 +33,11 @@ does :func:`read_context`, from ``nemo_tokenizer/tokenizer.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
+from ..jsonfile import parse_json, parse_yaml
 
 __all__ = ["CONTEXT", "WEIGHTS", "MODEL_YAML", "NEMO2_CONFIG_FILE", "TOKENIZER_DIR", "Nemo2Context", "looks_like_nemo2", "read_context", "companion_files"]
 
@@ -75,19 +75,10 @@ class Nemo2Context:
 def read_context(folder: Path) -> Nemo2Context:
     """Read ``folder/context``; FormatError naming model.yaml when it is not YAML, lacks the model
     dimensions, or its config ``_target_`` is not a NeMo GPT/Llama config."""
-    import yaml
-
     path = folder / CONTEXT / MODEL_YAML
     if path.stat().st_size > _MAX_YAML_BYTES:
         raise FormatError(f"{path}: {path.stat().st_size} bytes is too large for a model config")
-    try:
-        top = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise FormatError(f"{path}: not readable YAML ({getattr(e, 'problem', None) or type(e).__name__}{where})") from None
+    top = parse_yaml(path.read_bytes(), str(path), "the model config")
     if isinstance(top, dict) and "config" not in top and isinstance(top.get("model"), dict):
         top = top["model"]  # a whole-run config: the model is one of its entries
     config = top.get("config") if isinstance(top, dict) else None
@@ -118,11 +109,11 @@ def _tokenizer_vocab(path: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_bytes(), str(path), "the tokenizer")
         vocab = data["model"]["vocab"]
         ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list of [piece, score]
         ids += [t["id"] for t in data.get("added_tokens") or []]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # FormatError is a ValueError: an unreadable tokenizer tells nothing
         return None
     ints = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
     return max(ints) + 1 if ints and len(ints) == len(ids) else None

@@ -10,6 +10,7 @@ byte-identical to what the ``safetensors`` library writes for the same tensors a
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import BinaryIO, Callable
@@ -17,6 +18,7 @@ from typing import BinaryIO, Callable
 from .. import dtypes
 from ..atomic import write_all
 from ..errors import FormatError
+from ..jsonfile import collector_paused, parse_json
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .region import Region, as_region, open_region
 
@@ -30,11 +32,11 @@ class _DuplicateKey(Exception):
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    """The object of ``pairs``; _DuplicateKey when a key repeats (found in C, not a Python loop per key)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
     return out
 
 
@@ -65,7 +67,8 @@ class SafetensorsFile(FileTensorSource):
         self.region = as_region(path)
         self.path = self.region.label
         self.metadata: dict[str, str] = {}
-        self._parse_header()
+        with collector_paused():  # a header of a million tensors: millions of objects, no cycles
+            self._parse_header()
 
     def _parse_header(self) -> None:
         path, region = self.path, self.region
@@ -85,13 +88,9 @@ class SafetensorsFile(FileTensorSource):
                 )
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{path}: corrupted safetensors header: not valid JSON ({e})") from None
+            header = parse_json(raw, path, "the safetensors header", object_pairs_hook=_refuse_duplicate_keys)
         except _DuplicateKey as e:
             raise FormatError(f"{path}: corrupted safetensors header: the key {e.args[0]!r} appears twice") from None
-        except RecursionError:
-            raise FormatError(f"{path}: corrupted safetensors header: JSON nested too deeply") from None
         if not isinstance(header, dict):
             raise FormatError(f"{path}: corrupted safetensors header: the header is not a JSON object")
         data_start = 8 + n
@@ -127,30 +126,27 @@ class SafetensorsFile(FileTensorSource):
         self._tensors = {name: self._tensors[name] for _, _, name in spans}
 
     def _parse_entry(self, name: str, entry: object) -> tuple[TensorInfo, int, int]:
-        path = self.path
-        bad = f"{path}: corrupted safetensors header: tensor '{name}'"
-        if not isinstance(entry, dict):
-            raise FormatError(f"{bad} is not described by an object")
+        """The tensor header ``entry`` describes, and its data's [begin, end); FormatError otherwise.
+        Runs once per tensor (a million for some files): the checks are plain comparisons (JSON
+        gives exact ``int`` and ``bool`` types) and messages are built only on failure."""
+        if type(entry) is not dict:
+            raise self._bad(name, "is not described by an object")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        row = dtypes.from_safetensors(code) if isinstance(code, str) else None
+        row = dtypes.from_safetensors(code) if type(code) is str else None
         if row is None:
-            raise FormatError(f"{bad} has dtype {code!r}, which shardwise does not read")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)):
-            raise FormatError(f"{bad} has shape {shape!r}; expected a list of non-negative integers")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]
-        ):
-            raise FormatError(f"{bad} has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
-        info = TensorInfo(name, tuple(shape), row.name)
-        if offsets[1] - offsets[0] != info.nbytes:
-            raise FormatError(
-                f"{bad} has shape {shape} of {row.name} ({info.nbytes} bytes) "
-                f"but its data_offsets span {offsets[1] - offsets[0]} bytes"
-            )
-        return info, offsets[0], offsets[1]
+            raise self._bad(name, f"has dtype {code!r}, which shardwise does not read")
+        if type(shape) is not list or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
+            raise self._bad(name, f"has shape {shape!r}; expected a list of non-negative integers")
+        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
+            raise self._bad(name, f"has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * row.itemsize
+        if end - begin != nbytes:
+            raise self._bad(name, f"has shape {shape} of {row.name} ({nbytes} bytes) but its data_offsets span {end - begin} bytes")
+        return TensorInfo(name, tuple(shape), row.name), begin, end
+
+    def _bad(self, name: str, problem: str) -> FormatError:
+        return FormatError(f"{self.path}: corrupted safetensors header: tensor '{name}' {problem}")
 
 
 def safetensors_order(infos: list[TensorInfo]) -> list[TensorInfo]:

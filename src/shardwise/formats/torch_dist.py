@@ -32,12 +32,12 @@ the stored prefix are weights, shown under the NeMo 1 names; the rest are counte
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from typing import Hashable
 
 from ..errors import FormatError
+from ..jsonfile import parse_json_object
 from ..layout.stream import TiledSource
 from ..layout.tiles import TiledTensor
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo, contiguous_strides
@@ -51,6 +51,9 @@ _BACKEND = "torch_dist"
 _VERSIONS = (1,)
 _EXTRA_STATE = "_extra_state"
 _MAX_BACKEND_BYTES = 1 << 20
+# Layers of one stacked key: the deepest models have a few hundred. Each layer becomes tensors of its
+# own, and a stack without elements (shape (2**40, 0)) has no bytes that would bound their count.
+_MAX_LAYERS = 1 << 14
 NEMO2_PREFIX = ("module.", "model.")  # (stored, shown): NeMo 2's weights/ keys as the mcore names of NeMo 1's model_weights/
 
 
@@ -72,13 +75,7 @@ def _read_json(files: DcpFiles) -> dict:
         raise FormatError(f"{path}: {region.size} bytes is too large for a backend description")
     with open_region(region) as f:
         raw = f.read()
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: holds a {type(value).__name__}, not a JSON object")
-    return value
+    return parse_json_object(raw, path, "the backend description")
 
 
 def read_backend(files: "str | os.PathLike | DcpFiles") -> dict:
@@ -210,6 +207,8 @@ class TorchDistSource(TiledSource):
         where = self.dcp.metadata.files.path(METADATA)
         if not shape:
             raise FormatError(f"{where}: '{fqn}' is a stacked layer key but holds a 0-d tensor, not one tensor per layer")
+        if shape[0] > _MAX_LAYERS:
+            raise FormatError(f"{where}: stacked key '{fqn}' holds {shape[0]} layers; no model has more than {_MAX_LAYERS} (corrupted or hostile?)")
         known = self.stacked.setdefault(prefix, shape[0])
         if known != shape[0]:
             raise FormatError(f"{where}: stacked keys disagree on the layer count: '{first}' has {known} layers, '{fqn}' has {shape[0]}")

@@ -22,7 +22,6 @@ whatever parallel layout wrote it (its keys are global).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..archive.reader import read_model_config
 from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
-from ..jsonfile import read_json_object
+from ..jsonfile import parse_json_object, read_json_object
 from ..formats.nemo2 import MODEL_YAML, CONTEXT, NEMO2_CONFIG_FILE, WEIGHTS, looks_like_nemo2, read_context
 from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
@@ -182,7 +181,7 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
         if isinstance(reference, str) and reference.startswith(NEMO_PREFIX):
             member = archive.index.get(reference[len(NEMO_PREFIX):])
             if member is not None and member.kind == "file":
-                hf_config = json.loads(archive.index.read(member))
+                hf_config = parse_json_object(archive.index.read(member), f"{path}:{member.raw_name}", "the HF config (hf_config_file)")
         manifest = archive.manifest
         listed = archive_files(archive)
     except BaseException:

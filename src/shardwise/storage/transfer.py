@@ -14,12 +14,12 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import FormatError
+from ..jsonfile import parse_json_object
 from .urls import Remote
 
 __all__ = ["PART_SIZE", "READ_SIZE", "upload", "upload_all", "download", "download_all", "listing", "read_json_object", "remove_objects", "remove_in_order"]
@@ -128,10 +128,9 @@ def listing(remote: Remote) -> tuple[str, dict[str, dict]]:
 def read_json_object(fs, rpath: str) -> dict | None:
     """The JSON object stored at ``rpath`` on ``fs``; None when it is not UTF-8 JSON or not an object."""
     try:
-        document = json.loads(fs.cat_file(rpath))
-    except (ValueError, UnicodeDecodeError):
+        return parse_json_object(fs.cat_file(rpath), rpath, "document")
+    except FormatError:
         return None
-    return document if isinstance(document, dict) else None
 
 
 def remove_objects(fs, rpaths: Iterable[str]) -> None:

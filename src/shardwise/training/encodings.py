@@ -30,6 +30,7 @@ from ..atomic import start_writeback
 from ..checksum import crc32, crc32_combine
 from ..dtypes import name_of
 from ..errors import FormatError, IntegrityError, OptionError
+from ..jsonfile import parse_json
 from ..structure import UnstorableError, decode_structure, encode_structure
 from ..tensors import TensorInfo, tensor_bytes
 from .assign import replace_tensors, spread, tensors_in
@@ -270,7 +271,7 @@ def read_structured_safetensors(path: Path, mapped: bool, other: Callable | None
             return loaded[tensor_name]
 
         try:
-            return decode_structure(json.loads(structure), tensor, str(path), other=other)
+            return decode_structure(parse_json(structure, str(path), f"its {STRUCTURE_KEY} metadata"), tensor, str(path), other=other)
         except FormatError:
             raise
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
