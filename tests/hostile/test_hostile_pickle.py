@@ -279,3 +279,22 @@ def test_a_file_naming_one_storage_hundreds_of_times_is_refused_while_tied_weigh
         source = torch_pickle.TorchFile(bomb)
         for name in source.keys():
             source.stored(name)
+
+
+DESCRIBE_IN_DCP = """
+from shardwise.formats import dcp
+shared = []
+for _ in range(80):
+    shared = [shared, shared]
+for check in (lambda: dcp._counts(shared, "chunk sizes"), lambda: dcp._counts([shared], "chunk sizes")):
+    try:
+        check()
+    except Exception as e:
+        print(len(str(e)))
+"""
+
+
+def test_dcp_metadata_values_in_error_messages_are_described_not_printed():
+    # a self-sharing list in chunk sizes once went into the message through repr: 2**80 lists long
+    lengths = run_child(["-c", DESCRIBE_IN_DCP])
+    assert lengths.code == 0 and [int(n) < 400 for n in lengths.out.split()] == [True, True], lengths

@@ -42,7 +42,7 @@ from typing import Any
 
 from .. import dtypes
 from ..errors import FormatError, UnsafeCheckpointError
-from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, path_from_parts, torch_size
+from ..pickle_safety import DTypeRef, LazyTensor, RestrictedUnpickler, describe, path_from_parts, torch_size
 from ..layout.stream import TiledSource
 from ..tensors import FileTensorSource, StoredTensor, TensorInfo
 from .lightning import WEIGHT_KEYS
@@ -170,7 +170,7 @@ def _record_class(qualname: str) -> type:
 def _layout(name):
     """``torch.serialization._get_layout("torch.strided")``, how torch pickles a layout: its name, nothing imported."""
     if not isinstance(name, str) or not name.startswith("torch.") or len(name) > 40:
-        raise pickle.UnpicklingError(f"not a torch layout name: {name!r:.60}")
+        raise pickle.UnpicklingError(f"not a torch layout name: {describe(name)}")
     return name[len("torch."):]
 
 
@@ -213,7 +213,7 @@ def _fields(record: Any, kind: str) -> dict:
 
 def _counts(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v < 2**62 for v in value):
-        raise _Bad(f"{what} is not a list of non-negative integers: {value!r:.80}")
+        raise _Bad(f"{what} is not a list of non-negative integers: {describe(value)}")
     return tuple(value)
 
 
@@ -226,9 +226,9 @@ def _dtype_of(properties: Any) -> str:
     else:
         raise _Bad("tensor properties have no dtype")
     if not isinstance(dtype, DTypeRef):
-        raise _Bad(f"tensor dtype is not a torch dtype: {dtype!r:.60}")
+        raise _Bad(f"tensor dtype is not a torch dtype: {describe(dtype)}")
     if layout != "strided":
-        raise _Bad(f"tensor layout {layout!r:.40} is not strided (sparse tensors are not read)")
+        raise _Bad(f"tensor layout {describe(layout)} is not strided (sparse tensors are not read)")
     return dtype.name
 
 
@@ -236,11 +236,11 @@ def _storage(info: Any, files: DcpFiles, sizes: dict[str, int]) -> tuple[str, in
     fields = _fields(info, "_StorageInfo")
     name, offset, length = fields.get("relative_path"), fields.get("offset"), fields.get("length")
     if not isinstance(name, str) or not name or name != os.path.basename(name) or name in (".", "..") or name.startswith("."):
-        raise _Bad(f"storage file {name!r:.80} is not a plain file name in the checkpoint folder")
+        raise _Bad(f"storage file {describe(name)} is not a plain file name in the checkpoint folder")
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        raise _Bad(f"storage range {offset!r:.20}+{length!r:.20} of {name} is not a byte range")
+        raise _Bad(f"storage range {describe(offset)}+{describe(length)} of {name} is not a byte range")
     if fields.get("transform_descriptors"):
-        raise _Bad(f"{name}: data is stored through transforms {list(fields['transform_descriptors'])!r:.80} (compression), which shardwise does not read")
+        raise _Bad(f"{name}: data is stored through transforms {describe(fields['transform_descriptors'])} (compression), which shardwise does not read")
     if name not in sizes:
         region = files.region(name)
         if region is None:
@@ -255,7 +255,7 @@ def _index_key(index: Any) -> tuple[str, tuple[int, ...] | None]:
     fields = _fields(index, "MetadataIndex")
     fqn, offset = fields.get("fqn"), fields.get("offset")
     if not isinstance(fqn, str):
-        raise _Bad(f"storage key {fqn!r:.60} is not a name")
+        raise _Bad(f"storage key {describe(fqn)} is not a name")
     return fqn, None if offset is None else _counts(offset, f"offset of {fqn}")
 
 
@@ -274,7 +274,7 @@ def _key_paths(planner_data: Any, entries: dict) -> dict[str, tuple] | None:
             isinstance(path, (tuple, list)) and path and isinstance(path[0], str)
             and all(isinstance(p, str) or type(p) is int and p >= 0 for p in path) and ".".join(map(str, path)) == fqn
         ):
-            raise _Bad(f"planner_data gives key {fqn!r} the path {path!r:.120}, which is not a key path that spells it")
+            raise _Bad(f"planner_data gives key {fqn!r} the path {describe(path)}, which is not a key path that spells it")
         paths[fqn] = tuple(path)
     return paths
 
@@ -313,7 +313,7 @@ def _checked(root: Any, files: DcpFiles) -> DcpMetadata:
     paths = _key_paths(fields.get("planner_data"), entries)
     for fqn, entry in entries.items():
         if not isinstance(fqn, str):
-            raise _Bad(f"key {fqn!r:.60} is not a name")
+            raise _Bad(f"key {describe(fqn)} is not a name")
         kind = getattr(entry, "type_name", "").rsplit(".", 1)[-1]
         if kind == "BytesStorageMetadata":
             info = storage.get((fqn, None))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from ..errors import FormatError
-from ..pickle_safety import LazyTensor, PickledObject, StructureError, _Walk
+from ..pickle_safety import LazyTensor, PickledObject, StructureError, _Walk, describe
 from ..tensors import TensorInfo
 from .torch_pickle import GlobalStub, ObjectStub, TensorStub, TorchPickle, read_torch_pickle, stub_pickle, write_torch_archive
 
@@ -68,7 +68,7 @@ def _tid(record: PickledObject, path: str) -> int:
         state = state[1] if isinstance(state[1], dict) else state[0]
     tid = state.get("tid") if isinstance(state, dict) else None
     if type(tid) is not int or not 0 <= tid < _MAX_TID:
-        raise FormatError(f"{path}: an xser TensorReference has no valid tid ({tid!r:.40})")
+        raise FormatError(f"{path}: an xser TensorReference has no valid tid ({describe(tid)})")
     return tid
 
 
@@ -152,11 +152,11 @@ def _check_info(resolved: XserPickle, trust: bool) -> None:
         dtype, shape = entry.get("dtype"), entry.get("shape")
         dtype_name = getattr(dtype, "name", None)
         if shape is not None and not isinstance(shape, (tuple, list)):
-            raise FormatError(f"{path}: tid {tid} has shape {shape!r:.40}, not a list of sizes")
+            raise FormatError(f"{path}: tid {tid} has shape {describe(shape)}, not a list of sizes")
         if (dtype_name is not None and dtype_name != lazy.dtype) or (shape is not None and tuple(shape) != lazy.shape):
             raise FormatError(
                 f"{tensor_file.path}: holds {lazy.dtype} {list(lazy.shape)} but {path.name} records "
-                f"{dtype_name} {list(shape) if shape is not None else None} (checkpoint corrupted or mixed)"
+                f"{describe(dtype_name)} {describe(shape)} (checkpoint corrupted or mixed)"
             )
 
 
