@@ -88,11 +88,13 @@ def test_a_deeply_nested_model_config_yaml_in_an_archive_is_one_line_exit_2(arch
     _one_line_exit_2(cli("inspect", edited), str(edited), "model_config.yaml", "nested too deeply")
 
 
-def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, tmp_path, cli):
+@pytest.mark.parametrize("command", [("reshard", "out.nemo", "--tp", "2", "--pp", "1"), ("convert", "out", "--to", "hf")], ids=["reshard", "to-hf"])
+def test_a_non_json_hf_config_member_of_an_archive_is_one_line_exit_2(archive, tmp_path, cli, command):
     edited = _rewrite_archive(archive, tmp_path / "garbage.nemo", lambda name, data: b"\x00not json" if name.endswith("_config.json") else data)
-    result = cli("reshard", edited, tmp_path / "out.nemo", "--tp", "2", "--pp", "1")
+    verb, out, *options = command
+    result = cli(verb, edited, tmp_path / out, *options)
     _one_line_exit_2(result, f"{edited}:", "_config.json: the HF config (hf_config_file) is not valid JSON")
-    assert not (tmp_path / "out.nemo").exists()
+    assert not (tmp_path / out).exists()
 
 
 def test_a_deeply_nested_safetensors_header_is_one_line_exit_2(tmp_path, cli):

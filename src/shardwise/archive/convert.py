@@ -28,12 +28,12 @@ from ..formats.torch_pickle import TorchFile
 from ..plan import plan_output
 from ..progress import NO_PROGRESS, Progress
 from .artifacts import HASHED_PREFIX, NEMO_PREFIX, PlannedArtifact, config_value, make_artifact, plan_artifacts, set_config_value
+from .layout import HF_CONFIG_KEY
 from .reader import Archive, read_yaml_config, write_members
 from .writer import planned_shards, write_archive
 
 __all__ = ["convert_to_archive", "export_hf_files", "HF_CONFIG_KEY", "HF_EXTRA_KEY", "TOKENIZER_KEYS"]
 
-HF_CONFIG_KEY = "hf_config_file"
 HF_EXTRA_KEY = "hf_extra_files"
 TOKENIZER_KEYS = ("tokenizer.model", "tokenizer.tokenizer_model", "tokenizer.vocab_file", "tokenizer.merge_file")
 
@@ -161,6 +161,7 @@ def export_hf_files(archive: Archive, stage: Path) -> tuple[list[str], list[str]
     """
     config = archive.config
     written, warnings = [], []
+    archive.hf_config()  # a damaged config.json is refused naming its member, not the copy made of it
     hf_config = config.get(HF_CONFIG_KEY)
     for value in (hf_config, config_value(config, "tokenizer.type"), config.get(HF_EXTRA_KEY)):
         if not (isinstance(value, str) and value.startswith(NEMO_PREFIX)):

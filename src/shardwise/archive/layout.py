@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from ..errors import FormatError, LayoutError
 
 __all__ = [
-    "CONFIG_NAME", "MANIFEST_NAME", "WEIGHTS_NAMES", "DISTRIBUTED_FOLDER",
+    "CONFIG_NAME", "MANIFEST_NAME", "HF_CONFIG_KEY", "WEIGHTS_NAMES", "DISTRIBUTED_FOLDER",
     "ArchiveLayout", "rank_folder", "parse_rank_folder", "detect_layout", "grid_of", "ranks_of_process",
 ]
 
 CONFIG_NAME = "model_config.yaml"
 MANIFEST_NAME = "shardwise.json"
+HF_CONFIG_KEY = "hf_config_file"  # the config key naming the HF config.json artifact (nemo:<member>)
 WEIGHTS_NAMES = {"model_weights.ckpt": "torch", "model_weights.safetensors": "safetensors"}
 DISTRIBUTED_FOLDER = "model_weights"
 

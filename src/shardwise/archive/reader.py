@@ -18,10 +18,10 @@ from ..formats.dcp import DcpFiles
 from ..formats.safetensors import SafetensorsFile
 from ..formats.torch_dist import TorchDistSource
 from ..formats.torch_pickle import TorchFile
-from ..jsonfile import parse_yaml
+from ..jsonfile import parse_json_object, parse_yaml
 from ..tensors import FileTensorSource
-from .artifacts import references
-from .layout import CONFIG_NAME, DISTRIBUTED_FOLDER, MANIFEST_NAME, ArchiveLayout, detect_layout, parse_rank_folder
+from .artifacts import NEMO_PREFIX, references
+from .layout import CONFIG_NAME, DISTRIBUTED_FOLDER, HF_CONFIG_KEY, MANIFEST_NAME, ArchiveLayout, detect_layout, parse_rank_folder
 from .manifest import read_manifest
 from .tar_index import TarIndex, TarMember, member_path, open_tar, unsafe_reason
 
@@ -82,6 +82,21 @@ class Archive:
         if member.size > _MAX_CONFIG:
             raise FormatError(f"{self.path}: {CONFIG_NAME} of {member.size} bytes is implausibly large")
         return read_yaml_config(self.index.read(member), f"{self.path}:{member.raw_name}")
+
+    def hf_config(self) -> dict | None:
+        """The HF config.json that the config's ``hf_config_file: nemo:<member>`` names, parsed; None
+        when it names no file member. FormatError naming the member when it is implausibly large
+        or not a JSON object (:func:`~shardwise.jsonfile.parse_json_object`)."""
+        reference = self.config.get(HF_CONFIG_KEY)
+        if not (isinstance(reference, str) and reference.startswith(NEMO_PREFIX)):
+            return None
+        member = self.index.get(reference[len(NEMO_PREFIX):])
+        if member is None or member.kind != "file":
+            return None
+        label = f"{self.path}:{member.raw_name}"
+        if member.size > _MAX_CONFIG:
+            raise FormatError(f"{label}: the HF config (hf_config_file) of {member.size} bytes is implausibly large")
+        return parse_json_object(self.index.read(member), label, "the HF config (hf_config_file)")
 
     @property
     def model_config(self) -> dict:

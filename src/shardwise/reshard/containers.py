@@ -32,7 +32,7 @@ from ..archive.reader import read_model_config
 from ..errors import FormatError
 from ..formats.hf import read_config
 from ..formats.safetensors import SafetensorsFile
-from ..jsonfile import parse_json_object, read_json_object
+from ..jsonfile import read_json_object
 from ..formats.nemo2 import MODEL_YAML, CONTEXT, NEMO2_CONFIG_FILE, WEIGHTS, looks_like_nemo2, read_context
 from ..formats.torch_dist import TorchDistSource, looks_like_torch_dist
 from ..formats.torch_pickle import TorchFile
@@ -163,8 +163,6 @@ def _open(file: Path, trust_pickle: bool) -> FileTensorSource:
 
 
 def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
-    from ..archive.artifacts import NEMO_PREFIX
-    from ..archive.convert import HF_CONFIG_KEY
     from ..archive.reader import Archive
 
     archive = Archive(path)
@@ -176,12 +174,7 @@ def _archive_shards(path: Path, trust_pickle: bool) -> Shards:
         else:
             sources = {key: archive.weights(*key, trust_pickle=trust_pickle) for key in layout.shards}
             files = {k: f"{path}:{v}" for k, v in layout.shards.items()}
-        hf_config = None
-        reference = archive.config.get(HF_CONFIG_KEY)
-        if isinstance(reference, str) and reference.startswith(NEMO_PREFIX):
-            member = archive.index.get(reference[len(NEMO_PREFIX):])
-            if member is not None and member.kind == "file":
-                hf_config = parse_json_object(archive.index.read(member), f"{path}:{member.raw_name}", "the HF config (hf_config_file)")
+        hf_config = archive.hf_config()
         manifest = archive.manifest
         listed = archive_files(archive)
     except BaseException:
