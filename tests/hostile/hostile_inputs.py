@@ -5,15 +5,16 @@
   pickle's int, memo index or string; a JSON or YAML value, nesting or alias bomb; a safetensors
   header value). :func:`rewrite_member` rewrites a tar archive (plain or gzip) with one member
   renamed (to a hostile name from :data:`HOSTILE_NAMES`) or its content edited.
-- :func:`run_boxed` runs ``shardwise ARGS...`` in a forked child of the test process: the modules
-  are already imported (a run costs milliseconds, as in-process), but a hang is killed after a
-  timeout and an allocation beyond a memory cap fails in the child, not in the test runner.
+- :func:`run_boxed` runs ``shardwise ARGS...`` in the test process (fast: everything is imported
+  once), time-boxed by an alarm and memory-boxed by a lowered address-space limit, so that a hang
+  or a memory bomb fails the example instead of stalling or exhausting the machine.
 - :func:`snapshot` records every file under a folder with its size and digest, to prove that the
   input was left as it was and that nothing appeared outside the output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -24,9 +25,7 @@ import re
 import struct
 import resource
 import signal
-import sys
 import tarfile
-import time
 import traceback
 import zipfile
 import zlib
@@ -61,9 +60,9 @@ HOSTILE_NAMES = (
 )
 
 HEADER_BYTES = 1024  # how far from either end most edits land: where the formats keep their headers and indexes
-UNCAUGHT = 70  # the child's exit code when shardwise let an exception escape (a traceback on stderr)
+UNCAUGHT = 70  # the exit code recorded when shardwise let an exception escape (a traceback on stderr)
 TIMEOUT_SECONDS = 20.0  # a tiny checkpoint converts in well under a second; 20 s is a hang even on a busy 2-core machine
-MEMORY_HEADROOM = 1 << 30  # address space a child may add to what it inherited: tiny inputs need a few MB, a bomb needs more
+MEMORY_HEADROOM = 1 << 30  # address space a run may add to the test process's: tiny inputs need a few MB, a bomb needs more
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class Outcome:
     killed: str | None = None
 
     def __str__(self) -> str:
-        return f"exit {self.code}{f' ({self.killed})' if self.killed else ''}; stderr: {self.err[-1500:]!r}"
+        return f"exit {self.code}{f' ({self.killed})' if self.killed else ''}; stderr ends: {self.err[-700:]!r}"
 
 
 def mutations(max_offset: int) -> st.SearchStrategy:
@@ -113,10 +112,29 @@ def damage(data: bytes, edits: list[tuple]) -> bytes:
 HOSTILE_INTS = (0, 1, -1, 7, 255, 65535, 2**31 - 1, -(2**31), 2**24, 2**40, 2**63 - 1)
 HOSTILE_TEXT_NUMBERS = ("-1", "0", "1e308", "18446744073709551616", "99999999999", "-9223372036854775809", "NaN", "1.5")
 HOSTILE_STRINGS = ("../../victim/pwned", "/abs/pwned", "a//b", "", ".", "..", "x" * 5000, "line\nbreak", "\u0000")
-DEEP = 100_000  # nesting far past Python's recursion limit (1000)
+DEEP = 100_000  # JSON nesting far past Python's recursion limit (1000)
+DEEP_YAML = 3_000  # YAML nesting past the limit too; PyYAML's pure-Python parser needs seconds per thousand levels
 YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
 ) + "model: *i\n"  # 9**9 leaves from 80 lines, if anything expands the aliases
+def _dag_bomb(depth: int = 40) -> bytes:
+    """A pickle of ``depth`` nested pairs whose halves are one shared object: tiny, but 2**depth leaves to a naive walk."""
+    body = b"]q\x00" + b"".join(b"h%ch%c\x86q%c" % (i - 1, i - 1, i) for i in range(1, depth + 1))
+    return b"\x80\x02" + body + b"."
+
+
+PICKLE_BOMBS = {
+    "dag": _dag_bomb(),
+    "memo": b"\x80\x02]r\xff\xff\xff\xff.",  # LONG_BINPUT 2**32-1: the C unpickler grows its memo array to that index
+    "cycle": b"\x80\x02}q\x00X\x01\x00\x00\x00sh\x00s.",  # a dict holding itself
+    "deep": b"",  # lists nested as deep as the replaced pickle's length allows (see _deep_pickle)
+}
+
+
+def _deep_pickle(depth: int) -> bytes:
+    """Lists nested ``depth`` deep in ``2 * depth + 4`` bytes: past the recursion limit from a ~2 KB pickle on."""
+    depth = max(depth, 1)
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
 _INT_OPS = {"BININT1": ("<B", 0, 255), "BININT2": ("<H", 0, 65535), "BININT": ("<i", -(2**31), 2**31 - 1),
             "BINGET": ("<B", 0, 255), "LONG_BINGET": ("<I", 0, 2**32 - 1), "BINPUT": ("<B", 0, 255), "LONG_BINPUT": ("<I", 0, 2**32 - 1)}
 
@@ -131,8 +149,12 @@ def _pickle_edit(data: bytes, draw) -> tuple[bytes, str]:
                 ops.append((op.name, arg, pos))
     except Exception:  # already damaged, or several pickles: the ones read so far are enough
         pass
-    if not ops:
-        return data, "no pickle arguments"
+    bomb = draw(st.sampled_from([None, None, None, *PICKLE_BOMBS]))
+    if bomb is not None or not ops:  # the bomb replaces the pickle; its length stays (zero padding after STOP)
+        bomb = bomb or "dag"
+        raw = _deep_pickle((len(data) - 4) // 2) if bomb == "deep" else PICKLE_BOMBS[bomb]
+        replaced = raw + b"\0" * max(0, len(data) - len(raw))
+        return replaced, f"pickle replaced by PICKLE_BOMBS[{bomb!r}]"
     name, arg, pos = draw(st.sampled_from(ops))
     buf = bytearray(data)
     if name in _INT_OPS:
@@ -173,7 +195,8 @@ def _text_edit(text: str, draw, yaml: bool) -> tuple[str, str]:
     """A JSON or YAML text with one number or string replaced by a hostile one, or nested past the recursion limit."""
     kind = draw(st.sampled_from(["number", "string", "deep", "bomb"] if yaml else ["number", "string", "deep"]))
     if kind == "deep":
-        return "[" * DEEP + "]" * DEEP, f"{DEEP} nested lists"
+        depth = DEEP_YAML if yaml else DEEP
+        return "[" * depth + "]" * depth, f"{depth} nested lists"
     if kind == "bomb":
         return YAML_BOMB, "YAML alias bomb"
     pattern = r"(?<![\w.\"])-?\d+(\.\d+)?(e-?\d+)?" if kind == "number" else r'"([^"\\]|\\.)*"' if not yaml else r"(?<=: )[A-Za-z_./][^\n#]*"
@@ -246,70 +269,62 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def _address_space() -> int:
-    """This process's virtual memory size in bytes (VmSize), the base of the child's cap."""
+    """This process's virtual memory size in bytes (VmSize), the base of the run's cap."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def _child(argv: list[str], cwd: Path, out_path: Path, err_path: Path) -> None:
-    """In the forked child: cap memory, point stdout/stderr at files, run the CLI, exit with its code."""
-    code = UNCAUGHT
+class Hang(BaseException):
+    """Raised by the alarm into a run that overstayed its time box (a BaseException, so that no
+    ``except Exception`` in shardwise can swallow it)."""
+
+
+@contextlib.contextmanager
+def _boxed(cwd: Path, timeout: float):
+    """Inside: working folder ``cwd``, at most ``timeout`` seconds (then :class:`Hang` is raised at
+    the next Python instruction) and :data:`MEMORY_HEADROOM` more address space (then allocations
+    fail with MemoryError); all three restored on the way out."""
+
+    def alarm(signum, frame):
+        raise Hang()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    previous_handler = signal.signal(signal.SIGALRM, alarm)
+    previous_cwd = os.getcwd()
+    os.chdir(cwd)
+    resource.setrlimit(resource.RLIMIT_AS, (min(_address_space() + MEMORY_HEADROOM, hard if hard > 0 else 2**62), hard))
+    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        limit = _address_space() + MEMORY_HEADROOM
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        os.chdir(cwd)
-        for fd, path in ((1, out_path), (2, err_path)):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(target, fd)
-            os.close(target)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
-        from shardwise.cli import run
-
-        try:
-            code = run(argv)
-        except BaseException:  # what shardwise let escape: a user would see this traceback
-            traceback.print_exc()
-            code = UNCAUGHT
+        yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.signal(signal.SIGALRM, previous_handler)
+        os.chdir(previous_cwd)
+
+
+def run_boxed(argv: list[str | os.PathLike], cwd: Path, timeout: float = TIMEOUT_SECONDS) -> Outcome:
+    """Run ``shardwise ARGV...`` in this process (``shardwise.cli.run``, as the ``cli`` fixture does),
+    with ``cwd`` as the working folder, at most ``timeout`` seconds and :data:`MEMORY_HEADROOM` more
+    address space. An exception shardwise lets escape (MemoryError included) gives exit code
+    :data:`UNCAUGHT` with its traceback as stderr; a run that overstays is stopped (``killed="timeout"``).
+
+    A hang inside C code is not interrupted until it returns to Python: the formats' parsers are
+    Python, so the alarm reaches them.
+    """
+    from shardwise.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    code, killed = UNCAUGHT, None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def run_boxed(argv: list[str | os.PathLike], cwd: Path, scratch: Path, timeout: float = TIMEOUT_SECONDS) -> Outcome:
-    """Run ``shardwise ARGV...`` in a forked child with ``cwd`` as its working folder, at most
-    ``timeout`` seconds and :data:`MEMORY_HEADROOM` more address space; ``scratch`` holds its
-    captured output. An exception shardwise lets escape gives exit code :data:`UNCAUGHT` with the
-    traceback on stderr; a hang is killed (``killed="timeout"``), as is a crash (``killed="signal N"``)."""
-    out_path, err_path = scratch / "stdout", scratch / "stderr"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        _child([os.fspath(a) for a in argv], cwd, out_path, err_path)
-    deadline = time.monotonic() + timeout
-    killed = None
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            killed, status = "timeout", None
-            break
-        time.sleep(0.002)
-    code = None
-    if status is not None:
-        if os.WIFSIGNALED(status):
-            killed = f"signal {os.WTERMSIG(status)}"
-        else:
-            code = os.WEXITSTATUS(status)
-    read = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
-    return Outcome(code, read(out_path), read(err_path), killed)
+            with _boxed(cwd, timeout):
+                code = run([os.fspath(a) for a in argv])
+        except Hang:
+            killed = f"timeout after {timeout:g} s"
+        except BaseException:  # what shardwise let escape: a user would see this traceback
+            traceback.print_exc(file=err)
+    return Outcome(None if killed else code, out.getvalue(), err.getvalue(), killed)
