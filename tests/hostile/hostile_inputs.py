@@ -35,7 +35,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 __all__ = [
-    "HOSTILE_NAMES", "Outcome", "damage", "mutations", "rewrite_member", "run_boxed", "snapshot", "structured_edit", "tar_members",
+    "HOSTILE_NAMES", "LINK_TARGETS", "Outcome", "damage", "mutations", "rewrite_member", "run_boxed", "snapshot", "structured_edit", "tar_members",
 ]
 
 # Names a tar member may claim. ``{root}`` becomes the sandbox root (absolute names that would land
@@ -60,6 +60,7 @@ HOSTILE_NAMES = (
 )
 
 HEADER_BYTES = 1024  # how far from either end most edits land: where the formats keep their headers and indexes
+LINK_TARGETS = ("../victim/keep.txt", "{root}/victim/keep.txt", "../../victim", "{root}/victim", "model_config.yaml", "./")
 UNCAUGHT = 70  # the exit code recorded when shardwise let an exception escape (a traceback on stderr)
 TIMEOUT_SECONDS = 20.0  # a tiny checkpoint converts in well under a second; 20 s is a hang even on a busy 2-core machine
 MEMORY_HEADROOM = 1 << 30  # address space a run may add to the test process's: tiny inputs need a few MB, a bomb needs more
@@ -116,7 +117,9 @@ DEEP = 100_000  # JSON nesting far past Python's recursion limit (1000)
 DEEP_YAML = 3_000  # YAML nesting past the limit too; PyYAML's pure-Python parser needs seconds per thousand levels
 YAML_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
-) + "model: *i\n"  # 9**9 leaves from 80 lines, if anything expands the aliases
+) + "model: *i\n"  # 9**9 leaves from 10 lines (~400 bytes), if anything expands the aliases
+
+
 def _dag_bomb(depth: int = 40) -> bytes:
     """A pickle of ``depth`` nested pairs whose halves are one shared object: tiny, but 2**depth leaves to a naive walk."""
     body = b"]q\x00" + b"".join(b"h%ch%c\x86q%c" % (i - 1, i - 1, i) for i in range(1, depth + 1))
@@ -135,6 +138,8 @@ def _deep_pickle(depth: int) -> bytes:
     """Lists nested ``depth`` deep in ``2 * depth + 4`` bytes: past the recursion limit from a ~2 KB pickle on."""
     depth = max(depth, 1)
     return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
 _INT_OPS = {"BININT1": ("<B", 0, 255), "BININT2": ("<H", 0, 65535), "BININT": ("<i", -(2**31), 2**31 - 1),
             "BINGET": ("<B", 0, 255), "LONG_BINGET": ("<I", 0, 2**32 - 1), "BINPUT": ("<B", 0, 255), "LONG_BINPUT": ("<I", 0, 2**32 - 1)}
 
@@ -181,6 +186,7 @@ def _zip_member_edit(data: bytes, draw) -> tuple[bytes, str]:
     name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)
     start = info.header_offset + 30 + name_len + extra_len
     body, what = _pickle_edit(data[start:start + info.compress_size], draw)
+    body = body[:info.compress_size]  # the member keeps its size (a bomb longer than the pickle is cut)
     buf = bytearray(data)
     buf[start:start + len(body)] = body
     crc = struct.pack("<I", zlib.crc32(body))
@@ -235,9 +241,10 @@ def tar_members(data: bytes) -> list[tuple[str, bool]]:
         return [(m.name, m.isfile()) for m in tar.getmembers()]
 
 
-def rewrite_member(data: bytes, index: int, *, name: str | None = None, edit=None) -> bytes:
-    """The tar ``data`` (plain or gzip, kept as it was) with member ``index`` renamed to ``name``
-    and/or its content replaced by ``edit(content)``.
+def rewrite_member(data: bytes, index: int, *, name: str | None = None, edit=None, link: tuple[bytes, str] | None = None) -> bytes:
+    """The tar ``data`` (plain or gzip, kept as it was) with member ``index`` renamed to ``name``,
+    its content replaced by ``edit(content)``, or turned into a link: ``link`` is (type, target),
+    type ``tarfile.SYMTYPE`` or ``tarfile.LNKTYPE``.
 
     Written in the GNU format so that any name, however long or odd, is stored as given.
     """
@@ -249,6 +256,9 @@ def rewrite_member(data: bytes, index: int, *, name: str | None = None, edit=Non
             if i == index:
                 member.name = name if name is not None else member.name
                 body = edit(body) if edit is not None and body is not None else body
+                if link is not None:
+                    member.type, member.linkname, body = link[0], link[1], None
+                    member.size = 0
             if body is not None:
                 member.size = len(body)
             dst.addfile(member, io.BytesIO(body) if body is not None else None)

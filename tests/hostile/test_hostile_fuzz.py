@@ -5,7 +5,7 @@ One small valid seed per reader is written once per session, mostly by shardwise
 (truncation, bit flips, an overwritten range), one value a parser reads (a pickle's int, memo
 index or string, a pickle bomb; a JSON or YAML value, deep nesting, an alias bomb; a safetensors
 header value) or, in tar archives, a member's content or name (``../x``, an absolute path,
-``a//b`` ...). It runs one command on the copy in this process, time- and memory-boxed
+``a//b`` ...), or the member made a symlink or hard link out of the archive. It runs one command on the copy in this process, time- and memory-boxed
 (:func:`hostile_inputs.run_boxed`). Whatever the damage, the command must
 
 - exit 0 or 2 (``diff`` also 1), never crash, hang or print a traceback;
@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_llama
-from hostile_inputs import HOSTILE_NAMES, UNCAUGHT, Outcome, damage, mutations, rewrite_member, run_boxed, snapshot, structured_edit, tar_members
+from hostile_inputs import HOSTILE_NAMES, LINK_TARGETS, UNCAUGHT, Outcome, damage, mutations, rewrite_member, run_boxed, snapshot, structured_edit, tar_members
 from shardwise.cli import run
 
 EXAMPLES_PER_READER = 12  # about 0.1-0.2 s an example: 15 readers and the seeds stay inside the file's one-minute budget
@@ -239,7 +240,7 @@ def _hostile_copy(reader: Reader, box: Path, data: st.DataObject) -> str:
     rel = data.draw(st.sampled_from(reader.files), label="file")
     path = box / "in" / rel
     original = path.read_bytes()
-    modes = ["bytes", "structure"] + (["rename", "member"] if reader.is_tar else [])
+    modes = ["bytes", "structure"] + (["rename", "member", "link"] if reader.is_tar else [])
     mode = data.draw(st.sampled_from(modes), label="mode")
     if mode == "bytes":
         edits = data.draw(mutations(len(original)), label="edits")
@@ -255,6 +256,11 @@ def _hostile_copy(reader: Reader, box: Path, data: st.DataObject) -> str:
         hostile = data.draw(st.sampled_from(HOSTILE_NAMES), label="hostile name").format(root=box, name="pwned")
         path.write_bytes(rewrite_member(original, index, name=hostile))
         return f"{rel}: member {members[index][0]!r} renamed to {hostile!r}"
+    if mode == "link":
+        kind = data.draw(st.sampled_from([tarfile.SYMTYPE, tarfile.LNKTYPE]), label="link type")
+        target = data.draw(st.sampled_from(LINK_TARGETS), label="link target").format(root=box)
+        path.write_bytes(rewrite_member(original, index, link=(kind, target)))
+        return f"{rel}: member {members[index][0]!r} made a {'symlink' if kind == tarfile.SYMTYPE else 'hard link'} to {target!r}"
     done = []
 
     def edit(body: bytes) -> bytes:
