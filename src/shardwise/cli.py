@@ -155,7 +155,7 @@ def convert(
 
 def _report(result) -> None:
     for warning in result.warnings:
-        typer.echo(f"shardwise: warning: {warning}", err=True)
+        typer.echo(f"shardwise: warning: {printable(warning)}", err=True)
     typer.echo(
         f"wrote {result.path} ({result.format}): {result.num_tensors} tensors, "
         f"{format_bytes(result.total_bytes)} in {len(result.files)} file(s), {result.seconds:.2f} s"
@@ -328,6 +328,19 @@ def zero_convert(
     )
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (controls, escape sequences, line and
+    paragraph separators) written as a Python escape, so that a message quoting a hostile file's
+    bytes stays one line and cannot drive the terminal.
+
+    >>> printable("bad\\x1b[2Jname\\n")
+    'bad\\\\x1b[2Jname\\\\n'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised so that every ``finally`` runs (staging paths, temporary copies); a
     BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
@@ -361,11 +374,11 @@ def run(argv: list[str] | None = None) -> int:
         with _sigterm_cleans_up(), shared_decompression():  # a command that opens a gzip archive twice decompresses it once
             code = app(args=argv, prog_name="shardwise", standalone_mode=False)
     except ShardwiseError as e:
-        print(f"shardwise: error: {e}", file=sys.stderr)
+        print(f"shardwise: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # permissions, full disks: name the file, not a traceback
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"shardwise: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(printable(f"shardwise: error: {where}{e.strerror or e}"), file=sys.stderr)
         return 2
     except (KeyboardInterrupt, _Terminated) as e:
         how = "terminated" if isinstance(e, _Terminated) else "interrupted"
