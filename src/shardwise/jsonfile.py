@@ -78,12 +78,11 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _nested_too_deeply(what: str) -> str:
-    return f"is nested too deeply: more than {MAX_NESTING} levels, which no real {what} has (corrupted or hostile?)"
+_NESTED_TOO_DEEPLY = f"is nested too deeply: more than {MAX_NESTING} levels, which no real one has (corrupted or hostile?)"
 
 
 def _too_deep(label: str, what: str) -> FormatError:
-    return FormatError(f"{label}: {what} {_nested_too_deeply(what)}")
+    return FormatError(f"{label}: {what} {_NESTED_TOO_DEEPLY}")
 
 
 def parse_json(data: bytes | str, label: str, what: str, **hooks: Any) -> Any:
@@ -126,7 +125,7 @@ def read_json_object(path: Path, what: str) -> dict:
     return parse_json_object(data, str(path), what)
 
 
-def _yaml_problem(what: str, text: str) -> str | None:
+def _yaml_problem(text: str) -> str | None:
     """Why YAML ``text`` is too deep or too large to build (None when it is not), from its event
     stream (PyYAML's parser keeps explicit stacks; its composer and constructor recurse): nesting
     counts aliases expanded in place, an alias inside the collection it names is refused, and
@@ -142,7 +141,7 @@ def _yaml_problem(what: str, text: str) -> str | None:
             if isinstance(event, events.CollectionStartEvent):
                 stack.append([event.anchor, 0, 1])
                 if len(stack) > MAX_NESTING:
-                    return _nested_too_deeply(what)
+                    return _NESTED_TOO_DEEPLY
                 continue
             if isinstance(event, events.CollectionEndEvent):
                 anchor, height, nodes = stack.pop()
@@ -154,9 +153,9 @@ def _yaml_problem(what: str, text: str) -> str | None:
                     return f"alias *{event.anchor} refers to a collection that contains it"
                 anchor, (height, nodes) = None, sizes.get(event.anchor, (0, 0))
                 if len(stack) + height > MAX_NESTING:
-                    return f"alias *{event.anchor} expands to more than {MAX_NESTING} levels of nesting, which no real {what} has (hostile?)"
+                    return f"alias *{event.anchor} expands to more than {MAX_NESTING} levels of nesting, which no real one has (hostile?)"
                 if total + sum(entry[2] for entry in stack) + nodes > MAX_YAML_NODES:  # only aliases multiply nodes
-                    return f"expands (aliases followed) to more than {MAX_YAML_NODES} values, which no real {what} does (hostile?)"
+                    return f"expands (aliases followed) to more than {MAX_YAML_NODES} values, which no real one does (hostile?)"
             else:
                 continue
             if anchor is not None:
@@ -185,7 +184,7 @@ def parse_yaml(data: bytes | str, label: str, what: str) -> Any:
     import yaml
 
     text = _text(data, label)
-    problem = _yaml_problem(what, text)
+    problem = _yaml_problem(text)
     if problem:
         raise FormatError(f"{label}: {what} {problem}")
     try:

@@ -156,7 +156,8 @@ def _check_info(resolved: XserPickle, trust: bool) -> None:
         if (dtype_name is not None and dtype_name != lazy.dtype) or (shape is not None and tuple(shape) != lazy.shape):
             raise FormatError(
                 f"{tensor_file.path}: holds {lazy.dtype} {list(lazy.shape)} but {path.name} records "
-                f"{describe(dtype_name)} {describe(shape)} (checkpoint corrupted or mixed)"
+                f"{dtype_name if isinstance(dtype_name, str) else describe(dtype_name)} {describe(list(shape)) if shape is not None else None} "
+                "(checkpoint corrupted or mixed)"
             )
 
 
