@@ -234,6 +234,26 @@ def test_every_reader_accepts_its_own_seed(readers, name, tmp_path):
         assert outcome.code == 0, f"{name}: {command}: {outcome}"
 
 
+@pytest.mark.parametrize("name", ["nemo-dir", "nxdt"])
+def test_a_refused_rank_file_of_a_container_folder_is_the_message_not_an_empty_folder(readers, name, tmp_path):
+    """A container folder whose first rank file is refused is reported as that file's refusal; the
+    plain conversion's fallback once said the folder held no weights."""
+    import zipfile
+
+    from hostile_inputs import PICKLE_BOMBS
+
+    reader = readers[name]
+    box = _sandbox(reader, tmp_path)
+    rank_file = box / "in" / min((f for f in reader.files if f.endswith((".ckpt", ".pt")) and "rank_0" in f), key=len)
+    with zipfile.ZipFile(rank_file) as z:
+        members = {info: z.read(info) for info in z.infolist()}
+    with zipfile.ZipFile(rank_file, "w") as z:
+        for info, data in members.items():
+            z.writestr(info, PICKLE_BOMBS["dag"] if info.filename.endswith("data.pkl") else data)
+    outcome = check_contract(reader, "convert", _command(reader, "convert", box / "in" / reader.target, box / "out"), box)
+    assert outcome.code == 2 and rank_file.name in outcome.err and "holds no weights" not in outcome.err, outcome
+
+
 def _hostile_copy(reader: Reader, box: Path, data: st.DataObject) -> str:
     """Damage one file of the sandbox's seed copy (drawn from ``data``): random bytes, one value its
     parser reads, or (tar archives) one member's name or content; returns what was done, as a reproducer note."""

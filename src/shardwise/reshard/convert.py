@@ -64,9 +64,9 @@ def layout_route(src: str | os.PathLike, to: str | None, options: dict, *, trust
     except (UnsafeCheckpointError, IntegrityError):
         raise  # sharded after all: the refusal (and its --trust-pickle hint), or the damage its manifest shows, is the message to give
     except (OSError, ShardwiseError):
-        if forced or (to in CONTAINERS and path.is_dir() and looks_like_torch_dist(path)):
-            raise  # mcore names copied as they are would not be a model container
-        return None  # the plain conversion reports what is wrong with the source
+        if forced or (path.is_dir() and not (to not in CONTAINERS and looks_like_torch_dist(path))):
+            raise  # a container folder (find_shards returns None for others) that the plain conversion cannot read
+        return None  # an archive file, or a bare torch_dist folder copied as its own tensors: the plain conversion reports what is wrong
     if shards is None:
         return path if forced else None
     raw = shards.container == "torch_dist" and to not in CONTAINERS  # a bare torch_dist folder into a tensor file: its own tensors, unstacked
