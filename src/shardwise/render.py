@@ -15,7 +15,7 @@ _TABLE_ROWS = 40
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, markup=False)  # names and values come from files: never markup
 
 
 def render_inspect(summary: dict, *, show_all: bool = False) -> None:
