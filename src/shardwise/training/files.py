@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import start_writeback, write_all, write_text_durably
-from ..checksum import crc32
+from ..checksum import crc32, fd_crc32
 from ..errors import FormatError, IntegrityError, UnsafeCheckpointError
 from ..formats.region import Region, open_region
-from ..units import CHUNK_BYTES
 
 __all__ = ["save_object", "write_durably", "write_failure", "check_file", "check_against", "file_crc32", "torch_load"]
 
@@ -98,11 +97,12 @@ def write_durably(path: Path, data: bytes) -> tuple[int, int]:
 
 
 def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK_BYTES):
-            crc = crc32(chunk, crc)
-    return crc
+    """CRC-32 of the whole file at ``path`` (:func:`~shardwise.checksum.fd_crc32`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fd_crc32(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def check_against(path: Path, entry: dict, size: int, crc: int | None) -> None:
