@@ -18,17 +18,17 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..checksum import fd_crc32
 from ..errors import FormatError, IntegrityError
 from ..formats.region import Region
 from ..training.files import check_against, check_file
+from ..training.layout import file_entry_ok
 
 __all__ = ["ListedFile", "listed_files", "archive_files", "files_of", "checked_while_read"]
 
-_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ def _entries(manifest: dict, label: str) -> list[dict]:
     if not isinstance(entries, list):
         raise IntegrityError(f"{label}: the manifest's file list is not a list (the manifest is damaged)")
     for entry in entries:
-        crc = entry.get("crc32") if isinstance(entry, dict) else None
-        if not (isinstance(entry.get("name") if isinstance(entry, dict) else None, str) and type(entry.get("size")) is int
-                and isinstance(crc, str) and len(crc) == 8 and _HEX.issuperset(crc)):
-            raise IntegrityError(f"{label}: malformed manifest entry {str(entry)[:80]} (a name, a size and a CRC-32 of 8 hex digits are needed)")
+        if not file_entry_ok(entry):
+            raise IntegrityError(
+                f"{label}: malformed manifest entry {str(entry)[:80]} (a name inside the folder, a size and a CRC-32 of 8 hex digits are needed)"
+            )
     return entries
 
 
@@ -100,10 +100,7 @@ def listed_files(folder: Path, manifest: dict | None, under: list[Path] | None =
         return []
     listed = []
     for entry in _entries(manifest, str(folder / "shardwise.json")):
-        relpath = PurePosixPath(entry["name"])
-        if relpath.is_absolute() or ".." in relpath.parts or not relpath.parts:
-            raise IntegrityError(f"{folder}: the manifest names {entry['name']!r}, which is not a file inside the folder (the manifest is damaged)")
-        path = folder / relpath
+        path = folder / entry["name"]  # a name inside the folder (_entries)
         if under is not None and not any(path.is_relative_to(u) for u in under):
             continue
         check_file(path, entry, verify=False)  # its CRC-32 is computed while it is read (checked_while_read)

@@ -25,7 +25,7 @@ from ..errors import FormatError
 __all__ = [
     "MARKER", "DONE", "MANIFEST", "SCHEDULER", "USER_CONTENT", "MANIFEST_FORMAT", "MANIFEST_VERSION",
     "OPTIMIZER_KINDS", "RankFile", "rank_file_name", "manifest_entries", "model_file", "optim_file", "full_optim_file", "parse_rank_file", "manifest_document",
-    "checked_file_entries", "manifest_problem", "is_inside",
+    "checked_file_entries", "manifest_problem", "is_inside", "file_entry_ok",
 ]
 
 MARKER = "checkpoint"
@@ -94,13 +94,22 @@ def checked_file_entries(manifest: dict, path: Path) -> dict[str, dict]:
     return manifest_entries(manifest)
 
 
+_HEX = frozenset("0123456789abcdef")
 _BAD_FILES = "'files' is not a list of {name, size, crc32} entries naming files inside the tag"
 
 
 def _files_ok(files: Any) -> bool:
-    return isinstance(files, list) and all(
-        isinstance(f, dict) and isinstance(f.get("name"), str) and is_inside(f["name"]) and _is_count(f.get("size"))
-        and isinstance(f.get("crc32"), str) and _is_hex(f["crc32"]) for f in files
+    return isinstance(files, list) and all(map(file_entry_ok, files))
+
+
+def file_entry_ok(entry: Any) -> bool:
+    """True for a manifest's file entry as shardwise writes it (a tag's ``files``, an archive's or
+    folder's ``members``): ``{name, size, crc32}``, a name inside the folder (:func:`is_inside`), a
+    whole size, the CRC-32 as 8 hex digits."""
+    crc = entry.get("crc32") if isinstance(entry, dict) else None
+    return (
+        isinstance(entry, dict) and isinstance(entry.get("name"), str) and is_inside(entry["name"]) and _is_count(entry.get("size"))
+        and isinstance(crc, str) and len(crc) == 8 and _HEX.issuperset(crc.lower())
     )
 
 
@@ -143,12 +152,6 @@ def manifest_problem(document: Any, encodings: tuple[str, ...]) -> str | None:
     return None
 
 
-def _is_hex(text: str) -> bool:
-    try:
-        int(text, 16)
-    except ValueError:
-        return False
-    return True
 
 
 def manifest_document(tag: str, sequence: int, encoding: str, layout: dict, files: list[dict]) -> dict:
